@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Where the demo's data comes from: $BRST_DATA, else ./data/her2st, else ../shared/data/her2st
+BRST_DATA ?= $(firstword $(wildcard data/her2st) $(wildcard ../shared/data/her2st))
+DEMO   ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench clean
+
+$(BIN)/brst-train: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/brst-train
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not serve" $(PYTEST_ARGS)
+
+demo: venv
+	BRST_DATA="$(BRST_DATA)" DEMO="$(DEMO)" bash deploy/demo.sh
+
+bench: venv
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(DEMO) logs .pytest_cache

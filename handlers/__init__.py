@@ -1,0 +1,1 @@
+"""brst.handlers: what runs inside TorchServe, and the preprocessing ops training shares."""

@@ -1,0 +1,25 @@
+"""User-facing errors: one clear line that names the input and the problem.
+
+Library code raises :class:`BrstError` (or a subclass) for anything a user can fix
+(bad path, corrupt file, unknown gene ...). The CLI turns it into one line on stderr
+and exit status 2; the serving handler turns :class:`InputError` into HTTP 4xx.
+"""
+from __future__ import annotations
+
+
+class BrstError(Exception):
+    """An error caused by the user's input, with a message fit to show as is.
+
+    Args:
+        subject: the input at fault (a path, an option, a field name).
+        problem: what is wrong with it, in plain words.
+    """
+
+    def __init__(self, subject: object, problem: str) -> None:
+        self.subject = str(subject)
+        self.problem = problem
+        super().__init__(f"{self.subject}: {problem}")
+
+
+class InputError(BrstError):
+    """Bad request content (image bytes, JSON fields) sent to a model."""

@@ -1,0 +1,65 @@
+"""The in-memory form every reader returns: one :class:`Section`.
+
+A reader turns one tissue section of some on-disk format (HER2ST, ST-Net, Visium, ...)
+into a spot table, a counts matrix and an image handle. Everything downstream
+(``prepare``, ``predict-slide``) sees only this form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse
+
+
+class SlideImage(Protocol):
+    """A section's H&E image, read by region so huge slides never load whole.
+
+    Coordinates are pixels of this image (x = column, y = row).
+    """
+
+    path: str
+    width: int
+    height: int
+
+    def read_region(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        """Return RGB uint8 pixels ``(height, width, 3)`` of the box at (x0, y0); inside the image."""
+
+    def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
+        """Return an RGB uint8 thumbnail ``(h, w, 3)`` whose longer side is ``max_px``, and its scale."""
+
+
+@dataclass
+class Section:
+    """One section: spots, their counts and the image under them.
+
+    Attributes:
+        section: section id, unique in a cohort (e.g. ``"C2"``).
+        patient: patient id (e.g. ``"C"``); cross-validation splits on it.
+        source_format: reader name (``"her2st"``, ``"stnet"``, ``"visium"``).
+        spot_id: ``(N,)`` str, the source's spot key (``"10x21"``, a barcode ...).
+        pixel_x: ``(N,)`` float64, spot centre column in ``image`` pixels.
+        pixel_y: ``(N,)`` float64, spot centre row in ``image`` pixels.
+        counts: ``(N, G)`` sparse CSR int32 raw UMI/read counts.
+        genes: ``(G,)`` str gene symbols, unique.
+        um_per_px: micrometres per pixel of ``image``.
+        spot_diameter_um: physical spot diameter (100 ST/HER2ST, 55 Visium).
+        image: the image handle.
+    """
+
+    section: str
+    patient: str
+    source_format: str
+    spot_id: np.ndarray
+    pixel_x: np.ndarray
+    pixel_y: np.ndarray
+    counts: scipy.sparse.csr_matrix
+    genes: np.ndarray
+    um_per_px: float
+    spot_diameter_um: float
+    image: SlideImage
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.spot_id.shape[0])
