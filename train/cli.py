@@ -14,18 +14,18 @@ import click
 
 from .errors import BrstError
 
-#: subcommand name -> "module:attribute" (relative to brst.train)
-SUBCOMMANDS: dict[str, str] = {
-    "fetch": "cli_data:fetch",
-    "prepare": "cli_data:prepare",
-    "inspect": "cli_data:inspect_cmd",
-    "stain": "cli_stain:stain",
-    "fit": "cli_fit:fit",
-    "evaluate": "cli_evaluate:evaluate",
-    "archive": "cli_serve:archive",
-    "serve": "cli_serve:serve",
-    "predict": "cli_serve:predict",
-    "predict-slide": "cli_slide:predict_slide",
+#: subcommand name -> ("module:attribute" relative to brst.train, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "fetch": ("cli_data:fetch", "Download public HER2ST files (checksums verified, resumable)."),
+    "prepare": ("cli_data:prepare", "Cut spot patches and counts from slides into an HDF5 dataset."),
+    "inspect": ("cli_data:inspect_cmd", "Summarise an HDF5 dataset; optionally a contact sheet PNG."),
+    "stain": ("cli_stain:stain", "Fit and show stain normalisation references."),
+    "fit": ("cli_fit:fit", "Train a model (the default: brst-train --arch inception_v3)."),
+    "evaluate": ("cli_evaluate:evaluate", "Per-gene correlations, baselines, cross-validation."),
+    "archive": ("cli_serve:archive", "Package a checkpoint as a TorchServe .mar archive."),
+    "serve": ("cli_serve:serve", "Run TorchServe on an archive until stopped."),
+    "predict": ("cli_serve:predict", "Send patches to a served model over HTTP or gRPC."),
+    "predict-slide": ("cli_slide:predict_slide", "Expression maps for a whole slide."),
 }
 DEFAULT_COMMAND = "fit"
 
@@ -37,16 +37,23 @@ class LazyDefaultGroup(click.Group):
         return sorted(SUBCOMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = SUBCOMMANDS.get(cmd_name)
-        if target is None:
+        if cmd_name not in SUBCOMMANDS:
             return None
-        module_name, attr = target.split(":")
+        module_name, attr = SUBCOMMANDS[cmd_name][0].split(":")
         module = importlib.import_module(f"{__package__}.{module_name}")
         return getattr(module, attr)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List subcommands from the static table, so ``--help`` imports nothing heavy."""
+        rows = [(name, SUBCOMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0].startswith("--") and args[0] not in ("--help", "--version", "--log-level"):
-            args = [DEFAULT_COMMAND, *args]
+        start = 2 if args[:1] == ["--log-level"] else 0
+        rest = args[start:]
+        if rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help", "--version"):
+            args = [*args[:start], DEFAULT_COMMAND, *rest]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
@@ -65,7 +72,7 @@ class LazyDefaultGroup(click.Group):
 def cli(ctx: click.Context, log_level: str) -> None:
     """Predict gene expression from H&E patches (BrST-Net): prepare, train, evaluate, serve.
 
-    Without a subcommand, options go to ``fit``: ``brst-train --arch inception_v3``.
+    Without a subcommand, options go to fit:  brst-train --arch inception_v3
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.ensure_object(dict)
