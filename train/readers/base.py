@@ -6,7 +6,7 @@ into a spot table, a counts matrix and an image handle. Everything downstream
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +29,15 @@ class SlideImage(Protocol):
     def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
         """Return an RGB uint8 thumbnail ``(h, w, 3)`` whose longer side is ``max_px``, and its scale."""
 
+    def read_resampled(self, box: tuple[float, float, float, float], out_px: int) -> np.ndarray:
+        """Resample the float box ``(x0, y0, x1, y1)`` (inside the image) to ``(out_px, out_px, 3)`` uint8.
+
+        Antialiased when shrinking; sub-pixel exact, so a spot centre stays the patch centre.
+        """
+
+    def close(self) -> None:
+        """Drop decoded pixels and open handles (the handle can be read again later)."""
+
 
 @dataclass
 class Section:
@@ -46,6 +55,8 @@ class Section:
         um_per_px: micrometres per pixel of ``image``.
         spot_diameter_um: physical spot diameter (100 ST/HER2ST, 55 Visium).
         image: the image handle.
+        array_x: ``(N,)`` float64 array (grid) column of each spot, or ``None`` when unknown.
+        array_y: ``(N,)`` float64 array (grid) row of each spot, or ``None`` when unknown.
     """
 
     section: str
@@ -59,7 +70,22 @@ class Section:
     um_per_px: float
     spot_diameter_um: float
     image: SlideImage
+    array_x: np.ndarray | None = None
+    array_y: np.ndarray | None = None
+
+    @property
+    def library_size(self) -> np.ndarray:
+        """``(N,)`` int64 total counts per spot over all genes of the source."""
+        return np.asarray(self.counts.sum(axis=1), dtype=np.int64).ravel()
 
     @property
     def n_spots(self) -> int:
         return int(self.spot_id.shape[0])
+
+    def take(self, rows: np.ndarray) -> "Section":
+        """Return the section restricted to ``rows`` (indices or a boolean mask), same image."""
+        pick = (lambda a: None if a is None else a[rows])
+        return replace(
+            self, spot_id=self.spot_id[rows], pixel_x=self.pixel_x[rows], pixel_y=self.pixel_y[rows],
+            counts=self.counts[rows], array_x=pick(self.array_x), array_y=pick(self.array_y),
+        )

@@ -1,0 +1,174 @@
+"""Benchmark serving: TorchServe throughput over HTTP and gRPC vs the in-process model.
+
+ours:      patches/s served by TorchServe with batching (batch 8, 10 ms delay), 8 concurrent
+           clients: the lower of HTTP and gRPC.
+reference: patches/s of the same model in this process on the same PNG patches, in
+           batches of 8, decoding included (``decode_request`` -> ``ModelInput`` -> model ->
+           inverse target), measured before and after the served runs (median).
+Also reported: concurrency 1 and 8, batching on and off, both protocols.
+
+The model is ``--arch`` (default efficientnet_b0, one of the paper's) at its own input
+size, with random weights (throughput does not depend on their values), a Macenko
+reference and target statistics fitted on real HER2ST patches (section C3, 112 µm at
+0.5 µm/px = 224 px), or a real ``--checkpoint``. One TorchServe (free loopback ports,
+one worker per model) serves the model archived twice: with and without batching.
+
+    python benchmarks/bench_serve.py [--arch efficientnet_b0] [--patches 64] [--checkpoint CKPT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brst.handlers.decode import PatchSpec, decode_batch
+from brst.handlers.stain import fit_stain
+from brst.handlers.transforms import ModelInput
+from brst.train.archive import ServeSettings, build_archive
+from brst.train.checkpoint import load_checkpoint, save_checkpoint
+from brst.train.client import GrpcClient, HttpClient
+from brst.train.models import build_model, data_config, model_from_checkpoint
+from brst.train.patches import PatchGeometry, cut_patch
+from brst.train.readers.her2st import read_sections
+from brst.train.targets import TargetTransform
+from brst.train.torchserve import TorchServe
+
+log = logging.getLogger("bench_serve")
+REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("BRST_DATA", REPO.parent / "shared" / "data" / "her2st"))
+BATCH = 8
+GEOMETRY = PatchGeometry(patch_um=112.0, um_per_px=0.5)
+N_GENES = 250
+
+
+def real_patches(n: int) -> tuple[np.ndarray, object]:
+    """``n`` uint8 (n, 224, 224, 3) patches around spots of HER2ST section C3, and the section."""
+    section = read_sections(ROOT, ["C3"])[0]
+    inside = GEOMETRY.inside(section.image, section.pixel_x, section.pixel_y, section.um_per_px)
+    rows = np.nonzero(inside)[0][:n]
+    side_px = GEOMETRY.side_px(section.um_per_px)
+    patches = np.stack([cut_patch(section.image, section.pixel_x[i], section.pixel_y[i], side_px, GEOMETRY.patch_px)
+                        for i in rows])
+    return patches, section
+
+
+def random_weights_checkpoint(arch: str, patches: np.ndarray, section, out: Path) -> Path:
+    """A contract checkpoint: random weights, real stain reference and target statistics."""
+    counts = section.counts.toarray()
+    top = np.argsort(-counts.mean(0))[:N_GENES]
+    library = torch.from_numpy(counts.sum(1).astype(np.float64))
+    target = TargetTransform.fit("log1p", torch.from_numpy(counts[:, top].astype(np.float64)), library)
+    config = {**data_config(arch), "um_per_px": GEOMETRY.um_per_px, "patch_px": GEOMETRY.patch_px,
+              "patch_um": GEOMETRY.side_um}
+    ckpt = {"arch": arch, "model": build_model(arch, N_GENES).state_dict(), "genes": list(section.genes[top]),
+            "aux_genes": [], "n_main": N_GENES, "n_aux": 0, "target": target.to_dict(),
+            "stain": fit_stain("macenko", patches).to_json(), "data_config": config, "epoch": 0}
+    return save_checkpoint(out / "bench.pt", ckpt)
+
+
+class InProcess:
+    """The reference: the checkpoint's model in this process, batches of ``BATCH``."""
+
+    def __init__(self, ckpt: dict) -> None:
+        self.model = model_from_checkpoint(ckpt)
+        self.model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"])
+        self.target = TargetTransform.from_dict(ckpt["target"])
+        self.spec = PatchSpec.from_data_config(ckpt["data_config"])
+
+    @torch.inference_mode()
+    def predict(self, pngs: list[bytes]) -> np.ndarray:
+        batch = decode_batch([{"body": png} for png in pngs], self.spec)
+        main, _ = self.model(self.model_input(torch.from_numpy(batch.patches)))
+        return self.target.inverse(main.float()).numpy()
+
+    def patches_per_second(self, pngs: list[bytes]) -> float:
+        start = time.perf_counter()
+        for i in range(0, len(pngs), BATCH):
+            self.predict(pngs[i:i + BATCH])
+        return len(pngs) / (time.perf_counter() - start)
+
+
+def served_per_second(predict, pngs: list[bytes], concurrency: int) -> float:
+    """Patches/s of ``predict`` over all ``pngs`` from ``concurrency`` client threads."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(predict, pngs[:concurrency]))  # warm-up: connections, first batches
+        start = time.perf_counter()
+        list(pool.map(predict, pngs))
+        return len(pngs) / (time.perf_counter() - start)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run_served(endpoints, pngs: list[bytes], expected: np.ndarray) -> dict[str, float]:
+    """Every protocol x batching x concurrency; checks the served values on the way."""
+    runs = {}
+    for model, batching in (("bench_b8", "batch"), ("bench_b1", "nobatch")):
+        http = HttpClient(endpoints.inference, model)
+        grpc_client = GrpcClient(endpoints.grpc_inference, model)
+        served = np.asarray([http.predict(pngs[0])["values"], grpc_client.predict(pngs[0])["values"]])
+        np.testing.assert_allclose(served, np.repeat(expected[:1], 2, axis=0), atol=1e-3)
+        for protocol, client in (("http", http), ("grpc", grpc_client)):
+            for concurrency in (1, 8):
+                key = f"{protocol}_c{concurrency}_{batching}"
+                runs[key] = served_per_second(client.predict, pngs, concurrency)
+                log.info("%-18s %7.1f patches/s", key, runs[key])
+        grpc_client.close()
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="efficientnet_b0")
+    parser.add_argument("--patches", type=int, default=64)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a real checkpoint instead of random weights")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        work = Path(tmp)
+        patches, section = real_patches(args.patches)
+        checkpoint = args.checkpoint or random_weights_checkpoint(args.arch, patches, section, work)
+        ckpt = load_checkpoint(checkpoint)
+        spec = PatchSpec.from_data_config(ckpt["data_config"])
+        rows = [{"body": encode_png(p), "um_per_px": GEOMETRY.um_per_px} for p in patches]
+        pngs = [encode_png(p) for p in decode_batch(rows, spec).patches]  # at the model's patch size
+        store = work / "store"
+        for name, batch in (("bench_b8", BATCH), ("bench_b1", 1)):
+            build_archive(checkpoint, name, store, settings=ServeSettings(batch_size=batch, max_batch_delay_ms=10))
+        reference = InProcess(ckpt)
+        expected = reference.predict(pngs[:1])
+        in_process = [reference.patches_per_second(pngs) for _ in range(2)]
+        server = TorchServe(store, {"bench_b8": "bench_b8.mar", "bench_b1": "bench_b1.mar"}, work / "serve",
+                            REPO / "deploy" / "config.properties")
+        with server:
+            runs = run_served(server.endpoints, pngs, expected)
+        in_process += [reference.patches_per_second(pngs) for _ in range(2)]
+    ref = statistics.median(in_process)
+    ours = min(runs["http_c8_batch"], runs["grpc_c8_batch"])
+    log.info("in-process %s patches/s (median %.1f)", [round(r, 1) for r in in_process], ref)
+    print(json.dumps({"name": "serve_throughput", "ours": round(ours, 2), "reference": round(ref, 2),
+                      "unit": "patches/s", "ratio": round(ours / ref, 3), "arch": ckpt["arch"],
+                      "input_size": ckpt["data_config"]["input_size"][-1], "patches": len(pngs),
+                      "device": "cpu", "torch_threads": torch.get_num_threads(),
+                      "runs": {k: round(v, 2) for k, v in runs.items()},
+                      "in_process_runs": [round(r, 2) for r in in_process]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Benchmark the training step: ``brst-train``'s step vs a bare timm forward/backward/step loop.
+
+ours:      samples/s of brst's training step as ``fit`` runs it: batches from the HDF5
+           ``PatchDataset`` through a DataLoader (``--workers``), uint8 -> device -> Macenko stain ->
+           dihedral augmentation -> resize -> normalise, targets z-scored on the device, BrstNet
+           (main + auxiliary head), MSE + MSE, SGD, cosine schedule. Includes waiting for data.
+reference: samples/s of a bare loop over the *same* batches, already preprocessed and held in
+           memory: ``timm.create_model(arch, num_classes=main + aux genes)``, MSE, SGD step.
+Rounds alternate ours and reference (the machine's load drifts); rates are over all rounds.
+Also reported: ``data_wait_frac``, the share of our step time spent waiting for the DataLoader.
+
+    python benchmarks/bench_train_step.py [--data FILE.h5] [--arch efficientnet_b0] [--input-size 64]
+        [--batch-size 32] [--steps 4] [--rounds 3] [--workers 2] [--threads N] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from brst.train.data import open_dataset
+from brst.train.distributed import DistContext, resolve_device
+from brst.train.fit import derive_spec, make_loaders, make_model, make_parts
+from brst.train.fit_options import DEMO_DATASET, FitOptions
+from brst.train.loop import batch_tensors, train_step
+from brst.train.models import timm_kwargs
+from brst.train.prepare import PrepareOptions, prepare
+from brst.train.sampling import augmentation_codes
+
+ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
+
+
+def dataset_path(given: str | None, scratch: Path) -> str:
+    """The dataset to read: ``--data``, ``$BRST_DATASET``, the demo's, else HER2ST prepared at 56 px."""
+    for candidate in (given, os.environ.get("BRST_DATASET"), DEMO_DATASET):
+        if candidate and Path(candidate).exists():
+            return candidate
+    out = scratch / "her2st.h5"
+    prepare("her2st", ROOT, out=out, options=PrepareOptions(um_per_px=2.0))
+    return str(out)
+
+
+def endless(loader):
+    """Batches of ``loader``, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def ours_round(parts, batches, codes, steps: int) -> tuple[float, float, int, list[dict]]:
+    """``steps`` of our step; returns (seconds, seconds waiting for data, samples, the batches)."""
+    seen, used, waited = 0, [], 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        fetch = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - fetch
+        train_step(parts, batch, codes)
+        seen += len(batch["index"])
+        used.append(batch)
+    return time.perf_counter() - start, waited, seen, used
+
+
+def reference_round(model, optimizer, inputs: list[tuple]) -> tuple[float, int]:
+    """The bare loop over preprocessed batches; returns (seconds, samples)."""
+    start, seen = time.perf_counter(), 0
+    for x, y in inputs:
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += x.shape[0]
+    return time.perf_counter() - start, seen
+
+
+def reference_inputs(parts, batches: list[dict]) -> list[tuple]:
+    """The same batches, preprocessed (no augmentation), targets of both heads side by side."""
+    inputs = []
+    for batch in batches:
+        x, y_main, y_aux = batch_tensors(parts, batch, None)
+        inputs.append((x, y_main if y_aux is None else torch.cat([y_main, y_aux], dim=1)))
+    return inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data")
+    parser.add_argument("--arch", default="efficientnet_b0")
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads [default: torch's]")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = dataset_path(args.data, Path(scratch))
+        print(json.dumps(run(args, data)))
+
+
+def run(args: argparse.Namespace, data: str) -> dict:
+    device = resolve_device(args.device)
+    options = FitOptions(arch=args.arch, data=[data], input_size=args.input_size, batch_size=args.batch_size,
+                         workers=args.workers, device=args.device)
+    index = open_dataset(options.data)
+    spec = derive_spec(options, index, device, None)
+    model = make_model(options, spec, device)
+    _, loader, _ = make_loaders(options, index, spec, DistContext(), device)
+    parts = make_parts(options, spec, model, index, DistContext(), device, total_steps=10_000)
+    codes = augmentation_codes(len(index), options.seed, 0)
+    bare = timm.create_model(args.arch, pretrained=False, num_classes=len(spec.panel) + len(spec.aux),
+                             **timm_kwargs(args.arch, args.input_size))
+    bare = bare.to(device)
+    bare_optimizer = torch.optim.SGD(bare.parameters(), lr=options.lr, momentum=options.momentum,
+                                     weight_decay=options.weight_decay)
+    batches = endless(loader)
+    ours_round(parts, batches, codes, 1)  # warm-up: start the workers, first allocations
+    reference_round(bare, bare_optimizer, reference_inputs(parts, [next(batches)]))
+    totals = {"ours_s": 0.0, "wait_s": 0.0, "ours_n": 0, "ref_s": 0.0, "ref_n": 0}
+    for _ in range(args.rounds):
+        seconds, waited, seen, used = ours_round(parts, batches, codes, args.steps)
+        ref_seconds, ref_seen = reference_round(bare, bare_optimizer, reference_inputs(parts, used))
+        totals = {"ours_s": totals["ours_s"] + seconds, "wait_s": totals["wait_s"] + waited,
+                  "ours_n": totals["ours_n"] + seen, "ref_s": totals["ref_s"] + ref_seconds,
+                  "ref_n": totals["ref_n"] + ref_seen}
+    ours, reference = totals["ours_n"] / totals["ours_s"], totals["ref_n"] / totals["ref_s"]
+    return {"name": "train_step", "ours": round(ours, 2), "reference": round(reference, 2), "unit": "samples/s",
+            "ratio": round(ours / reference, 3), "data_wait_frac": round(totals["wait_s"] / totals["ours_s"], 4),
+            "arch": args.arch, "input_size": args.input_size, "batch_size": args.batch_size,
+            "steps": args.steps * args.rounds, "workers": args.workers, "threads": torch.get_num_threads(),
+            "device": str(device), "patch_px": index.patch_px, "genes": [len(spec.panel), len(spec.aux)]}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Serve every archive (.mar) of the model store with TorchServe in the foreground.
+# The container's PID 1: it forwards SIGTERM/SIGINT as `torchserve --stop`, so Kubernetes
+# stops the frontend and its Python workers cleanly within terminationGracePeriodSeconds.
+#   TS_CONFIG_FILE    TorchServe config (default /etc/brst/config.properties)
+#   BRST_MODEL_STORE  folder of .mar files (default /models)
+#   BRST_MODELS       what to load: "all" or space-separated "name=file.mar" (default all)
+#   TEMP              writable folder for TorchServe's temporary files (default /tmp)
+set -euo pipefail
+
+export TS_CONFIG_FILE="${TS_CONFIG_FILE:-/etc/brst/config.properties}"
+export TEMP="${TEMP:-/tmp}"
+model_store="${BRST_MODEL_STORE:-/models}"
+read -r -a models <<< "${BRST_MODELS:-all}"
+
+fail() {
+    echo "entrypoint-serve: error: $1" >&2
+    exit 2
+}
+compgen -G "${model_store}/*.mar" > /dev/null || fail "${model_store}: no .mar archive in the model store"
+for model in "${models[@]}"; do
+    archive="${model#*=}"
+    if [ "${model}" != "all" ] && [ ! -f "${model_store}/${archive}" ]; then
+        fail "${model_store}/${archive}: no such archive (BRST_MODELS=${BRST_MODELS:-})"
+    fi
+done
+
+stopping=0
+stop() {
+    stopping=1
+    torchserve --stop || true
+}
+trap stop TERM INT
+
+torchserve --start --foreground --ncs \
+    --ts-config "${TS_CONFIG_FILE}" --model-store "${model_store}" --models "${models[@]}" &
+server=$!
+# A trapped signal interrupts `wait`; then wait again for the server's own exit status.
+status=0
+wait "${server}" || status=$?
+if [ "${stopping}" -eq 1 ]; then
+    status=0
+    wait "${server}" || status=$?
+fi
+exit "${status}"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build step of the serving images (as root): install CPython VERSION with its venv module from
+# the distribution, or from the deadsnakes archive on Ubuntu releases that lack it (brst needs
+# Python >= 3.10; the TorchServe base images carry an older one for TorchServe's own venv).
+#   install-python.sh VERSION [--purge-build-tools]
+# --purge-build-tools (final stage) also removes the compilers the base image ships.
+set -euo pipefail
+
+version="${1:?usage: install-python.sh VERSION [--purge-build-tools]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+if ! apt-cache show "python${version}-venv" > /dev/null 2>&1; then
+    apt-get install -y --no-install-recommends software-properties-common gpg-agent
+    add-apt-repository -y ppa:deadsnakes/ppa
+    apt-get update
+fi
+apt-get install -y --no-install-recommends "python${version}" "python${version}-venv"
+if [ "${2:-}" = "--purge-build-tools" ]; then
+    apt-get purge -y --auto-remove build-essential gcc g++ make
+fi
+rm -rf /var/lib/apt/lists/*

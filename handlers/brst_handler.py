@@ -1,0 +1,139 @@
+"""TorchServe handler: image patches in, gene expression out.
+
+A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the base
+``handle`` and overrides only the four stages:
+
+- ``initialize``: reads ``brst-model.json`` (weights' sha256 checked), rebuilds the model
+  on the worker's GPU (``gpu_id``) or the CPU, builds the shared input pipeline
+  (:class:`~brst.handlers.transforms.ModelInput`: stain normalisation, resize, normalise)
+  and creates the metrics; one torch thread per worker when several workers share a CPU;
+- ``preprocess``: decodes and validates every request of the batch
+  (:mod:`brst.handlers.decode`); a bad request is answered with HTTP 400 and a JSON
+  ``{"code", "type", "message"}`` while the batch's other requests go on;
+- ``inference``: stain-normalises the whole batch on the device and runs the model under
+  ``torch.inference_mode`` (autocast on GPU), optionally averaging the eight dihedral
+  transforms (``handler: {tta: true}`` in model-config.yaml) with a per-gene ``spread``;
+- ``postprocess``: per patch ``{"genes", "values", "units", "model_version"}`` on the
+  expression scale (the target transform's inverse).
+
+TorchServe 0.12's gRPC frontend ignores per-request status codes, so when *every* request
+of a batch fails with the same message the handler raises ``PredictionException(400)``,
+which TorchServe turns into HTTP 400 and gRPC ``INVALID_ARGUMENT`` for the whole batch
+(with batching off, always the case). In a mixed batch a rejected gRPC request gets
+status OK with the error JSON as its body; ``brst.train.client`` maps it back to an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+from brst.handlers.decode import DecodedBatch, DecodeLimits, PatchSpec, decode_batch
+from brst.handlers.handler_metrics import DECODE_SECONDS, INFERENCE_SECONDS, STAIN_SECONDS, HandlerMetrics
+from brst.handlers.transforms import N_DIHEDRAL, ModelInput, dihedral
+from brst.train.archive import WEIGHTS_FILE, load_archived_model
+from brst.train.targets import TargetTransform
+
+log = logging.getLogger(__name__)
+
+BAD_REQUEST = 400
+JSON_TYPE = "application/json"
+
+
+def worker_device(gpu_id: object) -> torch.device:
+    """The worker's GPU when TorchServe assigned one and CUDA is there, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def error_body(err: Exception) -> dict:
+    """The JSON TorchServe itself uses for errors: ``{"code", "type", "message"}``."""
+    return {"code": BAD_REQUEST, "type": type(err).__name__, "message": str(err)}
+
+
+class BrstHandler(BaseHandler):
+    """Serve a brst archive (see module docstring)."""
+
+    def initialize(self, context) -> None:
+        properties = context.system_properties
+        self.device = worker_device(properties.get("gpu_id"))
+        settings = getattr(context, "model_yaml_config", None) or {}
+        handler_settings = settings.get("handler") or {}
+        if self.device.type == "cpu" and int(settings.get("maxWorkers", 1)) > 1:
+            torch.set_num_threads(1)
+        weights = context.manifest["model"].get("serializedFile", WEIGHTS_FILE)
+        self.model, self.facts = load_archived_model(properties["model_dir"], self.device, weights)
+        self.model_input = ModelInput.from_config(self.facts["stain"], self.facts["data_config"]).to(self.device)
+        self.target = TargetTransform.from_dict(self.facts["target"]).to(self.device)
+        self.spec = PatchSpec.from_data_config(self.facts["data_config"])
+        self.limits = DecodeLimits(**handler_settings.get("limits", {}))
+        self.tta = bool(handler_settings.get("tta", False))
+        self.brst_metrics = HandlerMetrics(context.metrics, context.model_name)
+        self.initialized = True
+        log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d", self.facts["model_version"],
+                 self.facts["arch"], len(self.facts["genes"]), self.device, self.tta, torch.get_num_threads())
+
+    def preprocess(self, data: list[dict]) -> DecodedBatch:
+        batch = decode_batch(data, self.spec, self.limits)
+        for seconds in batch.seconds:
+            self.brst_metrics.observe(DECODE_SECONDS, seconds)
+        for err in batch.errors.values():
+            self.brst_metrics.rejected(err.reason)
+            log.info("rejected request: %s (%s)", err, err.reason)
+        messages = {str(err) for err in batch.errors.values()}
+        if len(batch.errors) == len(data) and len(messages) == 1:
+            raise PredictionException(messages.pop(), BAD_REQUEST)
+        return batch
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def inference(self, batch: DecodedBatch) -> tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None]:
+        """The batch, with expression ``(N, G)`` and TTA spread ``(N, G)`` or None (CPU float32)."""
+        if len(batch.patches) == 0:
+            return batch, None, None
+        with torch.inference_mode():
+            pixels = torch.from_numpy(batch.patches).to(self.device, non_blocking=True)
+            with self.brst_metrics.timer(STAIN_SECONDS, self._synchronize):
+                x = self.model_input(pixels)
+            with self.brst_metrics.timer(INFERENCE_SECONDS, self._synchronize):
+                values, spread = self._expression(x)
+        self.brst_metrics.patches(len(batch.patches))
+        return batch, values.cpu(), None if spread is None else spread.cpu()
+
+    def _expression(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model input ``(B, 3, S, S)`` -> expression ``(B, G)`` and its TTA spread ``(B, G)`` or None."""
+        codes = range(N_DIHEDRAL) if self.tta else (0,)
+        on_gpu = self.device.type == "cuda"
+        half = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast(self.device.type, dtype=half, enabled=on_gpu):
+            outputs = torch.stack([self.model(dihedral(x, code))[0] for code in codes]).float()
+        expression = self.target.inverse(outputs)
+        return expression.mean(0), (expression.std(0, unbiased=False) if self.tta else None)
+
+    def postprocess(self, prediction: tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None]) -> list[str]:
+        """One JSON text per request: a patch's answer, a list of them, or an error."""
+        batch, values, spread = prediction
+        answers = []
+        for idx, many in enumerate(batch.many):
+            self.context.set_response_content_type(idx, JSON_TYPE)
+            if idx in batch.errors:
+                self.context.set_response_status(BAD_REQUEST, "Bad Request", idx)
+                answers.append(json.dumps(error_body(batch.errors[idx])))
+                continue
+            rows = [self._patch_answer(values[i], None if spread is None else spread[i])
+                    for i in (batch.owner == idx).nonzero()[0]]
+            answers.append(json.dumps(rows if many else rows[0]))
+        return answers
+
+    def _patch_answer(self, values: torch.Tensor, spread: torch.Tensor | None) -> dict:
+        answer = {"genes": self.facts["genes"], "values": values.tolist(), "units": self.facts["units"],
+                  "model_version": self.facts["model_version"]}
+        if spread is not None:
+            answer["spread"] = spread.tolist()
+        return answer

@@ -1,0 +1,133 @@
+"""Input checks, optical density and robust statistics shared by the stain normalisers.
+
+Images are batches ``(B, 3, H, W)`` of uint8 (0..255) or float in [0, 1]. Optical
+density follows Macenko's reference code (and torchstain): ``OD = -log((255 x + 1) / io)``
+with ``io`` the transmitted (background) light intensity on the 0..255 scale.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from kornia.core.check import KORNIA_CHECK_IS_TENSOR, KORNIA_CHECK_SHAPE
+from kornia.core.exceptions import TypeCheckError, ValueCheckError
+
+#: float inputs may overshoot [0, 1] by this much (resampling, rounding); more is an error
+RANGE_TOLERANCE = 1e-3
+
+
+def check_image(x: torch.Tensor) -> None:
+    """Raise unless ``x`` is a ``(B, 3, H, W)`` uint8 tensor or a float tensor in [0, 1] (± ``RANGE_TOLERANCE``).
+
+    Raises:
+        TypeError: not a tensor, or neither uint8 nor floating point.
+        ValueError: wrong number of dimensions or channels, or float values outside [0, 1].
+    """
+    KORNIA_CHECK_IS_TENSOR(x)
+    KORNIA_CHECK_SHAPE(x, ["B", "3", "H", "W"])
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise TypeCheckError(f"stain normalisers take uint8 or float images, got {x.dtype}")
+    if x.is_floating_point() and x.numel() > 0:
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if low < -RANGE_TOLERANCE or high > 1.0 + RANGE_TOLERANCE:
+            raise ValueCheckError(f"float images must lie in [0, 1], got values in [{low}, {high}]")
+
+
+def to_float_image(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1]; float images are returned as they are.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``.
+    """
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def log_intensity(x: torch.Tensor) -> torch.Tensor:
+    """``log(255 x + 1)``: the image-dependent part of the optical density.
+
+    ``OD = log(io) - log_intensity(x)``. uint8 input gives float32.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``.
+    """
+    scaled = x.to(torch.float32) if x.dtype == torch.uint8 else x * 255.0
+    return scaled.log1p_()
+
+
+def sample_grid(x: torch.Tensor, max_sample_px: int) -> torch.Tensor:
+    """A regular sub-grid of about ``max_sample_px`` pixels per patch (0: every pixel).
+
+    Stain statistics (eigenvectors, percentiles) barely change when estimated from a few
+    thousand pixels instead of all of them, and cost a fraction of the time.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, H', W')`` with ``H' W' <= max(max_sample_px, ...)``.
+    """
+    height_px, width_px = x.shape[-2:]
+    if max_sample_px <= 0 or height_px * width_px <= max_sample_px:
+        return x
+    stride = math.ceil(math.sqrt(height_px * width_px / max_sample_px))
+    return x[..., ::stride, ::stride]
+
+
+def sampled_optical_density(x: torch.Tensor, io: float, max_sample_px: int) -> torch.Tensor:
+    """Optical density of the sampled pixels, flattened.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, N)``.
+    """
+    return math.log(io) - log_intensity(sample_grid(x, max_sample_px)).flatten(2)
+
+
+def tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
+    """Pixels whose optical density is at least ``beta`` in every channel (not background).
+
+    Shape: ``(B, 3, N)`` -> ``(B, N)`` bool.
+    """
+    return (od >= beta).all(dim=1)
+
+
+def enough_tissue(tissue: torch.Tensor, min_tissue: float, min_px: int = 16) -> torch.Tensor:
+    """True for patches with at least a ``min_tissue`` fraction (and ``min_px``) of tissue pixels.
+
+    Shape: ``(B, N)`` -> ``(B,)`` bool.
+    """
+    needed = max(min_px, math.ceil(min_tissue * tissue.shape[-1]))
+    return tissue.sum(dim=-1) >= needed
+
+
+def masked_quantile(values: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row ``q`` quantile of the values under ``mask``, interpolated linearly (numpy's default).
+
+    Only the ``q N`` smallest (or ``(1 - q) N`` largest) values are ranked (``topk``), so the
+    tail quantiles Macenko needs cost far less than a sort; there is no input-size limit
+    (unlike ``torch.quantile``). Rows with no value under the mask give 0 (callers flag them).
+
+    Shape: ``(*, N)`` values and mask -> ``(*)``.
+    """
+    if q > 0.5:
+        return -masked_quantile(-values, 1.0 - q, mask)
+    n_values = values.shape[-1]
+    if mask is None:
+        count = torch.full(values.shape[:-1], n_values, device=values.device)
+    else:
+        count = mask.sum(dim=-1)
+        values = values.masked_fill(~mask, math.inf)
+    k = min(n_values, math.floor(q * (n_values - 1)) + 2)
+    smallest = values.topk(k, dim=-1, largest=False, sorted=True).values
+    position = (count - 1).clamp(min=0).to(values.dtype) * q
+    low = position.floor()
+    frac = (position - low).unsqueeze(-1)
+    low_idx = low.long().unsqueeze(-1)
+    low_val = smallest.gather(-1, low_idx)
+    high_val = torch.where(frac > 0, smallest.gather(-1, (low_idx + 1).clamp(max=k - 1)), low_val)
+    result = (low_val + frac * (high_val - low_val)).squeeze(-1)
+    return torch.where(count > 0, result, torch.zeros_like(result))
+
+
+def pass_through(out: torch.Tensor, x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Keep ``out`` for patches flagged ``ok`` and the unchanged input (as float) for the others.
+
+    Checks ``ok.all()`` first (one host sync), so the common all-tissue batch costs no extra pass.
+
+    Shape: ``(B, 3, H, W)`` out and x, ``(B,)`` ok -> ``(B, 3, H, W)``.
+    """
+    if bool(ok.all()):
+        return out
+    return torch.where(ok.view(-1, 1, 1, 1), out, to_float_image(x).to(out.dtype))

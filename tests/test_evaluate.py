@@ -1,0 +1,187 @@
+"""``brst-train evaluate`` on real HER2ST patches: both modes, the report, TTA, the errors.
+
+Training is real but tiny (timm's ``test_resnet``, 32 px input, one epoch, CPU); the tests
+that need the trained fold are marked slow (the training takes ~30 s or more on 2 shared cores).
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from brst.handlers.transforms import ModelInput
+from brst.train import baselines
+from brst.train.checkpoint import load_checkpoint
+from brst.train.cli import cli
+from brst.train.data import open_dataset
+from brst.train.evaluate import measured_expression, score_fold
+from brst.train.metrics import pearson_r
+from brst.train.models import model_from_checkpoint
+from brst.train.predict import predict_batch, predict_expression
+
+TINY_FIT = ["--arch", "test_resnet", "--epochs", "1", "--input-size", "32", "--stain", "none",
+            "--aux-weight", "0", "--workers", "0", "--batch-size", "64", "--device", "cpu"]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(cli, ["evaluate", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def index(her2st_h5):
+    return open_dataset(her2st_h5)
+
+
+@pytest.fixture(scope="module")
+def holdout_run(her2st_h5, tmp_path_factory):
+    """``evaluate --holdout C2 --split-by section``: trains one fold, scores it; returns the report dir."""
+    out = tmp_path_factory.mktemp("eval") / "holdout"
+    result = _invoke("--holdout", "C2", "--split-by", "section", "--data", str(her2st_h5), "--out", str(out),
+                     *TINY_FIT)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.mark.slow
+def test_holdout_mode_trains_scores_and_prints(holdout_run, index):
+    out, printed = holdout_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "holdout" and summary["fit_options"]["arch"] == "test_resnet"
+    (fold,) = summary["folds"]
+    assert fold["fold"] == "C2" and fold["n_spots"] == int(np.sum(index.spots["section"] == "C2"))
+    assert fold["n_train_spots"] == len(index) - fold["n_spots"] and not fold["baselines_in_sample"]
+    assert set(fold["predictors"]) == {"model", "darkness", "library_size"}
+    for name, stats in fold["predictors"].items():
+        assert stats["n_genes"] == 250 and 0 <= stats["n_positive"] <= 250, name
+        assert np.isfinite([stats["mean_r"], stats["amae"], stats["armse"]]).all(), name
+        assert f"{name:>12}" in printed
+    assert fold["margin_over_darkness"]["mean_r"] == pytest.approx(
+        fold["predictors"]["model"]["mean_r"] - fold["predictors"]["darkness"]["mean_r"])
+    assert "genes with median r > 0" in printed and "model minus darkness" in printed
+    for name in ("folds.csv", "genes.csv", "genes_cv.csv", "ranked_r_C2.png", "tissue_C2.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "folds" / "C2" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_reported_figures_equal_an_independent_computation(holdout_run, index):
+    """Recompute the fold from the checkpoint, the data and the baselines' definitions."""
+    out, _ = holdout_run
+    ckpt = load_checkpoint(out / "folds" / "C2")
+    train_idx, test_idx = index.split("section", ["C2"])
+    genes = list(ckpt["genes"])
+    measured = measured_expression(index, test_idx, genes, "log1p")
+    model_r = pearson_r(predict_expression(ckpt, index, test_idx), measured)
+    darkness = baselines.mean_optical_density(index.patches(np.arange(len(index))))
+    train_y = measured_expression(index, train_idx, genes, "log1p")
+    dark_r = pearson_r(baselines.LinearFit.fit(darkness[train_idx], train_y).predict(darkness[test_idx]), measured)
+    with open(out / "genes.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["gene"] for row in rows] == genes
+    np.testing.assert_allclose([float(row["r_model"]) for row in rows], model_r, atol=2e-5)
+    np.testing.assert_allclose([float(row["r_darkness"]) for row in rows], dark_r, atol=2e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["folds"][0]["predictors"]["darkness"]["n_positive"] == int(np.sum(dark_r > 0))
+
+
+@pytest.mark.slow
+def test_checkpoint_mode_with_tta(holdout_run, her2st_h5, tmp_path):
+    out, _ = holdout_run
+    result = _invoke("--checkpoint", str(out / "folds" / "C2" / "last.pt"), "--data", str(her2st_h5),
+                     "--out", str(tmp_path), "--tta", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "checkpoint" and summary["tta"] is True
+    assert summary["folds"][0]["fold"] == "C2"  # the run's own held-out section
+    before = json.loads((out / "summary.json").read_text())["folds"][0]["predictors"]
+    after = summary["folds"][0]["predictors"]
+    assert after["darkness"] == before["darkness"]  # same spots, same baselines
+    assert after["model"]["mean_r"] != before["model"]["mean_r"]  # TTA changes the model's predictions
+
+
+@pytest.mark.slow
+def test_tta_is_invariant_to_flips_and_rotations(holdout_run, index):
+    out, _ = holdout_run
+    ckpt = load_checkpoint(out / "folds" / "C2")
+    model = model_from_checkpoint(ckpt)
+    model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"])
+    patches = torch.from_numpy(index.patches(np.arange(6)))
+    turned = torch.rot90(patches, 1, dims=(1, 2)).flip(1)
+    np.testing.assert_allclose(predict_batch(model, model_input, turned, tta=True),
+                               predict_batch(model, model_input, patches, tta=True), atol=1e-4)
+    assert not torch.allclose(predict_batch(model, model_input, turned), predict_batch(model, model_input, patches),
+                              atol=1e-4)
+
+
+def test_baselines_fitted_in_sample_when_no_training_spot(index):
+    test_idx = np.flatnonzero(index.spots["section"] == "C3")
+    features = baselines.spot_features(index, np.arange(len(index)))
+    genes = list(index.panel[:20])
+    measured = measured_expression(index, test_idx, genes, "lognorm")
+    result = score_fold("C3", index, np.array([], dtype=np.int64), test_idx, genes, "lognorm", measured, features)
+    summary = result.summary()
+    assert summary["baselines_in_sample"] and summary["n_train_spots"] == 0
+    reference = np.abs([np.corrcoef(features["darkness"][test_idx], measured[:, g])[0, 1] for g in range(20)])
+    np.testing.assert_allclose(result.per_gene["darkness"]["r"], reference, atol=1e-9)
+    assert summary["predictors"]["model"]["mean_r"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cv", "lopo", *TINY_FIT], "needs at least two patients"),
+    (["--holdout", "Z9", *TINY_FIT], "unknown"),
+    ([], "give --checkpoint"),
+    (["--cv", "loso", "--checkpoint", "."], "cannot be combined with --checkpoint"),
+    (["--checkpoint", ".", "--epochs", "2"], "only apply when evaluate trains"),
+])
+def test_bad_options_give_one_line_errors(her2st_h5, tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(her2st_h5), "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_training_option_is_a_usage_error(her2st_h5, tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--cv", "loso", "--data", str(her2st_h5), "--out", str(tmp_path),
+                                      "--arch", "test_resnet", "--no-such-option", "1"])
+    assert result.exit_code == 2 and "no-such-option" in result.output
+
+
+@pytest.mark.slow
+def test_rerun_reuses_the_finished_fold(holdout_run, her2st_h5):
+    out, _ = holdout_run
+    last = out / "folds" / "C2" / "last.pt"
+    before = (last.stat().st_mtime_ns, json.loads((out / "summary.json").read_text())["folds"])
+    result = _invoke("--holdout", "C2", "--split-by", "section", "--data", str(her2st_h5), "--out", str(out),
+                     *TINY_FIT)
+    assert result.exit_code == 0, result.output
+    assert (last.stat().st_mtime_ns, json.loads((out / "summary.json").read_text())["folds"]) == before
+    changed = _invoke("--holdout", "C2", "--split-by", "section", "--data", str(her2st_h5), "--out", str(out),
+                      *TINY_FIT[:-2], "--lr", "0.5", "--device", "cpu")
+    assert changed.exit_code == 2 and "other training options" in changed.output
+
+
+def test_report_over_several_folds(index, tmp_path):
+    """Two folds scored with a noisy 'model': the across-fold medians, CSVs and pictures."""
+    from brst.train.report import format_report, write_report
+
+    features = baselines.spot_features(index, np.arange(len(index)))
+    genes = list(index.panel[:30])
+    rng = np.random.default_rng(0)
+    results = []
+    for section in ("C4", "C5"):
+        train_idx, test_idx = index.split("section", [section])
+        measured = measured_expression(index, test_idx, genes, "log1p")
+        noisy = measured + rng.normal(0.0, 1.0, measured.shape)
+        results.append(score_fold(section, index, train_idx, test_idx, genes, "log1p", noisy, features))
+    summary = write_report(tmp_path, results, index, {"mode": "loso"}, top_genes=1)
+    expected = np.median([result.per_gene["model"]["r"] for result in results], axis=0)
+    with open(tmp_path / "genes_cv.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    np.testing.assert_allclose([float(row["median_r_model"]) for row in rows], expected, atol=1e-5)
+    assert summary["cv"]["predictors"]["model"]["n_median_good"] == int(np.sum(expected > 0.5))
+    assert {"ranked_r_cv.png", "tissue_C4.png", "tissue_C5.png"} <= set(summary["pictures"])
+    assert all((tmp_path / name).stat().st_size > 0 for name in summary["pictures"])
+    assert "across 2 fold(s)" in format_report(summary)

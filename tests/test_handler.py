@@ -1,0 +1,232 @@
+"""The TorchServe handler through ``handle()``, with TorchServe's own Context (no frontend).
+
+The model is a real (two-step) fit on HER2ST, archived by ``brst-train archive`` and unpacked
+as TorchServe unpacks a .mar; the context is ``ts.context.Context`` with TorchServe's
+metrics cache — only the Java frontend is missing (it is exercised in
+test_serve_integration.py). The reference is the training code path
+(``brst.train.predict.predict_batch``) on the checkpoint itself.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from serve_fixtures import encode
+
+from brst.train.archive import ARCHIVE_JSON, MODEL_CONFIG, WEIGHTS_FILE, build_archive
+from brst.train.checkpoint import load_checkpoint
+from brst.train.errors import BrstError
+
+pytest.importorskip("ts")
+pytestmark = pytest.mark.slow  # the session's fit + archive take ~1-2 min on 2 CPU cores
+
+#: served and in-process values agree to this (log1p units; same float32 ops, same device)
+ATOL = 1e-5
+
+
+def unpack(mar: Path, dest: Path) -> Path:
+    """Unpack a .mar as TorchServe does (a zip file)."""
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def model_dir(served_checkpoint, tmp_path_factory) -> Path:
+    """``brst-train archive`` (through click's CliRunner), unpacked."""
+    from click.testing import CliRunner
+
+    from brst.train.cli import cli
+
+    store = tmp_path_factory.mktemp("store")
+    result = CliRunner().invoke(cli, ["archive", "--checkpoint", str(served_checkpoint.parent), "--name", "brst",
+                                      "--model-store", str(store), "--batch-size", "8", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("brst.mar")
+    return unpack(store / "brst.mar", tmp_path_factory.mktemp("unpacked"))
+
+
+@pytest.fixture(scope="module")
+def reference(in_process, heldout_patches):
+    """In-process expression of the held-out patches: without and with TTA."""
+    return {tta: in_process(heldout_patches, tta) for tta in (False, True)}
+
+
+def make_context(model_dir: Path, n_requests: int, yaml_overrides: dict | None = None):
+    """TorchServe's Context for a batch of ``n_requests``, as the worker builds it."""
+    import ts
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    settings = {**yaml.safe_load((model_dir / MODEL_CONFIG).read_text()), **(yaml_overrides or {})}
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "brst"
+    context = Context("brst", str(model_dir), manifest, settings["batchSize"], None, "0.12.0",
+                      metrics=metrics, model_yaml_config=settings)
+    set_batch(context, n_requests)
+    return context
+
+
+def set_batch(context, n_requests: int) -> None:
+    from ts.context import RequestProcessor
+
+    context.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
+    context.request_ids = {i: f"request-{i}" for i in range(n_requests)}
+    context.metrics.set_request_ids(context.request_ids)
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir):
+    from brst.handlers.brst_handler import BrstHandler
+
+    threads = torch.get_num_threads()
+    instance = BrstHandler()
+    instance.initialize(make_context(model_dir, 1))
+    yield instance
+    torch.set_num_threads(threads)
+
+
+def handle(handler, rows: list[dict], model_dir: Path) -> tuple[list, list[int]]:
+    """``handle()`` one batch; the parsed answers and each request's status code."""
+    context = make_context(model_dir, len(rows))
+    answers = handler.handle(rows, context)
+    return [json.loads(a) for a in answers], [context.get_response_status(i)[0] for i in range(len(rows))]
+
+
+# ---- archive ----------------------------------------------------------------------------------
+
+def test_archive_carries_what_the_handler_needs(model_dir, served_checkpoint):
+    ckpt = load_checkpoint(served_checkpoint)
+    facts = json.loads((model_dir / ARCHIVE_JSON).read_text())
+    assert facts["genes"] == ckpt["genes"] and facts["aux_genes"] == ckpt["aux_genes"]
+    assert facts["arch"] == ckpt["arch"] and facts["data_config"] == ckpt["data_config"]
+    assert facts["stain"] == ckpt["stain"] and facts["target"]["mean"] == pytest.approx(ckpt["target"]["mean"])
+    assert facts["units"] == "log1p(count)" and facts["model_version"].startswith("resnet18-e")
+    state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    assert set(state) == set(ckpt["model"]) and all(torch.equal(state[k], ckpt["model"][k]) for k in state)
+    settings = yaml.safe_load((model_dir / MODEL_CONFIG).read_text())
+    assert settings["batchSize"] == 8 and settings["minWorkers"] == settings["maxWorkers"] == 2
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    assert manifest["model"]["serializedFile"] == WEIGHTS_FILE and manifest["model"]["handler"] == "brst_handler.py"
+
+
+def test_archive_refuses_to_overwrite_and_bad_names(served_checkpoint, tmp_path):
+    (tmp_path / "brst.mar").write_bytes(b"old")
+    with pytest.raises(BrstError, match="--force"):
+        build_archive(served_checkpoint, "brst", tmp_path)
+    with pytest.raises(BrstError, match="--name"):
+        build_archive(served_checkpoint, "1 bad/name", tmp_path)
+    assert (tmp_path / "brst.mar").read_bytes() == b"old"
+
+
+def test_tampered_weights_fail_to_load(model_dir, tmp_path):
+    from brst.handlers.brst_handler import BrstHandler
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in model_dir.rglob("*"):
+        if item.is_file():
+            (copy / item.relative_to(model_dir)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / item.relative_to(model_dir)).write_bytes(item.read_bytes())
+    with open(copy / WEIGHTS_FILE, "r+b") as weights:
+        weights.seek(-100, 2)
+        weights.write(b"\0" * 8)
+    with pytest.raises(BrstError, match="sha256"):
+        BrstHandler().initialize(make_context(copy, 1))
+
+
+# ---- answers ----------------------------------------------------------------------------------
+
+def test_handler_loads_on_cpu_with_one_thread_per_worker(handler):
+    assert handler.device.type == "cpu" and torch.get_num_threads() == 1  # maxWorkers 2 in the archive
+    assert not handler.model.training
+
+
+def test_served_values_equal_in_process(handler, model_dir, heldout_patches, reference, served_checkpoint):
+    ckpt = load_checkpoint(served_checkpoint)
+    answers, statuses = handle(handler, [{"body": encode(p, "PNG")} for p in heldout_patches], model_dir)
+    assert statuses == [200] * len(heldout_patches)
+    for answer, expected in zip(answers, reference[False]):
+        assert answer["genes"] == ckpt["genes"] and answer["units"] == "log1p(count)"
+        assert answer["model_version"] == handler.facts["model_version"] and "spread" not in answer
+        np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
+
+
+def test_a_bad_request_does_not_fail_its_batch(handler, model_dir, heldout_patches, reference, caplog):
+    png = encode(heldout_patches[0], "PNG")
+    rows = [{"body": png}, {"body": b""}, {"data": encode(heldout_patches[1], "PNG")},
+            {"body": {"image": "not base64!"}}, {"body": png[: len(png) // 2]}]
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        answers, statuses = handle(handler, rows, model_dir)
+    assert statuses == [200, 400, 200, 400, 400]
+    np.testing.assert_allclose(answers[0]["values"], reference[False][0], atol=ATOL)
+    np.testing.assert_allclose(answers[2]["values"], reference[False][1], atol=ATOL)
+    for i, reason in ((1, "empty"), (3, "bad_encoding"), (4, "corrupt")):
+        assert answers[i]["code"] == 400 and answers[i]["type"] == "RejectedInput" and answers[i]["message"]
+        assert f"reason:{reason}" in caplog.text
+    metric_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]brst_")]
+    assert any(line.startswith("[METRICS]brst_patches_total.Count:2|") for line in metric_lines)
+    assert any(line.startswith("[METRICS]brst_batch_size.Count:2|") for line in metric_lines)
+    for name in ("brst_decode_seconds", "brst_stain_seconds", "brst_inference_seconds"):
+        assert any(line.startswith(f"[METRICS]{name}.Seconds:") and "#type:HISTOGRAM" in line for line in metric_lines)
+
+
+def test_an_all_bad_batch_raises_400_for_grpc(handler, model_dir):
+    from ts.utils.util import PredictionException
+
+    with pytest.raises(PredictionException) as info:
+        handle(handler, [{"body": b"not an image at all"}], model_dir)
+    assert info.value.error_code == 400 and "PNG/JPEG/TIFF" in info.value.message
+    # different messages cannot share one batch-level error: answered one by one
+    answers, statuses = handle(handler, [{"body": b""}, {"body": b"junk"}], model_dir)
+    assert statuses == [400, 400] and answers[0]["message"] != answers[1]["message"]
+
+
+def test_list_forms_answer_lists_in_order(handler, model_dir, heldout_patches, reference):
+    pngs = [base64.b64encode(encode(p, "PNG")).decode() for p in heldout_patches[:3]]
+    kserve = {"inputs": [{"name": "patch", "shape": [3], "datatype": "BYTES", "data": pngs}]}
+    answers, statuses = handle(handler, [{"body": {"instances": pngs}}, {"body": kserve}], model_dir)
+    assert statuses == [200, 200]
+    for answer in answers:
+        assert isinstance(answer, list) and len(answer) == 3
+        np.testing.assert_allclose([a["values"] for a in answer], reference[False][:3], atol=ATOL)
+
+
+def test_um_per_px_is_resampled_before_the_model(handler, model_dir, heldout_patches, in_process):
+    """A finer scan sent with its um_per_px is served as its resampled patch would be in-process."""
+    from PIL import Image
+
+    from brst.handlers.decode import to_patch
+
+    spec = handler.spec
+    finer = np.asarray(Image.fromarray(heldout_patches[2]).resize((2 * spec.patch_px,) * 2, Image.Resampling.BICUBIC))
+    (answer,), statuses = handle(handler, [{"body": encode(finer, "PNG"), "um_per_px": str(spec.um_per_px / 2)}],
+                                 model_dir)
+    assert statuses == [200]
+    expected = in_process(to_patch(finer, spec.um_per_px / 2, spec)[None])[0]
+    np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
+
+
+def test_tta_returns_the_dihedral_mean_and_a_spread(model_dir, heldout_patches, reference):
+    from brst.handlers.brst_handler import BrstHandler
+
+    threads = torch.get_num_threads()
+    tta = BrstHandler()
+    tta.initialize(make_context(model_dir, 1, {"handler": {"tta": True}}))
+    try:
+        answers, _ = handle(tta, [{"body": encode(p, "PNG")} for p in heldout_patches[:4]], model_dir)
+    finally:
+        torch.set_num_threads(threads)
+    for answer, expected in zip(answers, reference[True][:4]):
+        np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
+        spread = np.asarray(answer["spread"])
+        assert spread.shape == expected.shape and (spread >= 0).all() and spread.max() > 0

@@ -1,0 +1,93 @@
+"""The alert rules (deploy/prometheus) and the dashboard (deploy/grafana) read real metrics.
+
+Expressions are parsed with promql-parser (a port of Prometheus' parser; promtool is not
+available offline) and every metric name they select must be exported by one of: the served
+model (a real TorchServe ``/metrics`` scrape, fixture ``served_metrics_text``), the training
+process (brst.train.train_metrics, exposed with prometheus-client) or a named cluster exporter
+(k8s_checks.EXTERNAL_METRICS).
+"""
+from __future__ import annotations
+
+import promql_parser
+import pytest
+from prometheus_client import generate_latest
+
+import k8s_checks as k8s
+
+
+def rules() -> list[dict]:
+    return k8s.alert_rules(k8s.load_yaml_file(k8s.ALERT_RULES))
+
+
+def rule_queries() -> list[tuple[str, str]]:
+    return [(rule.get("alert") or rule["record"], rule["expr"]) for rule in rules()]
+
+
+def all_queries() -> list[tuple[str, str]]:
+    return rule_queries() + k8s.dashboard_queries(k8s.load_dashboard())
+
+
+def training_exposition() -> str:
+    """What a training process serves on --metrics-port, from the real TrainingMetrics."""
+    from brst.train.train_metrics import TrainingMetrics
+
+    return generate_latest(TrainingMetrics().registry).decode()
+
+
+def test_metric_names_come_from_the_parsed_expression():
+    expr = ('sum by (namespace) (rate(Requests5XX{Level="Host"}[5m])) / on(namespace) group_left '
+            'max_over_time(ts_queue_latency_microseconds[1h:5m]) and {__name__="brst_batch_size"}')
+    assert k8s.metric_names(expr) == {"Requests5XX", "ts_queue_latency_microseconds", "brst_batch_size"}
+    with pytest.raises(ValueError):
+        k8s.metric_names("sum(rate(Requests5XX[5m])")
+
+
+def test_exposition_names_follow_the_metric_types():
+    text = ("# TYPE Requests5XX counter\n# TYPE brst_decode_seconds histogram\n"
+            'brst_decode_seconds_bucket{le="0.1"} 1.0\n# TYPE up gauge\nup 1\n')
+    assert k8s.exported_names(text) == {"Requests5XX", "brst_decode_seconds_bucket", "brst_decode_seconds_sum",
+                                        "brst_decode_seconds_count", "up"}
+
+
+def test_alert_rules_parse_and_say_what_to_do():
+    names = [rule["alert"] for rule in rules()]
+    assert len(names) == len(set(names))
+    for name, expr in rule_queries():
+        assert k8s.metric_names(expr), f"{name}: selects no metric"
+    for rule in rules():
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        if "for" in rule:
+            promql_parser.parse_duration(rule["for"])
+
+
+def test_alert_rules_cover_what_the_hospital_watches():
+    """Error ratio, latency, worker restarts, GPU memory and model readiness each have an alert."""
+    selected = {name: k8s.metric_names(expr) for name, expr in rule_queries()}
+    watched = set().union(*selected.values())
+    for needed in ("Requests5XX", "ts_inference_latency_microseconds", "WorkerLoadTime",
+                   "GPUMemoryUtilization", "kube_deployment_status_replicas_unavailable"):
+        assert needed in watched, needed
+
+
+def test_rule_file_is_usable_without_the_prometheus_operator():
+    """``yq '.spec' brst-alerts.yaml`` gives a plain Prometheus rule file: groups and nothing else."""
+    spec = k8s.load_yaml_file(k8s.ALERT_RULES)["spec"]
+    assert set(spec) == {"groups"}
+    assert all(set(group) <= {"name", "interval", "rules", "limit"} for group in spec["groups"])
+
+
+def test_dashboard_queries_parse_and_panels_are_unique():
+    dashboard = k8s.load_dashboard()
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for where, expr in k8s.dashboard_queries(dashboard):
+        assert k8s.metric_names(expr), f"{where}: selects no metric"
+
+
+def test_rules_and_dashboard_read_only_metrics_that_are_exported(served_metrics_text):
+    exported = (k8s.exported_names(served_metrics_text) | k8s.exported_names(training_exposition())
+                | set(k8s.EXTERNAL_METRICS))
+    missing = {f"{where}: {name}" for where, expr in all_queries() for name in k8s.metric_names(expr)
+               if name not in exported}
+    assert not missing, "metrics nobody exports:\n" + "\n".join(sorted(missing))

@@ -1,0 +1,396 @@
+"""``brst-train predict-slide`` on real HER2ST sections: tissue grid, outputs, measured spots,
+the served endpoint, errors.
+
+The model is the serving tests' checkpoint: a short real fit on the ``her2st_h5`` dataset
+(its gene panel, target statistics, stain reference and patch geometry: 112 um at 2 um/px);
+what is tested is the slide machinery around it. Slide resolution: the HER2ST README gives
+~0.69 um/px; where patches must match the prepared dataset bit for bit, the reader's own
+fitted value is used.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from brst.train.cli import cli
+from brst.train.readers.images import open_image
+from brst.train.slide.measured import grid_origin
+from brst.train.slide.run import THUMBNAIL_PX
+from brst.train.slide.tiles import iter_patch_batches, metadata_um_per_px, read_patches
+from brst.train.slide.tissue import find_tiles
+from brst.train.tissue import tissue_fraction
+
+pytest_plugins = ["serve_fixtures"]
+
+HER2ST_UM_PER_PX = 0.69  # the dataset README's figure
+ST_PITCH_UM = 200.0
+SECTIONS = ("C2", "C3", "C4", "C5", "C6")
+GENES_DRAWN = ("ERBB2", "GAPDH")
+
+
+def slide_path(her2st_root: Path, section: str) -> Path:
+    return next((her2st_root / "ST-imgs" / "C" / section).glob("*.jpg"))
+
+
+def selected_spots(her2st_root: Path, section: str) -> np.ndarray:
+    """``(n, 2)`` (x, y) pixel centres of the spots under tissue, from the spot file."""
+    table = pd.read_csv(her2st_root / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t")
+    table = table[table["selected"] == 1]
+    return table[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+
+
+def nearest_distance(points: np.ndarray, to: np.ndarray) -> np.ndarray:
+    """``(n,)`` distance from each of ``points`` (n, 2) to the nearest of ``to`` (m, 2)."""
+    return np.sqrt(((points[:, None, :] - to[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, ["predict-slide", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(served_checkpoint: Path) -> Path:
+    """The served model's checkpoint: a real short fit on ``her2st_h5`` (resnet18, 64 px input, Macenko)."""
+    return served_checkpoint
+
+
+@pytest.fixture(scope="module")
+def c2_um_per_px(her2st_root: Path) -> float:
+    """C2's resolution as the HER2ST reader fits it from the spot grid (what prepare cut with)."""
+    from brst.train.readers.her2st import read_sections
+
+    return read_sections(her2st_root, ["C2"])[0].um_per_px
+
+
+@pytest.fixture(scope="module")
+def c2_local(her2st_root: Path, her2st_h5: Path, checkpoint: Path, c2_um_per_px: float,
+             tmp_path_factory) -> Path:
+    """``predict-slide`` run locally on section C2 (200 um grid), with C2's measured spots."""
+    out = tmp_path_factory.mktemp("c2_local") / "out"
+    result = run_cli("--checkpoint", str(checkpoint), "--slide", str(slide_path(her2st_root, "C2")),
+                     "--out", str(out), "--um-per-px", repr(c2_um_per_px), "--genes", ",".join(GENES_DRAWN),
+                     "--measured", str(her2st_h5), "--section", "C2", "--batch-size", "32", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_grid_covers_the_real_spots_and_lies_on_tissue(her2st_root: Path, section: str):
+    image = open_image(slide_path(her2st_root, section))
+    thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
+    spots = selected_spots(her2st_root, section)
+    pitch_px = ST_PITCH_UM / HER2ST_UM_PER_PX
+
+    # default grid (no knowledge of the array): every spot under tissue lies in some tile's grid cell
+    _, grid = find_tiles(thumbnail, scale, image.width, image.height, HER2ST_UM_PER_PX, ST_PITCH_UM, 112.0, section)
+    tiles = np.column_stack([grid.pixel_x, grid.pixel_y])
+    assert np.mean(nearest_distance(spots, tiles) <= pitch_px / np.sqrt(2)) >= 0.95
+    # the tissue area matches the array's: about one tile per spot under tissue
+    assert 0.85 <= len(grid) / len(spots) <= 1.2
+
+    # the grid laid through the spots: most real spots have a tile within half a pitch, and vice versa
+    origin = grid_origin(spots[:, 0], spots[:, 1], pitch_px)
+    _, aligned = find_tiles(thumbnail, scale, image.width, image.height, HER2ST_UM_PER_PX, ST_PITCH_UM, 112.0,
+                            section, origin_px=origin)
+    aligned_tiles = np.column_stack([aligned.pixel_x, aligned.pixel_y])
+    assert np.mean(nearest_distance(spots, aligned_tiles) < pitch_px / 2) >= 0.95
+    assert np.mean(nearest_distance(aligned_tiles, spots) < pitch_px / 2) >= 0.9
+
+    # on tissue by another method (the dataset's grey-level Otsu filter: share of dark pixels):
+    # tiles look like the real spots under tissue, the glass does not
+    side_px = 112.0 / HER2ST_UM_PER_PX
+    on_tiles = tissue_fraction(image, aligned.pixel_x, aligned.pixel_y, side_px)
+    on_spots = tissue_fraction(image, spots[:, 0], spots[:, 1], side_px)
+    assert np.mean(on_tiles >= 0.2) >= 0.95
+    assert np.median(on_tiles) >= 0.9 * np.median(on_spots)
+    glass = tissue_fraction(image, np.array([side_px, image.width - side_px]), np.array([side_px, side_px]), side_px)
+    assert glass.max() < 0.1
+
+
+def write_half_resolution_tiff(her2st_root: Path, path: Path) -> tuple[int, int]:
+    """C2's tissue at half resolution as a tiled pyramidal OME-TIFF (levels 1, 2, 4) with its um/px.
+
+    Returns the (x, y) offset of the crop in half-resolution pixels.
+    """
+    import tifffile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # a known ~92 Mpx scan
+        with Image.open(slide_path(her2st_root, "C2")) as full:
+            full.draft("RGB", (full.width // 2, full.height // 2))  # DCT-domain halving: a true 2x downscale
+            half = np.asarray(full.convert("RGB"))
+    x0, y0 = 1000, 1600  # C2's spots span x 2314..7816, y 3510..8134 at full resolution
+    crop = np.ascontiguousarray(half[y0:y0 + 2600, x0:x0 + 3000])
+    um_per_px = 2 * HER2ST_UM_PER_PX
+    options = {"photometric": "rgb", "tile": (256, 256), "compression": "zlib"}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(crop, subifds=2, metadata={"axes": "YXS", "PhysicalSizeX": um_per_px, "PhysicalSizeY": um_per_px},
+                  **options)
+        for factor in (2, 4):
+            tif.write(crop[::factor, ::factor], subfiletype=1, **options)
+    return x0, y0
+
+
+@pytest.fixture(scope="module")
+def c2_tiff(her2st_root: Path, tmp_path_factory) -> tuple[Path, tuple[int, int]]:
+    path = tmp_path_factory.mktemp("c2_tiff") / "c2_half.ome.tif"
+    return path, write_half_resolution_tiff(her2st_root, path)
+
+
+def test_tiles_are_read_at_the_models_scale_whatever_the_slides(her2st_root: Path, c2_tiff):
+    """The same physical tiles from the full-resolution JPEG and from a half-resolution pyramidal TIFF agree."""
+    from brst.train.patches import PatchGeometry
+
+    path, (x0, y0) = c2_tiff
+    tiff = open_image(path)
+    assert len(tiff.downsamples) == 3 and metadata_um_per_px(path) == pytest.approx(2 * HER2ST_UM_PER_PX)
+    spots = selected_spots(her2st_root, "C2")[::9]
+    geometry = PatchGeometry(patch_um=112.0, um_per_px=2.0)
+    at_full = read_patches(open_image(slide_path(her2st_root, "C2")), spots[:, 0], spots[:, 1],
+                           geometry.side_px(HER2ST_UM_PER_PX), geometry.patch_px)
+    at_half = read_patches(tiff, spots[:, 0] / 2 - x0, spots[:, 1] / 2 - y0,
+                           geometry.side_px(2 * HER2ST_UM_PER_PX), geometry.patch_px)
+    assert at_full.shape == at_half.shape == (len(spots), 56, 56, 3)
+    same = np.abs(at_full.astype(int) - at_half.astype(int)).mean()
+    ignoring_scale = read_patches(tiff, spots[:, 0] / 2 - x0, spots[:, 1] / 2 - y0,
+                                  geometry.side_px(HER2ST_UM_PER_PX), geometry.patch_px)
+    wrong = np.abs(at_full.astype(int) - ignoring_scale.astype(int)).mean()
+    assert same < 6.0 and wrong > 2 * same, (same, wrong)
+
+
+def test_pyramidal_tiff_slide_with_its_own_resolution(c2_tiff, c2_local: Path, checkpoint: Path, tmp_path: Path):
+    """A pyramidal TIFF runs without --um-per-px (OME metadata) and maps the tissue like the JPEG."""
+    path, (x0, y0) = c2_tiff
+    out = tmp_path / "out"
+    result = run_cli("--checkpoint", str(checkpoint), "--slide", str(path), "--out", str(out),
+                     "--genes", ",".join(GENES_DRAWN))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["um_per_px"] == pytest.approx(2 * HER2ST_UM_PER_PX)
+    from_tiff = pd.read_csv(out / "predictions.csv")
+    from_jpeg = pd.read_csv(c2_local / "predictions.csv")
+    assert 0.85 <= len(from_tiff) / len(from_jpeg) <= 1.15
+    # the tissue found in the TIFF is where the JPEG's tissue is (full-resolution pixels)
+    tiff_tiles = np.column_stack([(from_tiff["pixel_x"] + x0) * 2, (from_tiff["pixel_y"] + y0) * 2])
+    jpeg_tiles = from_jpeg[["pixel_x", "pixel_y"]].to_numpy()
+    pitch_px = ST_PITCH_UM / HER2ST_UM_PER_PX
+    assert np.mean(nearest_distance(tiff_tiles, jpeg_tiles) < pitch_px) >= 0.95
+
+
+def test_batches_stream_in_order(her2st_root: Path):
+    image = open_image(slide_path(her2st_root, "C2"))
+    from brst.train.patches import PatchGeometry
+
+    spots = selected_spots(her2st_root, "C2")[:23]
+    geometry = PatchGeometry(patch_um=112.0, um_per_px=2.0)
+    batches = list(iter_patch_batches(image, spots[:, 0], spots[:, 1], HER2ST_UM_PER_PX, geometry, batch_size=5,
+                                      workers=2, prefetch=1))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    one_go = read_patches(image, spots[:, 0], spots[:, 1], geometry.side_px(HER2ST_UM_PER_PX), geometry.patch_px)
+    np.testing.assert_array_equal(np.concatenate(batches), one_go)
+
+
+def test_local_outputs_open_with_anndata(c2_local: Path, checkpoint: Path, c2_um_per_px: float):
+    import anndata
+
+    from brst.train.checkpoint import load_checkpoint
+
+    genes = load_checkpoint(checkpoint)["genes"]
+    table = pd.read_csv(c2_local / "predictions.csv", index_col="tile")
+    adata = anndata.read_h5ad(c2_local / "predictions.h5ad")
+    n_tiles = len(table)
+    assert 100 < n_tiles < 300
+    assert adata.shape == (n_tiles, len(genes))
+    assert list(adata.var_names) == genes
+    assert list(adata.obs_names) == list(table.index)
+    np.testing.assert_allclose(adata.X, table[genes].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(adata.obsm["spatial"], table[["pixel_x", "pixel_y"]].to_numpy())
+    assert np.isfinite(adata.X).all() and adata.X.std(axis=0).max() > 0
+    library = adata.uns["spatial"]["5714_HE_BT_C2"]
+    hires = library["images"]["hires"]
+    scale = library["scalefactors"]["tissue_hires_scalef"]
+    assert hires.dtype == np.uint8 and max(hires.shape[:2]) == THUMBNAIL_PX
+    assert scale == pytest.approx(THUMBNAIL_PX / 9911, rel=1e-3)  # C2 is 9274 x 9911 px
+    assert library["scalefactors"]["spot_diameter_fullres"] == pytest.approx(ST_PITCH_UM / c2_um_per_px)
+    # scanpy draws obsm["spatial"] * scale on the hires image: every tile lands inside it
+    on_image = adata.obsm["spatial"] * scale
+    assert (on_image >= 0).all() and (on_image[:, 0] < hires.shape[1]).all() and (on_image[:, 1] < hires.shape[0]).all()
+    assert adata.uns["brst"]["units"] == "log1p(count)"
+    summary = json.loads((c2_local / "summary.json").read_text())
+    assert summary["tiles"] == n_tiles and summary["genes_drawn"] == list(GENES_DRAWN)
+    for gene in GENES_DRAWN:
+        with Image.open(c2_local / "heatmaps" / f"{gene}.png") as png:
+            assert png.format == "PNG" and png.width > 300
+
+
+def test_local_values_are_the_models_on_those_tiles(c2_local: Path, checkpoint: Path, her2st_root: Path,
+                                                   c2_um_per_px: float):
+    from brst.train.checkpoint import load_checkpoint
+    from brst.train.slide.predictors import LocalPredictor
+
+    predictor = LocalPredictor(load_checkpoint(checkpoint), torch.device("cpu"))
+    table = pd.read_csv(c2_local / "predictions.csv", index_col="tile").iloc[::20]
+    patches = read_patches(open_image(slide_path(her2st_root, "C2")), table["pixel_x"].to_numpy(),
+                           table["pixel_y"].to_numpy(), predictor.geometry.side_px(c2_um_per_px),
+                           predictor.geometry.patch_px)
+    np.testing.assert_allclose(predictor(patches), table[predictor.genes].to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_default_genes_are_the_best_validated(tmp_path: Path):
+    from brst.train.slide.genes import checkpoint_validation_r, choose_genes, table_validation_r
+
+    genes = ["A", "B", "C", "D"]
+    ckpt = {"genes": genes, "metrics": {"history": [{"val_mean_r": 0.1},
+                                                    {"val_r_per_gene": [0.1, 0.7, float("nan"), 0.4]}]}}
+    validated = checkpoint_validation_r(ckpt)
+    assert validated == {"A": 0.1, "B": 0.7, "D": 0.4}
+    assert choose_genes(None, genes, validated, 2) == ["B", "D"]
+    assert choose_genes(None, genes, {}, 3) == ["A", "B", "C"]  # no validation figures: the panel's order
+    assert choose_genes(("C",), genes, validated, 3) == ["C"]
+    assert checkpoint_validation_r({"genes": genes, "metrics": {"history": [{"val_mean_r": 0.1}]}}) == {}
+
+    folds = pd.DataFrame({"fold": ["C2", "C2", "C3", "C3"], "gene": ["A", "D", "A", "D"],
+                          "r_model": [0.9, 0.2, 0.7, 0.4], "r_darkness": [0.0] * 4})
+    folds.to_csv(tmp_path / "genes.csv", index=False)
+    assert table_validation_r(tmp_path / "genes.csv") == pytest.approx({"A": 0.8, "D": 0.3})
+    assert choose_genes(None, genes, table_validation_r(tmp_path / "genes.csv"), 1) == ["A"]
+
+
+def test_measured_section_next_to_predicted(c2_local: Path, her2st_h5: Path, checkpoint: Path,
+                                            c2_um_per_px: float):
+    """At the measured spots the slide path gives exactly the model's predictions on the dataset's patches."""
+    from brst.train.checkpoint import load_checkpoint
+    from brst.train.data import open_dataset
+    from brst.train.evaluate import measured_expression
+    from brst.train.metrics import pearson_r
+    from brst.train.predict import predict_expression
+
+    ckpt = load_checkpoint(checkpoint)
+    index = open_dataset([her2st_h5])
+    idx = np.flatnonzero(index.spots["section"].astype(str) == "C2")
+    expected = predict_expression(ckpt, index, idx)
+    measured = measured_expression(index, idx, ckpt["genes"], "log1p")
+
+    spots = pd.read_csv(c2_local / "measured_spots.csv")
+    assert list(spots["spot_id"]) == list(index.spots["spot_id"][idx].astype(str))
+    predicted = spots[[f"predicted_{g}" for g in ckpt["genes"]]].to_numpy()
+    np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(spots[[f"measured_{g}" for g in ckpt["genes"]]].to_numpy(), measured, rtol=1e-6)
+    r_table = pd.read_csv(c2_local / "gene_r.csv").set_index("gene")
+    assert len(r_table) == len(ckpt["genes"]) and (r_table["n_spots"] == len(idx)).all()
+    np.testing.assert_allclose(r_table.loc[ckpt["genes"], "r"].to_numpy(), pearson_r(expected, measured),
+                               rtol=1e-3, atol=1e-3)
+    with Image.open(c2_local / "measured_vs_predicted.png") as png:
+        assert png.format == "PNG"
+    # the map's grid was laid through the measured spots
+    tiles = pd.read_csv(c2_local / "predictions.csv")[["pixel_x", "pixel_y"]].to_numpy()
+    centres = np.column_stack([index.spots["pixel_x"][idx], index.spots["pixel_y"][idx]])
+    assert np.mean(nearest_distance(centres, tiles) < ST_PITCH_UM / c2_um_per_px / 4) >= 0.9
+
+
+def test_um_per_px_from_tiff_metadata(tmp_path: Path, her2st_root: Path):
+    import tifffile
+
+    pixels = np.full((64, 64, 3), 200, np.uint8)
+    per_cm = 10_000 / 0.25
+    tifffile.imwrite(tmp_path / "res.tif", pixels, photometric="rgb", resolution=(per_cm, per_cm),
+                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "ome.ome.tif", pixels, photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    assert metadata_um_per_px(tmp_path / "res.tif") == pytest.approx(0.25)
+    assert metadata_um_per_px(tmp_path / "ome.ome.tif") == pytest.approx(0.5)
+    assert metadata_um_per_px(slide_path(her2st_root, "C2")) is None  # "72 dpi" is no microscope's
+
+
+def _assert_clean_failure(result, out: Path, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("brst-train: error: "), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_bad_slides_fail_cleanly(tmp_path: Path, checkpoint: Path, her2st_root: Path):
+    out = tmp_path / "out"
+    common = ["--checkpoint", str(checkpoint), "--out", str(out), "--um-per-px", "0.69"]
+    _assert_clean_failure(run_cli(*common, "--slide", str(tmp_path / "missing.jpg")), out, "missing.jpg", "no such")
+
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    _assert_clean_failure(run_cli(*common, "--slide", str(garbage)), out, "garbage.jpg")
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(slide_path(her2st_root, "C2").read_bytes()[:200_000])
+    _assert_clean_failure(run_cli(*common, "--slide", str(truncated)), out, "truncated.jpg")
+
+    white = tmp_path / "white.png"
+    Image.new("RGB", (3000, 2000), (255, 255, 255)).save(white)
+    _assert_clean_failure(run_cli(*common, "--slide", str(white)), out, "white.png", "no tissue")
+
+    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--out", str(out), "--slide",
+                                  str(slide_path(her2st_root, "C2"))), out, "--um-per-px")
+
+
+def test_bad_options_fail_cleanly(tmp_path: Path, checkpoint: Path, her2st_root: Path):
+    out = tmp_path / "out"
+    slide = str(slide_path(her2st_root, "C2"))
+    _assert_clean_failure(run_cli("--slide", slide, "--out", str(out)), out, "--checkpoint/--endpoint")
+    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--endpoint", "http://127.0.0.1:1",
+                                  "--slide", slide, "--out", str(out)), out, "exactly one")
+    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--slide", slide, "--out", str(out),
+                                  "--um-per-px", "0.69", "--genes", "NOT_A_GENE"), out, "--genes", "NOT_A_GENE")
+    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--slide", slide, "--out", str(out),
+                                  "--um-per-px", "0.69", "--measured", str(tmp_path / "x.h5")), out, "--section")
+
+
+def test_endpoint_down_is_one_clear_error(tmp_path: Path, her2st_root: Path):
+    from brst.train.torchserve import free_ports
+
+    out = tmp_path / "out"
+    (port,) = free_ports(1)
+    result = run_cli("--endpoint", f"http://127.0.0.1:{port}", "--slide", str(slide_path(her2st_root, "C2")),
+                     "--out", str(out), "--um-per-px", "0.69", "--retries", "1")
+    _assert_clean_failure(result, out, f"127.0.0.1:{port}", "no answer after 2 attempts")
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_endpoint_gives_the_local_numbers(protocol: str, served_model, her2st_root: Path, tmp_path: Path):
+    """Tiles sent at the model's own geometry: the server computes what the local model does.
+
+    Tolerance 1e-4 (log1p units): the same float32 model and pixels, batched differently.
+    """
+    from brst.train.checkpoint import load_checkpoint
+    from brst.train.slide.predictors import LocalPredictor
+
+    ckpt = load_checkpoint(served_model.checkpoint)
+    config = ckpt["data_config"]
+    endpoint = (served_model.endpoints.inference if protocol == "http"
+                else f"grpc://{served_model.endpoints.grpc_inference}")
+    out = tmp_path / "out"
+    result = run_cli("--endpoint", endpoint, "--model-name", served_model.name,
+                     "--slide", str(slide_path(her2st_root, "C2")), "--out", str(out),
+                     "--um-per-px", str(HER2ST_UM_PER_PX), "--step-um", "400", "--genes", ",".join(GENES_DRAWN),
+                     "--tile-um", str(config["patch_um"]), "--tile-px", str(config["patch_px"]),
+                     "--concurrency", "4", "--tiles-per-request", "3")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "predictions.csv", index_col="tile")
+    assert 30 < len(table) < 80
+    local = LocalPredictor(ckpt, torch.device("cpu"))
+    patches = read_patches(open_image(slide_path(her2st_root, "C2")), table["pixel_x"].to_numpy(),
+                           table["pixel_y"].to_numpy(), local.geometry.side_px(HER2ST_UM_PER_PX),
+                           local.geometry.patch_px)
+    assert list(table.columns[-len(local.genes):]) == local.genes
+    np.testing.assert_allclose(table[local.genes].to_numpy(), local(patches), rtol=0, atol=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["mode"] == "endpoint" and summary["units"] == local.units

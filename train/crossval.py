@@ -1,0 +1,96 @@
+"""Cross-validation: one model per held-out patient or section, each scored beside the baselines.
+
+``lopo`` holds out each patient in turn (ST-Net's protocol), ``loso`` each section, and an
+explicit holdout list is one fold (the paper's code held out two fixed patients). Each
+fold trains with :func:`brst.train.fit.fit` into ``OUT/folds/<fold>/``; the held-out
+spots are that run's validation set, which only *monitors* training: the fold is scored
+with ``last.pt``, so no choice is made on the held-out spots. A fold whose run directory
+already holds a finished run with the same options is reused, an unfinished one resumed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import LAST_NAME, load_checkpoint
+from .distributed import resolve_device
+from .errors import BrstError
+from .evaluate import FoldResult, evaluate_checkpoint
+from .fit import fit
+from .fit_options import RUNTIME_OPTIONS, FitOptions
+
+log = logging.getLogger(__name__)
+
+#: cross-validation scheme -> the spot field it splits on
+SCHEMES = {"lopo": "patient", "loso": "section"}
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One held-out set: the ``by`` groups (patients or sections) named in ``holdout``."""
+
+    by: str
+    holdout: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.holdout)
+
+
+def make_folds(index, scheme: str | None = None, holdout: tuple[str, ...] = (), by: str = "patient") -> list[Fold]:
+    """Folds of a scheme (``lopo``/``loso``: every group in turn) or the one fold ``holdout``."""
+    if scheme is None:
+        index.split(by, holdout)  # raises BrstError naming unknown groups
+        return [Fold(by, tuple(holdout))]
+    by = SCHEMES[scheme]
+    groups = sorted(set(index.spots[by]))
+    if len(groups) < 2:
+        hint = " (use --cv loso to hold out sections of this patient)" if scheme == "lopo" else ""
+        raise BrstError(f"--cv {scheme}", f"needs at least two {by}s, the data has {len(groups)}: "
+                                          f"{', '.join(groups)}{hint}")
+    return [Fold(by, (group,)) for group in groups]
+
+
+def fold_options(base: FitOptions, fold: Fold, out_dir: str | Path) -> FitOptions:
+    """The training options of one fold: the base options holding out the fold's groups."""
+    return replace(base, holdout=list(fold.holdout), split_by=fold.by,
+                   out=str(Path(out_dir) / "folds" / fold.name), resume=None)
+
+
+def _same_computation(stored: dict, options: FitOptions) -> bool:
+    wanted = options.to_dict()
+    return all(stored.get(key) == value for key, value in wanted.items() if key not in RUNTIME_OPTIONS)
+
+
+def train_fold(options: FitOptions) -> dict:
+    """Train a fold's model (reusing or resuming its run directory) and return ``last.pt`` loaded."""
+    last = Path(options.out) / LAST_NAME
+    if last.exists():
+        ckpt = load_checkpoint(last)
+        if not _same_computation(ckpt["options"], options):
+            raise BrstError(options.out, "holds a run with other training options; choose another --out")
+        if ckpt["epoch"] >= options.epochs:
+            log.info("fold %s: reusing the finished run in %s", "+".join(options.holdout), options.out)
+            return ckpt
+        log.info("fold %s: resuming %s at epoch %d", "+".join(options.holdout), options.out, ckpt["epoch"] + 1)
+        fit(replace(options, resume=str(last)), ckpt)
+    else:
+        fit(options)
+    return load_checkpoint(last)
+
+
+def run_crossval(base: FitOptions, index, folds: list[Fold], out_dir: str | Path,
+                 features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64) -> list[FoldResult]:
+    """Train and score every fold; ``features`` are the baselines' scalars for all index rows."""
+    device = resolve_device(base.device)
+    results = []
+    for number, fold in enumerate(folds, 1):
+        log.info("fold %d of %d: holding out %s %s", number, len(folds), fold.by, fold.name)
+        ckpt = train_fold(fold_options(base, fold, out_dir))
+        train_idx, test_idx = index.split(fold.by, list(fold.holdout))
+        results.append(evaluate_checkpoint(ckpt, index, fold.name, train_idx, test_idx, features,
+                                           tta=tta, batch_size=batch_size, device=device))
+    return results

@@ -1,0 +1,162 @@
+"""BrST-Net models: any timm backbone with a main head (gene panel) and an auxiliary head.
+
+The backbone comes from timm's one registry (``timm.create_model(arch, pretrained=False,
+num_classes=0)``), so every timm architecture works; the auxiliary head is a second linear
+layer on the same pooled features (the paper's auxiliary network), for every architecture.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .errors import BrstError
+
+log = logging.getLogger(__name__)
+
+#: The paper's ten architectures (tested list), plus ST-Net's densenet121 baseline.
+PAPER_ARCHS: tuple[str, ...] = (
+    "resnet101", "inception_v3",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
+    "efficientnet_b3", "efficientnet_b4", "efficientnet_b5",
+    "vit_base_patch16_224", "vit_base_patch32_224",
+)
+BASELINE_ARCH = "densenet121"
+
+
+def _pretrained_cfg(arch: str):
+    if not timm.is_model(arch):
+        raise BrstError(f"--arch {arch}", "not a timm architecture (see timm.list_models())")
+    return timm.get_pretrained_cfg(arch)
+
+
+def data_config(arch: str, input_size: int | None = None) -> dict:
+    """The architecture's input facts (timm's pretrained config), optionally resized.
+
+    Returns:
+        ``{"input_size": [3, S, S], "mean": [3 floats], "std": [3 floats]}``; ``S`` is
+        ``input_size`` when given, else the architecture's own (inception_v3: 299).
+    """
+    cfg = _pretrained_cfg(arch)
+    size_px = int(input_size or (cfg.input_size[-1] if cfg else 224))
+    mean = list(cfg.mean) if cfg else [0.485, 0.456, 0.406]
+    std = list(cfg.std) if cfg else [0.229, 0.224, 0.225]
+    return {"input_size": [3, size_px, size_px], "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std]}
+
+
+def timm_kwargs(arch: str, input_size: int | None) -> dict:
+    """Extra ``timm.create_model`` arguments: ``img_size`` where the architecture needs it.
+
+    Patch-embedding models (ViT) are built for one input size; convolutional networks take any.
+    """
+    cfg = _pretrained_cfg(arch)
+    if input_size and cfg and cfg.fixed_input_size and cfg.input_size[-1] != input_size:
+        return {"img_size": int(input_size)}
+    return {}
+
+
+def create_backbone(arch: str, input_size: int | None = None) -> nn.Module:
+    """A timm feature extractor (``num_classes=0``: pooled features), never downloading."""
+    return timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs(arch, input_size))
+
+
+class BrstNet(nn.Module):
+    """Backbone + main head (``n_main`` genes) + optional auxiliary head (``n_aux`` genes).
+
+    Args:
+        backbone: a timm model built with ``num_classes=0`` (exposes ``num_features``).
+        n_main: genes in the panel (main head).
+        n_aux: auxiliary genes; 0 builds no auxiliary head.
+
+    Shape:
+        - Input: ``(B, 3, S, S)`` float, normalised (see ``brst.handlers.transforms.ModelInput``).
+        - Output: ``(main (B, n_main), aux (B, n_aux) or None)``.
+    """
+
+    def __init__(self, backbone: nn.Module, n_main: int, n_aux: int = 0) -> None:
+        super().__init__()
+        if n_main < 1:
+            raise BrstError("gene panel", "is empty: the main head needs at least one gene")
+        self.backbone = backbone
+        self.n_main, self.n_aux = int(n_main), int(n_aux)
+        self.head = nn.Linear(backbone.num_features, self.n_main)
+        self.aux_head = nn.Linear(backbone.num_features, self.n_aux) if self.n_aux > 0 else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        features = self.backbone(x)
+        aux = self.aux_head(features) if self.aux_head is not None else None
+        return self.head(features), aux
+
+    @torch.no_grad()
+    def init_head_bias(self, main_mean: torch.Tensor, aux_mean: torch.Tensor | None = None) -> None:
+        """Start each head's bias at the mean training target, shape ``(n_main,)`` / ``(n_aux,)``."""
+        self.head.bias.copy_(main_mean.to(self.head.bias))
+        if self.aux_head is not None and aux_mean is not None:
+            self.aux_head.bias.copy_(aux_mean.to(self.aux_head.bias))
+
+
+def build_model(arch: str, n_main: int, n_aux: int = 0, pretrained: str | Path | None = None,
+                input_size: int | None = None) -> BrstNet:
+    """Build a :class:`BrstNet`; ``pretrained`` is a local weights file (never a download).
+
+    ``input_size`` is passed to timm only where the architecture needs it (ViTs with a
+    size other than their own); convolutional networks accept any size.
+    """
+    model = BrstNet(create_backbone(arch, input_size), n_main, n_aux)
+    if pretrained is not None:
+        load_backbone_weights(model.backbone, pretrained)
+    return model
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensors in a weights file: a bare state dict, or under model/state_dict."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BrstError(path, "holds no state dict of weights")
+    prefixes = ("module.", "_orig_mod.", "backbone.")
+    cleaned = {}
+    for name, value in obj.items():
+        for prefix in prefixes:
+            name = name.removeprefix(prefix)
+        cleaned[name] = value
+    return cleaned
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a local weights file (``.safetensors`` or a torch file, ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BrstError(f"--pretrained {path}", "no such file (weights are never downloaded)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _unwrap_state_dict(load_file(str(path)), path)
+    from .checkpoint import torch_load
+
+    return _unwrap_state_dict(torch_load(path), path)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Copy matching tensors of a local weights file into ``backbone`` (classifier ignored)."""
+    weights = read_weights(path)
+    own = backbone.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise BrstError(f"--pretrained {path}", "no tensor matches this architecture's backbone")
+    backbone.load_state_dict(usable, strict=False)
+    log.info("loaded %d of %d backbone tensors from %s", len(usable), len(own), path)
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> BrstNet:
+    """Rebuild the model a checkpoint describes, weights loaded, in eval mode."""
+    input_size = int(ckpt["data_config"]["input_size"][-1])
+    model = build_model(ckpt["arch"], ckpt["n_main"], ckpt["n_aux"], input_size=input_size)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()

@@ -1,0 +1,65 @@
+"""Turn batches of tiles into expression: the :class:`Predictor` protocol and the local model.
+
+The served endpoint's predictor is :class:`brst.train.slide.endpoint.EndpointPredictor`. Both
+take uint8 tiles already cut at the model's geometry (``patch_px`` pixels
+at ``um_per_px``) and return expression on the model's target scale (``units``), so the
+two modes give the same numbers up to floating point.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from brst.handlers.transforms import ModelInput
+
+from ..models import model_from_checkpoint
+from ..patches import PatchGeometry
+from ..predict import predict_batch
+from ..targets import TargetTransform
+from .tiles import geometry_of
+
+
+class Predictor(Protocol):
+    """Expression of ``genes`` (in ``units``) for tiles of ``geometry``."""
+
+    genes: list[str]
+    units: str
+    geometry: PatchGeometry
+    description: dict
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``."""
+
+    def close(self) -> None:
+        """Release threads and connections."""
+
+
+class LocalPredictor:
+    """A checkpoint's model in this process (its own input pipeline and target inverse).
+
+    Args:
+        ckpt: a loaded checkpoint (:func:`brst.train.checkpoint.load_checkpoint`).
+        device: where the model runs.
+    """
+
+    def __init__(self, ckpt: dict, device: torch.device) -> None:
+        self.device = device
+        self.model = model_from_checkpoint(ckpt, device)
+        self.model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"]).to(device)
+        self.target = TargetTransform.from_dict(ckpt["target"]).to(device)
+        self.genes = [str(g) for g in ckpt["genes"]]
+        self.units = self.target.units
+        self.geometry = geometry_of(ckpt["data_config"])
+        self.description = {"mode": "local", "arch": str(ckpt["arch"]), "device": str(device),
+                            "brst_version": str(ckpt.get("brst_version", "")), "epoch": int(ckpt.get("epoch", -1))}
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(patches).to(self.device)
+        z = predict_batch(self.model, self.model_input, batch)
+        return self.target.inverse(z).float().cpu().numpy()
+
+
+    def close(self) -> None:
+        """Nothing to release: the model goes with the object."""

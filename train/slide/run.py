@@ -1,0 +1,166 @@
+"""One slide, end to end: open, find tissue, tile, predict, compare, write.
+
+Everything that can fail because of the input (a missing or unreadable slide, no
+resolution, no tissue, a measured section that is not this slide) fails before the
+first output file is written; outputs are computed in memory and then written one by
+one, each atomically.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..atomic import atomic_path, write_json_atomic
+from ..errors import BrstError
+from ..plots import save_png, tissue_figure
+from ..readers.base import SlideImage
+from ..readers.images import open_image
+from .genes import choose_genes
+from .measured import MeasuredSection, check_inside, gene_table, grid_origin, load_measured, spot_table
+from .outputs import SlideMap, write_h5ad, write_heatmaps, write_table
+from .predictors import Predictor
+from .tiles import iter_patch_batches, slide_um_per_px
+from .tissue import find_tiles
+
+log = logging.getLogger(__name__)
+
+#: longer side of the thumbnail used for tissue detection and pictures, pixels
+THUMBNAIL_PX = 2048
+#: heatmaps drawn when no gene is named
+DEFAULT_TOP_GENES = 6
+#: output names inside ``--out``
+TABLE, H5AD, HEATMAPS, SUMMARY = "predictions.csv", "predictions.h5ad", "heatmaps", "summary.json"
+MEASURED_SPOTS, GENE_R, MEASURED_PNG = "measured_spots.csv", "gene_r.csv", "measured_vs_predicted.png"
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """What to predict and where to write it.
+
+    Attributes:
+        slide: the H&E image (JPEG, PNG, TIFF, pyramidal TIFF/SVS/NDPI ...).
+        out_dir: output folder.
+        um_per_px: the slide's resolution, or ``None`` to read it from the metadata.
+        step_um: grid step in micrometres.
+        batch_size: tiles per batch.
+        genes: genes to draw, or ``None`` for the best validated.
+        top_genes: how many genes to draw when ``genes`` is ``None``.
+        measured: a prepared dataset (``.h5``) holding this slide's section, or ``None``.
+        section: that section's id.
+        read_workers: threads reading tiles.
+    """
+
+    slide: Path
+    out_dir: Path
+    um_per_px: float | None
+    step_um: float
+    batch_size: int
+    genes: tuple[str, ...] | None = None
+    top_genes: int = DEFAULT_TOP_GENES
+    measured: Path | None = None
+    section: str | None = None
+    read_workers: int = 2
+
+
+def predict_points(predictor: Predictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                   slide_um_per_px: float, batch_size: int, desc: str, read_workers: int = 2) -> np.ndarray:
+    """Expression at tile centres, streamed in batches under a progress bar.
+
+    Shape: pixel_x, pixel_y (N,) slide pixels -> (N, G) float32 in ``predictor.units``.
+    """
+    values = np.empty((len(pixel_x), len(predictor.genes)), dtype=np.float32)
+    done = 0
+    with tqdm(total=len(pixel_x), desc=desc, unit="tile") as bar:
+        for patches in iter_patch_batches(image, pixel_x, pixel_y, slide_um_per_px, predictor.geometry,
+                                          batch_size, workers=read_workers):
+            values[done:done + len(patches)] = predictor(patches)
+            done += len(patches)
+            bar.update(len(patches))
+    return values
+
+
+def _read_slide(job: SlideJob) -> tuple[SlideImage, float, np.ndarray, float]:
+    """Open the slide and read what tissue detection needs: handle, µm/px, thumbnail, scale."""
+    if not job.slide.is_file():
+        raise BrstError(job.slide, "no such slide file")
+    image = open_image(job.slide)
+    um_per_px = slide_um_per_px(job.slide, job.um_per_px)
+    thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
+    return image, um_per_px, thumbnail, scale
+
+
+def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: np.ndarray,
+                    draw: list[str]) -> pd.DataFrame:
+    table = gene_table(measured, predicted)
+    for name, frame in ((GENE_R, table), (MEASURED_SPOTS, spot_table(measured, predicted))):
+        with atomic_path(job.out_dir / name) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.9g")
+    shown = [g for g in draw if g in measured.genes]
+    if shown:
+        columns = [measured.genes.index(g) for g in shown]
+        r_by_gene = dict(zip(table["gene"], table["r"]))
+        figure = tissue_figure(measured.pixel_x, measured.pixel_y, measured.expression[:, columns],
+                               predicted[:, columns], shown, np.array([r_by_gene[g] for g in shown]),
+                               f"section {measured.section}: measured and predicted")
+        save_png(figure, job.out_dir / MEASURED_PNG)
+    return table
+
+
+def run_slide(job: SlideJob, predictor: Predictor, validation_r: dict[str, float] | None = None) -> dict:
+    """Predict one slide and write its outputs into ``job.out_dir``; returns the summary."""
+    started = time.perf_counter()
+    image, um_per_px, thumbnail, scale = _read_slide(job)
+    draw = choose_genes(job.genes, predictor.genes, validation_r or {}, job.top_genes)
+    measured, origin = None, None
+    if job.measured is not None:
+        measured = load_measured(str(job.measured), job.section, predictor.genes, predictor.units)
+        check_inside(measured, image.width, image.height, str(job.slide))
+        origin = grid_origin(measured.pixel_x, measured.pixel_y, job.step_um / um_per_px)
+    tissue, grid = find_tiles(thumbnail, scale, image.width, image.height, um_per_px, job.step_um,
+                              predictor.geometry.side_um, str(job.slide), origin_px=origin)
+    log.info("%s: %d tiles of %.0f um every %.0f um on %.1f%% tissue", job.slide.name, len(grid),
+             predictor.geometry.side_um, job.step_um, 100 * tissue.fraction)
+    predict_started = time.perf_counter()
+    values = predict_points(predictor, image, grid.pixel_x, grid.pixel_y, um_per_px, job.batch_size,
+                            "tiles", job.read_workers)
+    tiles_per_s = len(grid) / (time.perf_counter() - predict_started)
+    measured_values = None
+    if measured is not None:
+        columns = [predictor.genes.index(g) for g in measured.genes]
+        measured_values = predict_points(predictor, image, measured.pixel_x, measured.pixel_y, um_per_px,
+                                         job.batch_size, f"spots of {measured.section}", job.read_workers)
+        measured_values = measured_values[:, columns].astype(np.float64)
+    image.close()
+
+    slide_map = SlideMap(
+        slide=str(job.slide), library_id=job.slide.stem, grid=grid, genes=predictor.genes, values=values,
+        units=predictor.units, thumbnail=thumbnail, scale=scale, um_per_px=um_per_px,
+        provenance={**predictor.description, "step_um": job.step_um,
+                    "tile_um": predictor.geometry.side_um,
+                    "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    var = pd.DataFrame({"validation_r": [validation_r.get(g, np.nan) for g in predictor.genes]},
+                       index=predictor.genes) if validation_r else None
+    write_table(slide_map, job.out_dir / TABLE)
+    write_h5ad(slide_map, job.out_dir / H5AD, var)
+    notes = {g: f"validation r = {validation_r[g]:.2f}" for g in draw if validation_r and g in validation_r}
+    write_heatmaps(slide_map, draw, job.out_dir / HEATMAPS, notes)
+    summary = {"slide": str(job.slide), "um_per_px": um_per_px, "width_px": image.width,
+               "height_px": image.height, "tiles": len(grid), "step_um": job.step_um,
+               "tile_um": predictor.geometry.side_um, "tissue_fraction": tissue.fraction,
+               "units": predictor.units, "genes_drawn": draw, "tiles_per_s": tiles_per_s,
+               "seconds": time.perf_counter() - started, "model": predictor.description}
+    if measured is not None:
+        table = _write_measured(job, measured, measured_values, draw)
+        summary["measured"] = {"file": str(job.measured), "section": measured.section,
+                               "spots": len(measured.spot_id), "genes": len(measured.genes),
+                               "mean_r": float(table["r"].mean()),
+                               "n_positive": int((table["r"] > 0).sum())}
+    write_json_atomic(job.out_dir / SUMMARY, summary)
+    return summary

@@ -1,0 +1,129 @@
+"""Cut tiles from a slide at the model's µm/px and stream them in bounded batches.
+
+A tile is the model's patch: a square of ``patch_um`` micrometres centred on a grid point,
+resampled to ``patch_px`` pixels (``um_per_px`` of the training patches), whatever the
+slide's own resolution. Tiles are read by region through the slide's image handle
+(:mod:`brst.train.readers.images`), a few batches ahead on worker threads, so at most
+``prefetch`` batches are in memory besides what the handle itself keeps (a JPEG/PNG is
+decoded once; a pyramidal TIFF is only ever read tile by tile).
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import BrstError
+from ..patches import PatchGeometry, cut_patch
+from ..readers.base import SlideImage
+
+#: A resolution read from metadata is believed only inside this range (µm per pixel):
+#: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.
+PLAUSIBLE_UM_PER_PX = (0.05, 20.0)
+_UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: inch, centimetre
+
+
+def geometry_of(data_config: dict) -> PatchGeometry:
+    """The patch geometry of a checkpoint's (or archive's) ``data_config``."""
+    return PatchGeometry(patch_um=float(data_config["patch_um"]), um_per_px=float(data_config["um_per_px"]))
+
+
+def _tiff_um_per_px(path: Path) -> float | None:
+    """Resolution from TIFF metadata: OME PhysicalSizeX, Aperio MPP, or X resolution tags."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if tif.ome_metadata:
+            found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            if found:
+                return float(found.group(1))
+        found = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+        if found:
+            return float(found.group(1))
+        unit, resolution = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
+        if unit is None or resolution is None or int(unit.value) not in _UM_PER_UNIT:
+            return None
+        numerator, denominator = resolution.value
+        return _UM_PER_UNIT[int(unit.value)] * denominator / numerator if numerator else None
+
+
+def _flat_um_per_px(path: Path) -> float | None:
+    """Resolution from a JPEG/PNG's dots per inch, if it has any."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        dpi = image.info.get("dpi")
+    return 25_400.0 / float(dpi[0]) if dpi and float(dpi[0]) > 0 else None
+
+
+def metadata_um_per_px(path: str | Path) -> float | None:
+    """The slide's µm/px from its metadata, or ``None`` when absent or implausible."""
+    path = Path(path)
+    is_tiff = path.suffix.lower() in (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".scn")
+    value = _tiff_um_per_px(path) if is_tiff else _flat_um_per_px(path)
+    low, high = PLAUSIBLE_UM_PER_PX
+    return value if value is not None and low <= value <= high else None
+
+
+def slide_um_per_px(path: str | Path, given: float | None) -> float:
+    """``given`` if set, else the metadata's; neither is a :class:`BrstError` asking for ``--um-per-px``."""
+    if given is not None:
+        return float(given)
+    found = metadata_um_per_px(path)
+    if found is None:
+        raise BrstError(path, "its metadata gives no microscope resolution; pass --um-per-px "
+                              "(HER2ST images: 0.69, see the dataset's README)")
+    return found
+
+
+def read_patches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray, side_px: float,
+                 patch_px: int) -> np.ndarray:
+    """Patches of ``side_px`` slide pixels centred on the points, resampled to ``patch_px``.
+
+    Shape: pixel_x, pixel_y (n,) -> uint8 (n, patch_px, patch_px, 3).
+    """
+    out = np.empty((len(pixel_x), patch_px, patch_px, 3), dtype=np.uint8)
+    for i, (x_px, y_px) in enumerate(zip(pixel_x, pixel_y)):
+        out[i] = cut_patch(image, float(x_px), float(y_px), side_px, patch_px)
+    return out
+
+
+def iter_patch_batches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                       slide_um_per_px: float, geometry: PatchGeometry, batch_size: int,
+                       workers: int = 2, prefetch: int = 2) -> Iterator[np.ndarray]:
+    """Batches of model patches at the points, in order, read ``prefetch`` batches ahead.
+
+    Args:
+        image: the slide's handle (reads by region).
+        pixel_x, pixel_y: ``(N,)`` patch centres in slide pixels.
+        slide_um_per_px: the slide's resolution.
+        geometry: the model's patch geometry.
+        batch_size: patches per batch.
+        workers: reading threads.
+        prefetch: batches read ahead of the consumer (memory bound).
+
+    Yields: uint8 ``(b, patch_px, patch_px, 3)``, ``b <= batch_size``.
+    """
+    side_px = geometry.side_px(slide_um_per_px)
+
+    def batch(start: int) -> np.ndarray:
+        stop = start + batch_size
+        return read_patches(image, pixel_x[start:stop], pixel_y[start:stop], side_px, geometry.patch_px)
+
+    starts = list(range(0, len(pixel_x), batch_size))
+    if not starts:
+        return
+    yield batch(starts[0])  # in this thread: the handle decodes or opens once, before threads share it
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slide-read") as pool:
+        pending: deque = deque()
+        for start in starts[1:]:
+            pending.append(pool.submit(batch, start))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
