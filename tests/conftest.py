@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+#: the real-TorchServe session fixtures (served_model, served_metrics_text) live in tests/serve_fixtures.py
+pytest_plugins = ["serve_fixtures"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BRST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -52,7 +55,7 @@ def her2st_h5(her2st_root: Path, tmp_path_factory) -> Path:
     """The five real HER2ST sections prepared with default filters into small 56 px patches.
 
     Geometry: patch_um 112 at 2.0 um/px (patch_px 56); min_counts 1000; 890 spots;
-    panel = top 250 genes by mean count. Session-scoped: built once (~15 s on 2 cores).
+    panel = top 250 genes by mean count. Session-scoped: built once (10-30 s on the shared 2-core box).
     """
     from brst.train.prepare import PrepareOptions, prepare
 

@@ -181,7 +181,7 @@ def test_production_config_keeps_management_inside_the_pod():
 
 
 def test_the_config_in_the_configmap_and_the_image_is_the_production_config():
-    link = k8s.DEPLOY_DIR / "config.production.properties"
+    link = k8s.DEPLOY_DIR / "config.kubernetes.properties"
     assert link.is_symlink() and link.resolve() == k8s.PRODUCTION_CONFIG.resolve()
     configmap = next(obj for obj in objects_of("base", "ConfigMap")
                      if obj["metadata"]["name"].startswith("brst-torchserve-config-"))

@@ -20,6 +20,10 @@ class BrstError(Exception):
         self.problem = problem
         super().__init__(f"{self.subject}: {problem}")
 
+    def __reduce__(self):
+        """Pickle by the constructor's arguments, so errors cross process boundaries."""
+        return (type(self), (self.subject, self.problem))
+
 
 class InputError(BrstError):
     """Bad request content (image bytes, JSON fields) sent to a model."""

@@ -14,7 +14,6 @@ reads the shards as one dataset.
 from __future__ import annotations
 
 import concurrent.futures
-import copyreg
 import logging
 import multiprocessing
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,6 @@ from .readers.base import Section
 from .tissue import tissue_fraction
 
 log = logging.getLogger(__name__)
-# let a BrstError raised in a worker process travel back to the parent intact
-copyreg.pickle(BrstError, lambda err: (BrstError, (err.subject, err.problem)))
 
 
 @dataclass
