@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -150,3 +151,15 @@ def test_inspect_bad_input(her2st_h5, tmp_path):
     assert_one_line_error(run("inspect", str(gz)), str(gz), "not a readable HDF5 file")
     result = run("inspect", str(her2st_h5), "--contact-sheet", str(tmp_path / "sub" / "s.png"), "--n", "4")
     assert result.exit_code == 0 and (tmp_path / "sub" / "s.png").stat().st_size > 0
+
+
+def test_inspect_exports_real_patches_as_png(her2st_h5, tmp_path):
+    from brst.train.data import open_dataset
+
+    result = run("inspect", str(her2st_h5), "--export-patches", str(tmp_path / "patches"), "--n", "5")
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "patches").glob("*.png"))
+    index = open_dataset(her2st_h5)
+    assert len(files) == 5 and {f.name.split("_")[0] for f in files} == set(index.spots["section"])
+    first = np.asarray(Image.open(files[0]))
+    assert first.shape == (index.patch_px, index.patch_px, 3) and first.std() > 5

@@ -88,12 +88,15 @@ def prepare(format_name: str, root: Path, out: Path | None, out_dir: Path | None
 @click.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=PATH)
 @click.option("--contact-sheet", type=PATH, help="Also write a PNG grid of patches labelled with spot ids.")
+@click.option("--export-patches", type=PATH, help="Also save the same patches as PNG files in this folder.")
 @click.option("--n", "n_patches", type=click.IntRange(1, 400), default=48, show_default=True,
-              help="Patches on the contact sheet (spread over the sections).")
+              help="Patches on the contact sheet / exported (spread over the sections).")
 @click.option("--panel-head", type=click.IntRange(0), default=10, show_default=True, help="Panel genes to list.")
-def inspect_cmd(paths: tuple[Path, ...], contact_sheet: Path | None, n_patches: int, panel_head: int) -> None:
+def inspect_cmd(paths: tuple[Path, ...], contact_sheet: Path | None, export_patches: Path | None,
+                n_patches: int, panel_head: int) -> None:
     """Describe HDF5 patch dataset(s) (files or folders of shards); optionally a contact sheet."""
     from .data import open_dataset
+    from .inspect_report import export_patches as write_patches
     from .inspect_report import summary_lines, write_contact_sheet
 
     index = open_dataset(list(paths))
@@ -102,6 +105,9 @@ def inspect_cmd(paths: tuple[Path, ...], contact_sheet: Path | None, n_patches: 
     if contact_sheet is not None:
         write_contact_sheet(index, contact_sheet, n_patches)
         click.echo(f"contact sheet: {contact_sheet}")
+    if export_patches is not None:
+        written = write_patches(index, export_patches, n_patches)
+        click.echo(f"{len(written)} patches: {export_patches}")
 
 
 @click.command()

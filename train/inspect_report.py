@@ -76,3 +76,19 @@ def write_contact_sheet(index: PatchIndex, path: str | Path, n_patches: int = 48
     with atomic_path(path, suffix=".png") as tmp:
         contact_sheet(index, n_patches).save(tmp, format="PNG")
     return Path(path)
+
+
+def export_patches(index: PatchIndex, folder: str | Path, n_patches: int = 48) -> list[Path]:
+    """Save ``n_patches`` spread-out patches as ``<section>_<spot id>.png`` (atomically) in ``folder``.
+
+    Handy as real inputs for ``brst-train predict`` or a curl request.
+    """
+    folder = Path(folder)
+    rows = sheet_rows(index, n_patches)
+    paths = []
+    for row, patch in zip(rows, index.patches(rows)):
+        path = folder / f"{index.spots['section'][row]}_{index.spots['spot_id'][row]}.png"
+        with atomic_path(path, suffix=".png") as tmp:
+            Image.fromarray(patch).save(tmp, format="PNG")
+        paths.append(path)
+    return paths
