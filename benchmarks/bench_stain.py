@@ -11,7 +11,7 @@ Both run in this process on the same real HER2ST spot patches (224 px crops at t
 round counts (the machine may be shared). Extra figures: our Macenko estimating from every
 pixel (``max_sample_px=0``, torchstain's own estimate), and Reinhard vs torchstain's Reinhard.
 
-    python benchmarks/bench_stain.py [--root HER2ST] [--device cpu|cuda] [--batch 64] [--rounds 3]
+    python benchmarks/bench_stain.py [--root HER2ST] [--device cpu|cuda] [--batch 64] [--rounds 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -93,8 +93,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--per-section", type=int, default=64, help="Patches from each of C2 and C5.")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cpu_patches = real_patches(args.root, ["C2", "C5"], args.per_section)

@@ -21,7 +21,7 @@ def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value
 
 
-def _split_names(values: tuple[str, ...]) -> list[str] | None:
+def split_names(values: tuple[str, ...]) -> list[str] | None:
     """``--sections C2,C3 --sections C4`` -> ``["C2", "C3", "C4"]`` (``None`` when not given)."""
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
     return names or None
@@ -74,7 +74,7 @@ def prepare(format_name: str, root: Path, out: Path | None, out_dir: Path | None
                              genes_file=str(genes_file) if genes_file else None, otsu=otsu,
                              min_tissue_frac=min_tissue_frac, workers=workers)
     reader_options = {"fullres_image": fullres_image, "scaled": scaled_image} if format_name == "visium" else {}
-    files, reports, plan = run_prepare(format_name, root, out=out, out_dir=out_dir, sections=_split_names(sections),
+    files, reports, plan = run_prepare(format_name, root, out=out, out_dir=out_dir, sections=split_names(sections),
                                        options=options, plan_path=plan_path, write_plan=write_plan,
                                        reader_options=reader_options)
     for report in reports:
@@ -123,6 +123,6 @@ def fetch(dataset: str, dest: Path, sections: tuple[str, ...], base_url: str | N
     """Download public HER2ST files (checksums verified, resumable)."""
     from .fetch import DEFAULT_BASE_URL, DEFAULT_SECTIONS, fetch_her2st
 
-    paths = fetch_her2st(dest, _split_names(sections) or list(DEFAULT_SECTIONS), base_url or DEFAULT_BASE_URL,
+    paths = fetch_her2st(dest, split_names(sections) or list(DEFAULT_SECTIONS), base_url or DEFAULT_BASE_URL,
                          timeout_s)
     click.echo(f"{len(paths)} files verified in {dest}")

@@ -1,26 +1,19 @@
 """``brst-train stain fit | show``: fit a stain reference on an HDF5 dataset, and look at it.
 
-\b
-brst-train stain fit  --data her2st.h5 --method macenko --out stain.json
-brst-train stain show --reference stain.json --data her2st.h5 --out stain.png
+    brst-train stain fit  --data her2st.h5 --method macenko --out stain.json
+    brst-train stain show --reference stain.json --data her2st.h5 --out stain.png
 """
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Sequence
 
 import click
 import numpy as np
 
-from .cli_data import _split_names
+from .cli_data import PATH, split_names
 from .errors import BrstError
-
-log = logging.getLogger(__name__)
-
-PATH = click.Path(path_type=Path)
-DATA = click.Path(exists=True, path_type=Path)
 
 
 def spread_over_sections(sections: np.ndarray, wanted: Sequence[str] | None, n_patches: int,
@@ -79,7 +72,7 @@ def read_reference(path: Path):
         raise BrstError(path, err.problem) from err
 
 
-DATA_OPTION = click.option("--data", multiple=True, required=True, type=DATA, envvar="BRST_DATASET",
+DATA_OPTION = click.option("--data", multiple=True, required=True, type=PATH, envvar="BRST_DATASET",
                            show_envvar=True, help="HDF5 dataset file(s) or folder(s) (repeat for several).")
 SECTIONS_OPTION = click.option("--sections", multiple=True,
                                help="Sections to use (repeat or comma-separate); default all.")
@@ -118,7 +111,7 @@ def fit(data: tuple[Path, ...], method: str, out: Path, sections: tuple[str, ...
     from .distributed import resolve_device
 
     index = open_dataset(list(data))
-    chosen = spread_over_sections(index.spots["section"], _split_names(sections), max_patches, seed)
+    chosen = spread_over_sections(index.spots["section"], split_names(sections), max_patches, seed)
     idx = np.concatenate(list(chosen.values()))
     module = fit_stain(method, IndexPatches(index, idx), batch_size=batch_size,
                        device=str(resolve_device(device)), progress=True)
@@ -129,7 +122,7 @@ def fit(data: tuple[Path, ...], method: str, out: Path, sections: tuple[str, ...
 
 
 @stain.command("show")
-@click.option("--reference", required=True, type=DATA, help="Reference JSON written by 'stain fit'.")
+@click.option("--reference", required=True, type=PATH, help="Reference JSON written by 'stain fit'.")
 @DATA_OPTION
 @click.option("--out", required=True, type=PATH, help="PNG to write.")
 @SECTIONS_OPTION
@@ -151,7 +144,7 @@ def show(reference: Path, data: tuple[Path, ...], out: Path, sections: tuple[str
 
     module = read_reference(reference).to(resolve_device(device))
     index = open_dataset(list(data))
-    names = _split_names(sections) or sorted(set(index.spots["section"]))
+    names = split_names(sections) or sorted(set(index.spots["section"]))
     rows = []
     for name, idx in spread_over_sections(index.spots["section"], names, per_section * len(names), seed).items():
         before = torch.from_numpy(index.patches(idx)).to(module.device).permute(0, 3, 1, 2)

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 JSON_VERSION = 1
 
 
+def reference_tensor(value: Any, default: tuple) -> torch.Tensor:
+    """A float32 copy of ``value`` (nested lists or a tensor; ``default`` when ``None``) for a buffer."""
+    return torch.as_tensor(default if value is None else value, dtype=torch.float32).detach().clone()
+
+
 class PatchSource(Protocol):
     """What :meth:`StainNormalizer.fit` reads: ``len()`` and slices of uint8 ``(n, H, W, 3)``.
 

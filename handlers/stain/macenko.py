@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import StainNormalizer
+from .base import StainNormalizer, reference_tensor
 from .tensor import (check_image, enough_tissue, log_intensity, masked_quantile, pass_through,
                      sampled_optical_density, tissue_mask)
 
@@ -48,7 +48,7 @@ class MacenkoReference(NamedTuple):
 
 
 def _principal_plane(od: torch.Tensor, tissue: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """The two largest eigenvectors of the tissue OD covariance; identity for patches not ok.
+    """The two largest eigenvectors of the tissue OD covariance (a fixed plane for patches not ok).
 
     Shape: ``(B, 3, N)``, ``(B, N)``, ``(B,)`` -> ``(B, 3, 2)``.
     """
@@ -56,8 +56,8 @@ def _principal_plane(od: torch.Tensor, tissue: torch.Tensor, ok: torch.Tensor) -
     count = weight.sum(dim=-1, keepdim=True).clamp(min=2)
     centred = (od - (od * weight).sum(dim=-1, keepdim=True) / count) * weight
     cov = centred @ centred.transpose(1, 2) / (count - 1)
-    eye = torch.eye(3, dtype=od.dtype, device=od.device).expand_as(cov)
-    cov = torch.where(ok.view(-1, 1, 1), cov, eye + torch.diag(od.new_tensor([0.0, 1.0, 2.0])))
+    distinct_eigenvalues = torch.diag(od.new_tensor([1.0, 2.0, 3.0])).expand_as(cov)  # eigh stays finite
+    cov = torch.where(ok.view(-1, 1, 1), cov, distinct_eigenvalues)
     plane = torch.linalg.eigh(cov).eigenvectors[..., 1:]
     sign = torch.where(plane[:, :, 0].sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(od.dtype)
     return torch.cat([plane[..., :1] * sign.unsqueeze(-1), plane[..., 1:]], dim=-1)
@@ -130,11 +130,10 @@ def _remix_matrix(ref: MacenkoReference, max_conc: torch.Tensor, unmix: torch.Te
 
     Shape: ``(B, 2)``, ``(B, 2, 3)``, ``(B,)`` -> ``(B, 3, 3)``.
     """
-    dtype = unmix.dtype
     safe_conc = torch.where(ok.unsqueeze(-1), max_conc, torch.ones_like(max_conc))
-    scale = ref.max_concentration.to(dtype) / safe_conc
-    remix = ref.stain_matrix.to(dtype) @ (scale.unsqueeze(-1) * unmix)
-    return torch.where(ok.view(-1, 1, 1), remix, torch.eye(3, dtype=dtype, device=unmix.device))
+    scale = ref.max_concentration.to(unmix) / safe_conc
+    remix = ref.stain_matrix.to(unmix) @ (scale.unsqueeze(-1) * unmix)
+    return torch.where(ok.view(-1, 1, 1), remix, torch.eye(3).to(unmix))
 
 
 def macenko_normalize_flagged(x: torch.Tensor, ref: MacenkoReference, *, io: float = 240.0, alpha: float = 1.0,
@@ -197,10 +196,8 @@ class Macenko(StainNormalizer):
         super().__init__()
         self.io, self.alpha, self.beta = float(io), float(alpha), float(beta)
         self.min_tissue, self.max_sample_px = float(min_tissue), int(max_sample_px)
-        self.register_buffer("stain_matrix", torch.as_tensor(
-            DEFAULT_STAIN_MATRIX if stain_matrix is None else stain_matrix, dtype=torch.float32))
-        self.register_buffer("max_concentration", torch.as_tensor(
-            DEFAULT_MAX_CONCENTRATION if max_concentration is None else max_concentration, dtype=torch.float32))
+        self.register_buffer("stain_matrix", reference_tensor(stain_matrix, DEFAULT_STAIN_MATRIX))
+        self.register_buffer("max_concentration", reference_tensor(max_concentration, DEFAULT_MAX_CONCENTRATION))
 
     @property
     def reference(self) -> MacenkoReference:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
-from .base import StainNormalizer
+from .base import StainNormalizer, reference_tensor
 from .tensor import (check_image, enough_tissue, pass_through, sample_grid, sampled_optical_density, tissue_mask,
                      to_float_image)
 
@@ -72,8 +72,8 @@ def reinhard_normalize_flagged(x: torch.Tensor, ref: ReinhardReference, **params
     """
     (mean, std), lab, ok = reinhard_stats(x, **params)
     safe_std = torch.where(ok.unsqueeze(-1), std, torch.ones_like(std))
-    scale = (ref.std.to(lab.dtype) / safe_std)[..., None, None]
-    shifted = (lab - mean[..., None, None]) * scale + ref.mean.to(lab.dtype)[:, None, None]
+    scale = (ref.std.to(lab) / safe_std)[..., None, None]
+    shifted = (lab - mean[..., None, None]) * scale + ref.mean.to(lab)[:, None, None]
     return pass_through(lab_to_rgb(shifted, clip=True), x, ok), ok
 
 
@@ -104,8 +104,8 @@ class Reinhard(StainNormalizer):
         super().__init__()
         self.io, self.beta = float(io), float(beta)
         self.min_tissue, self.max_sample_px = float(min_tissue), int(max_sample_px)
-        self.register_buffer("mean", torch.as_tensor(DEFAULT_MEAN if mean is None else mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(DEFAULT_STD if std is None else std, dtype=torch.float32))
+        self.register_buffer("mean", reference_tensor(mean, DEFAULT_MEAN))
+        self.register_buffer("std", reference_tensor(std, DEFAULT_STD))
 
     @property
     def reference(self) -> ReinhardReference:
