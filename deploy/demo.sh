@@ -49,9 +49,18 @@ done
 endpoint() { $BIN/python -c "import json,sys; print(json.load(open('$DEMO/serve/endpoints.json'))['$1'])"; }
 HTTP=$(endpoint inference); GRPC=$(endpoint grpc_inference); METRICS=$(endpoint metrics)
 
-step "6. predict two real patches over HTTP ($HTTP) and gRPC ($GRPC)"
-$BIN/brst-train predict --endpoint "$HTTP" --model brst "$DEMO"/patches/*.png | cut -c1-240
-$BIN/brst-train predict --endpoint "grpc://$GRPC" --model brst "$DEMO"/patches/*.png | cut -c1-240
+step "6. predict three real patches over HTTP ($HTTP) and gRPC ($GRPC)"
+show() {  # one line per patch: the image and its first five genes with predicted values
+  $BIN/python -c 'import json, sys
+for line in sys.stdin:
+    answer = json.loads(line)
+    image, p = answer["image"], answer["prediction"]
+    genes, values, units, version = p["genes"], p["values"], p["units"], p["model_version"]
+    pairs = ", ".join(f"{g} {v:.2f}" for g, v in list(zip(genes, values))[:5])
+    print(f"{image}: {pairs} ... ({len(genes)} genes, {units}, model {version})")'
+}
+$BIN/brst-train predict --endpoint "$HTTP" --model brst "$DEMO"/patches/*.png | show
+$BIN/brst-train predict --endpoint "grpc://$GRPC" --model brst "$DEMO"/patches/*.png | show
 
 step "7. a few Prometheus metrics from $METRICS/metrics"
 curl -s "$METRICS/metrics" | grep -E '^(brst_patches_total|brst_rejected_inputs_total|ts_inference_requests_total)' | head -8

@@ -3,7 +3,8 @@
 One TorchServe request (a dict of parameter name -> value) may carry its patch as
 
 - raw image bytes (PNG, JPEG or TIFF; HTTP body, a multipart file field or a gRPC
-  ``input`` entry), with an optional ``um_per_px`` parameter (query string, form field);
+  ``input`` entry), with an optional ``um_per_px`` parameter (a multipart form field or a
+  gRPC ``input`` entry; TorchServe 0.12 drops query parameters on ``/predictions``);
 - JSON ``{"image": <base64>, "um_per_px": 0.5}`` (``"data"`` or ``"b64"`` also name the
   image), or ``{"instances": [<that>, ...]}`` for several patches;
 - the KServe v2 envelope ``{"inputs": [{"name", "shape", "datatype", "data"}],
@@ -16,7 +17,8 @@ count in the image header (decompression-bomb guard), format, truncation, colour
 sent with ``um_per_px`` is centre-cropped to the model's field of view (``patch_um``) and
 resampled to the model's ``patch_px``; without it the patch must be square and is taken
 to cover the model's field of view. Bad input raises :class:`RejectedInput`, an
-:class:`~brst.train.errors.InputError` that names a ``reason`` for the metrics.
+:class:`~brst.train.errors.InputError` that names a ``reason`` for the metrics; its message
+quotes at most a few characters of the request (it is logged) and never decoder internals.
 """
 from __future__ import annotations
 
@@ -43,6 +45,13 @@ SCALE_KEY = "um_per_px"
 #: values of the ``reason`` label of ``brst_rejected_inputs_total``
 REASONS = ("empty", "too_large", "not_an_image", "corrupt", "colour_mode", "bad_encoding",
            "bad_json", "bad_shape", "bad_scale")
+
+
+def shown(value: Any, limit: int = 32) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages (and so logs) never carry more
+    than a glimpse of request content."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 class RejectedInput(InputError):
@@ -165,7 +174,7 @@ def _image_payload(row: Mapping[str, Any]) -> Any:
     if not names:
         raise RejectedInput("empty", "request", "carries no image")
     if len(names) > 1 and not preferred:
-        raise RejectedInput("bad_shape", "request", f"has several fields {sorted(names)} and none of "
+        raise RejectedInput("bad_shape", "request", f"has several fields {shown(sorted(names))} and none of "
                                                     f"{list(IMAGE_KEYS)}")
     payload = row[preferred[0] if preferred else names[0]]
     if payload is None or (isinstance(payload, (bytes, bytearray, str, list, dict)) and len(payload) == 0):
@@ -247,7 +256,7 @@ def _kserve_items(inputs: Any, scale: float | None, limits: DecodeLimits
         return [(decode_image(b64decode(item, "inputs[0].data", limits), limits), scale) for item in flat]
     if datatype == "UINT8":
         return [(image, scale) for image in _kserve_pixels(tensor.get("shape"), data, limits)]
-    raise RejectedInput("bad_json", "inputs[0].datatype", f"{datatype or 'missing'}: use BYTES or UINT8")
+    raise RejectedInput("bad_json", "inputs[0].datatype", f"{shown(datatype or 'missing')}: use BYTES or UINT8")
 
 
 def _parameters(doc: dict, subject: str) -> dict:
@@ -277,12 +286,12 @@ def _flatten(data: list) -> list:
 def _kserve_pixels(shape: Any, data: list, limits: DecodeLimits) -> list[np.ndarray]:
     """UINT8 pixels ``[H, W, 3]`` or ``[N, H, W, 3]`` -> N images."""
     if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise RejectedInput("bad_shape", "inputs[0].shape", f"{shape!r} is not a list of positive ints")
+        raise RejectedInput("bad_shape", "inputs[0].shape", f"{shown(shape)} is not a list of positive ints")
     if len(shape) not in (2, 3, 4):
-        raise RejectedInput("bad_shape", "inputs[0].shape", f"{shape} is not [H, W, 3] or [N, H, W, 3]")
+        raise RejectedInput("bad_shape", "inputs[0].shape", f"{shown(shape)} is not [H, W, 3] or [N, H, W, 3]")
     dims = [1, *shape] if len(shape) < 4 else shape
     if len(shape) == 2 or dims[-1] != 3:
-        raise RejectedInput("colour_mode", "inputs[0].shape", f"{shape} is not RGB: H&E patches need "
+        raise RejectedInput("colour_mode", "inputs[0].shape", f"{shown(shape)} is not RGB: H&E patches need "
                                                               "3 channels, last")
     _check_count(dims[0], limits)
     _check_pixels(dims[1], dims[2], limits)
@@ -291,7 +300,7 @@ def _kserve_pixels(shape: Any, data: list, limits: DecodeLimits) -> list[np.ndar
     except (TypeError, ValueError, OverflowError) as err:
         raise RejectedInput("bad_json", "inputs[0].data", "holds non-integer values") from err
     if pixels.size != math.prod(dims):
-        raise RejectedInput("bad_shape", "inputs[0].data", f"has {pixels.size} values, shape {shape} "
+        raise RejectedInput("bad_shape", "inputs[0].data", f"has {pixels.size} values, shape {shown(shape)} "
                                                            f"needs {math.prod(dims)}")
     if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
         raise RejectedInput("bad_json", "inputs[0].data", "values must be 0..255 for UINT8")
@@ -331,13 +340,13 @@ def parse_um_per_px(value: Any, default: float | None = None) -> float | None:
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value).decode("ascii", "replace")
     if isinstance(value, bool):
-        raise RejectedInput("bad_scale", SCALE_KEY, f"{value!r} is not a number")
+        raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} is not a number")
     try:
         scale = float(value)
     except (TypeError, ValueError, OverflowError) as err:
-        raise RejectedInput("bad_scale", SCALE_KEY, f"{value!r} is not a number") from err
+        raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} is not a number") from err
     if not math.isfinite(scale) or scale <= 0:
-        raise RejectedInput("bad_scale", SCALE_KEY, f"{value!r} must be a positive number")
+        raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} must be a positive number")
     return scale
 
 
@@ -359,7 +368,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         frames = getattr(image, "n_frames", 1)
         image.load()
     except Exception as err:  # noqa: BLE001 - any decoder failure means corrupt input
-        raise RejectedInput("corrupt", "image", f"{image.format} data is truncated or corrupt: {err}") from err
+        raise RejectedInput("corrupt", "image", f"{image.format} data is truncated or corrupt "
+                                                  f"({type(err).__name__})") from err
     if frames != 1:
         raise RejectedInput("bad_shape", "image", f"has {frames} pages/frames; send one")
     return _rgb_pixels(image)
@@ -377,7 +387,7 @@ def _open(data: bytes) -> Image.Image:
                                                     "corrupt") from err
         raise RejectedInput("not_an_image", "image", f"is not a {'/'.join(IMAGE_FORMATS)} image") from err
     except Exception as err:  # noqa: BLE001 - a malformed header in any plugin
-        raise RejectedInput("corrupt", "image", f"has a malformed header: {err}") from err
+        raise RejectedInput("corrupt", "image", f"has a malformed header ({type(err).__name__})") from err
 
 
 def _rgb_pixels(image: Image.Image) -> np.ndarray:

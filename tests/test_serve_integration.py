@@ -3,7 +3,9 @@
 Checks: HTTP and gRPC answer what the in-process model computes (to ``ATOL``), our
 metric names are on ``/metrics``, bad inputs get HTTP 400 / gRPC INVALID_ARGUMENT with a
 JSON message and the next good request is still answered, a bad request does not fail
-the good ones batched with it; the server stops cleanly (``served_model``'s teardown).
+the good ones batched with it, the ``predict`` command works over both protocols, token
+authorization works as in production; the server stops cleanly on SIGTERM
+(``served_model``'s teardown).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_fixtures import encode, png_declaring
+from serve_fixtures import LOCAL_CONFIG, encode, png_declaring
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -66,6 +68,24 @@ def test_concurrent_requests_are_batched_and_still_exact(http, heldout_patches, 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda p: http.predict(encode(p, "PNG")), heldout_patches))
     np.testing.assert_allclose([a["values"] for a in answers], expected, atol=ATOL)
+
+
+def test_um_per_px_is_used_over_both_protocols(served_model, http, grpc_client, heldout_patches, in_process):
+    """A wider, finer scan with its um_per_px (HTTP: multipart field; gRPC: input field) is
+    served as the in-process model answers for its cropped, resampled patch."""
+    from PIL import Image
+
+    from brst.handlers.decode import PatchSpec, to_patch
+    from brst.train.checkpoint import load_checkpoint
+
+    spec = PatchSpec.from_data_config(load_checkpoint(served_model.checkpoint)["data_config"])
+    wide = np.concatenate([heldout_patches[3], heldout_patches[4]], axis=1)
+    finer = np.asarray(Image.fromarray(wide).resize((wide.shape[1] * 2, wide.shape[0] * 2), Image.Resampling.BICUBIC))
+    finer_um_per_px = spec.um_per_px / 2
+    expected = in_process(to_patch(finer, finer_um_per_px, spec)[None])[0]
+    for client in (http, grpc_client):
+        answer = client.predict(encode(finer, "PNG"), um_per_px=finer_um_per_px)
+        np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
 
 
 def test_our_metric_names_reach_prometheus(served_metrics_text):
@@ -165,3 +185,25 @@ def test_predict_command_over_both_protocols(served_model, heldout_patches, expe
         assert result.exit_code == 2
         assert result.stderr.strip().startswith(f"brst-train: error: {gray}: rejected") and "RGB" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_token_authorization_as_in_production(served_archive, heldout_patches, expected, tmp_path):
+    """With token authorization on (TorchServe's default, kept in production), requests need
+    the inference key from key_file.json; readiness polling uses the management key."""
+    import grpc
+
+    from brst.train.client import GrpcClient, HttpClient
+    from brst.train.torchserve import TorchServe
+
+    png = encode(heldout_patches[0], "PNG")
+    with TorchServe(served_archive.parent, {"brst": served_archive.name}, tmp_path, LOCAL_CONFIG,
+                    overrides={"disable_token_authorization": "false"}) as server:
+        key = server.key("inference")
+        assert key and key != server.key("management")
+        assert HttpClient(server.endpoints.inference, "brst").post(png).status in (400, 401)
+        with pytest.raises(grpc.RpcError) as info:
+            GrpcClient(server.endpoints.grpc_inference, "brst").call({"data": png})
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        for client in (HttpClient(server.endpoints.inference, "brst", token=key),
+                       GrpcClient(server.endpoints.grpc_inference, "brst", token=key)):
+            np.testing.assert_allclose(client.predict(png)["values"], expected[0], atol=ATOL)

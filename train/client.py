@@ -1,7 +1,8 @@
 """Clients for a served brst model, over HTTP (TorchServe's REST API) or gRPC.
 
 Both send one encoded image (PNG/JPEG/TIFF bytes) per request, with an optional
-``um_per_px`` (HTTP: query parameter; gRPC: an ``input`` field), and return the served
+``um_per_px`` (HTTP: a multipart form field beside the image, as TorchServe 0.12 drops query
+parameters on ``/predictions``; gRPC: an ``input`` field), and return the served
 JSON (docs/CONTRACTS.md, "Served response"). A request the model refuses raises
 :class:`RequestRejected` (an :class:`~brst.train.errors.InputError`) carrying the HTTP
 status or gRPC code and the server's ``{"code", "type", "message"}``; an unreachable or
@@ -17,6 +18,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import uuid
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -63,6 +65,17 @@ def error_json(body: bytes) -> dict:
     except (ValueError, RecursionError):
         return {"message": body.decode("utf-8", "replace")[:500]}
     return doc if isinstance(doc, dict) else {"message": str(doc)[:500]}
+
+
+def multipart_form(fields: dict[str, tuple[bytes, str | None]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type; a field with a MIME type is a file part."""
+    boundary = f"brst-{uuid.uuid4().hex}"
+    parts = []
+    for name, (value, mime) in fields.items():
+        head = f'Content-Disposition: form-data; name="{name}"'
+        head += f'; filename="{name}"\r\nContent-Type: {mime}' if mime else ""
+        parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def served_error(doc: object) -> bool:
@@ -112,11 +125,16 @@ class HttpConnections:
             raise BrstError(self.base_url, f"cannot reach the server: {err}") from err
 
 
-def http_json(url: str, timeout_s: float = 30) -> object:
-    """GET ``url`` and parse its JSON; anything but 200 raises BrstError."""
+def bearer(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header TorchServe's token authorization expects (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def http_json(url: str, timeout_s: float = 30, token: str | None = None) -> object:
+    """GET ``url`` (with a bearer ``token`` if given) and parse its JSON; anything but 200 raises BrstError."""
     parts = urlsplit(url)
     result = HttpConnections(f"{parts.scheme}://{parts.netloc}", timeout_s).request(
-        "GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=bearer(token))
     if result.status != 200:
         raise BrstError(url, f"answered {result.status}: {error_json(result.body).get('message', '')}")
     return result.json()
@@ -128,15 +146,19 @@ class HttpClient:
     def __init__(self, base_url: str, model: str, token: str | None = None, timeout_s: float = 60) -> None:
         self.connections = HttpConnections(base_url, timeout_s)
         self.model = model
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.headers = bearer(token)
 
     def post(self, body: bytes, um_per_px: float | None = None, mime: str | None = None) -> HttpResult:
-        """The raw answer to one request (no status check)."""
-        path = f"/predictions/{quote(self.model)}"
+        """The raw answer to one request (no status check).
+
+        With ``um_per_px`` the image goes as multipart/form-data (part ``data`` + field
+        ``um_per_px``): TorchServe 0.12 drops query parameters on ``/predictions``.
+        """
+        mime = mime or content_type(body)
         if um_per_px is not None:
-            path += f"?{SCALE_KEY}={um_per_px!r}"
-        headers = {**self.headers, "Content-Type": mime or content_type(body)}
-        return self.connections.request("POST", path, body, headers)
+            body, mime = multipart_form({GRPC_IMAGE_KEY: (body, mime), SCALE_KEY: (repr(um_per_px).encode(), None)})
+        headers = {**self.headers, "Content-Type": mime}
+        return self.connections.request("POST", f"/predictions/{quote(self.model)}", body, headers)
 
     def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image",
                 mime: str | None = None) -> dict | list:

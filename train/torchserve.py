@@ -39,6 +39,10 @@ LOOPBACK = "127.0.0.1"
 ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference", "grpc_management")
 LOG_TAIL_LINES = 15
+#: written by TorchServe (token authorization on) in its working directory: the API keys
+KEY_FILE = "key_file.json"
+#: written by :meth:`TorchServe.start` once every model is READY
+ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ class TorchServe:
 
     def start(self, timeout_s: float = 300) -> Endpoints:
         """Start TorchServe and wait until every model is READY; return the endpoints."""
+        for stale in (KEY_FILE, ENDPOINTS_FILE):  # from an earlier run: old keys, old ports
+            (self.run_dir / stale).unlink(missing_ok=True)
         missing = [mar for mar in self.models.values() if not (self.model_store / mar).is_file()]
         if missing:
             raise BrstError(self.model_store, f"lacks {', '.join(missing)} (run brst-train archive)")
@@ -164,8 +170,19 @@ class TorchServe:
         except BaseException:
             self.stop()
             raise
-        write_json_atomic(self.run_dir / "endpoints.json", self.endpoints.to_dict())
+        write_json_atomic(self.run_dir / ENDPOINTS_FILE, self.endpoints.to_dict())
         return self.endpoints
+
+    def key(self, api: str) -> str | None:
+        """The ``api`` ("inference" or "management") key of a TorchServe with token authorization
+        (from the ``key_file.json`` it writes in its working directory), else None."""
+        key_file = self.run_dir / KEY_FILE
+        if not key_file.is_file():
+            return None
+        try:
+            return json.loads(key_file.read_text())[api]["key"]
+        except (ValueError, KeyError, TypeError):
+            return None  # being written
 
     def alive(self) -> bool:
         """Whether the TorchServe process started by :meth:`start` is still running."""
@@ -179,7 +196,8 @@ class TorchServe:
     def model_status(self, name: str) -> list[str]:
         """The status of each worker of model ``name`` (empty while it is not registered)."""
         try:
-            described = http_json(f"{self.endpoints.management}/models/{name}", timeout_s=5)
+            described = http_json(f"{self.endpoints.management}/models/{name}", timeout_s=5,
+                                  token=self.key("management"))
         except BrstError:
             return []
         return [worker.get("status", "") for entry in described for worker in entry.get("workers", [])]
