@@ -1,7 +1,7 @@
 """``brst-train evaluate`` on real HER2ST patches: both modes, the report, TTA, the errors.
 
-Training is real but tiny (timm's ``test_resnet``, 32 px input, one epoch, CPU); the tests
-that need the trained fold are marked slow (the training takes ~30 s or more on 2 shared cores).
+Training is real but tiny (timm's ``test_resnet``, 32 px input, one epoch, CPU: ~10 s on two
+idle cores), done once per module and shared by the tests that need a trained fold.
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ def holdout_run(her2st_h5, tmp_path_factory):
     return out, result.output
 
 
-@pytest.mark.slow
 def test_holdout_mode_trains_scores_and_prints(holdout_run, index):
     out, printed = holdout_run
     summary = json.loads((out / "summary.json").read_text())
@@ -67,7 +66,6 @@ def test_holdout_mode_trains_scores_and_prints(holdout_run, index):
     assert (out / "folds" / "C2" / "last.pt").is_file()
 
 
-@pytest.mark.slow
 def test_reported_figures_equal_an_independent_computation(holdout_run, index):
     """Recompute the fold from the checkpoint, the data and the baselines' definitions."""
     out, _ = holdout_run
@@ -88,7 +86,6 @@ def test_reported_figures_equal_an_independent_computation(holdout_run, index):
     assert summary["folds"][0]["predictors"]["darkness"]["n_positive"] == int(np.sum(dark_r > 0))
 
 
-@pytest.mark.slow
 def test_checkpoint_mode_with_tta(holdout_run, her2st_h5, tmp_path):
     out, _ = holdout_run
     result = _invoke("--checkpoint", str(out / "folds" / "C2" / "last.pt"), "--data", str(her2st_h5),
@@ -103,7 +100,6 @@ def test_checkpoint_mode_with_tta(holdout_run, her2st_h5, tmp_path):
     assert after["model"]["mean_r"] != before["model"]["mean_r"]  # TTA changes the model's predictions
 
 
-@pytest.mark.slow
 def test_tta_is_invariant_to_flips_and_rotations(holdout_run, index):
     out, _ = holdout_run
     ckpt = load_checkpoint(out / "folds" / "C2")
@@ -149,7 +145,6 @@ def test_unknown_training_option_is_a_usage_error(her2st_h5, tmp_path):
     assert result.exit_code == 2 and "no-such-option" in result.output
 
 
-@pytest.mark.slow
 def test_rerun_reuses_the_finished_fold(holdout_run, her2st_h5):
     out, _ = holdout_run
     last = out / "folds" / "C2" / "last.pt"
