@@ -17,7 +17,7 @@ $(BIN)/brst-train: pyproject.toml
 venv: $(BIN)/brst-train
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not serve" $(PYTEST_ARGS)

@@ -40,6 +40,7 @@ def test_run_directory(trained, her2st_h5):
     options = json.loads((out / "options.json").read_text())
     assert (options["batch_size"], options["lr"], options["momentum"], options["seed"]) == (32, 1e-3, 0.9, 0)
     assert options["stain"] == "macenko" and options["target"] == "log1p"
+    assert options["data"] == [str(her2st_h5.resolve())]
     [row] = metrics_rows(out)
     n_train = int(np.sum(index.spots["section"] != "C6"))
     assert row["epoch"] == 1 and row["step"] == n_train // 32

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from fit_helpers import one_thread  # noqa: F401 (fixture)
 
 from brst.train.errors import BrstError
 from brst.train.models import BASELINE_ARCH, PAPER_ARCHS, build_model, data_config
@@ -74,6 +75,7 @@ def test_pretrained_errors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("arch", [*PAPER_ARCHS, BASELINE_ARCH])
 def test_architecture_smoke(arch, device):
     """Build, forward, backward at a small input (inception_v3 needs >= 75 px), batch 2."""

@@ -18,11 +18,13 @@ from .fit_options import DEMO_DATASET, FitOptions, resume_options
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
-def _check_data(paths: list[str]) -> None:
+def _checked_data(paths: list[str]) -> list[str]:
+    """The dataset paths, made absolute (so ``--resume`` works from any directory)."""
     for path in paths:
         if not Path(path).exists():
             raise BrstError(path, "not found: run `make demo` to prepare the demo dataset, or pass "
                                   "--data FILE.h5 (or set BRST_DATASET)")
+    return [str(Path(path).resolve()) for path in paths]
 
 
 def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict | None]:
@@ -37,7 +39,7 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
         if not params["arch"]:
             raise BrstError("--arch", "is required for a new run (any timm name, e.g. inception_v3)")
         options = FitOptions(**params)
-    _check_data(options.data)
+    options.data = _checked_data(options.data)
     return options, ckpt
 
 
@@ -46,7 +48,7 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--data", multiple=True, type=click.Path(dir_okay=True), envvar="BRST_DATASET",
               help=f"HDF5 dataset file(s) or folder(s) [env BRST_DATASET; default {DEMO_DATASET}].")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<arch>-<time>].")
-@click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
+@click.option("--pretrained", type=click.Path(exists=True, dir_okay=False, resolve_path=True),
               help="Local backbone weights (.pth/.safetensors); nothing is downloaded.")
 @click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,

@@ -73,7 +73,7 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
     train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout)
     if ckpt is not None:
         aux_target = TargetTransform.from_dict(ckpt["aux_target"]) if ckpt.get("aux_target") else None
-        index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])
+        index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])  # raises BrstError if the data lacks any
         return RunSpec(train_idx, val_idx, holdout, ckpt["genes"], ckpt["aux_genes"],
                        TargetTransform.from_dict(ckpt["target"]), aux_target, stain_from_json(ckpt["stain"]),
                        ckpt["data_config"])
@@ -85,10 +85,10 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
                    run_data_config(options.arch, options.input_size, index))
 
 
-def make_model(options: FitOptions, spec: RunSpec, device: torch.device) -> BrstNet:
+def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pretrained: bool = True) -> BrstNet:
     """The seeded model; head biases start at the mean training target (0: targets are z-scores)."""
     seed_everything(options.seed)
-    model = build_model(options.arch, len(spec.panel), len(spec.aux), options.pretrained,
+    model = build_model(options.arch, len(spec.panel), len(spec.aux), options.pretrained if load_pretrained else None,
                         spec.data_config["input_size"][-1])
     model.init_head_bias(torch.zeros(len(spec.panel)), torch.zeros(len(spec.aux)))
     log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
@@ -284,11 +284,11 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     index = open_dataset(options.data)
     run = open_run_dir(options, ctx, resuming=ckpt is not None)
     spec = derive_spec(options, index, device, ckpt)
-    model = make_model(options, spec, device)
+    model = make_model(options, spec, device, load_pretrained=ckpt is None)
     sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
     parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch)
     state = restore(ckpt, model, parts) if ckpt is not None else RunState()
-    if ctx.is_main and ckpt is None:
+    if ctx.is_main:
         run.write_options(options.to_dict())
         run.write_genes(spec.panel, spec.aux, spec.main_target.to_dict())
     if ckpt is not None:
