@@ -27,12 +27,28 @@ def torch_load(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise BrstError(path, "no such file")
+    check_zip_crcs(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError,
             zipfile.BadZipFile) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BrstError(path, f"not a readable torch file (corrupt, truncated or unsafe): {first_line}") from err
+
+
+def check_zip_crcs(path: Path) -> None:
+    """Raise BrstError if any record of a torch zip file fails its CRC-32 (a damaged byte).
+
+    torch's own reader does not check the CRCs, so a flipped byte in a tensor would load as a
+    model with other weights; reading the whole file once (about 1 GB/s) rules that out.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise BrstError(path, f"not a readable torch file (corrupt, truncated or unsafe): {err}") from None
+    if damaged is not None:
+        raise BrstError(path, f"damaged: record {damaged} fails its CRC-32 check (corrupt copy or disk)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

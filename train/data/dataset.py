@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .index import PatchIndex
+from .index import PatchIndex, read_checked
 
 
 class PatchDataset(Dataset):
@@ -50,7 +50,7 @@ class PatchDataset(Dataset):
         i = int(self.idx[item])
         handle = self.index.handle(int(self.file_index[i]))
         return {
-            "patch": torch.from_numpy(handle["patches"][int(self.row[i])]),
+            "patch": torch.from_numpy(read_checked(handle["patches"], int(self.row[i]))),
             "counts": torch.from_numpy(self._counts_row(item, i)),
             "library_size": torch.tensor(self.library_size[i], dtype=torch.float64),
             "index": i,

@@ -82,9 +82,9 @@ class PatchIndex:
         """``dataset[rows]`` for ascending ``rows`` (duplicates allowed), fast for dense runs."""
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         if hi - lo <= 4 * len(rows):
-            return dataset[lo:hi][rows - lo]
+            return read_checked(dataset, slice(lo, hi))[rows - lo]
         unique, inverse = np.unique(rows, return_inverse=True)
-        return dataset[unique][inverse]
+        return read_checked(dataset, unique)[inverse]
 
     def patches(self, idx: Sequence[int]) -> np.ndarray:
         """uint8 ``(n, P, P, 3)`` patches of spots ``idx`` (in that order)."""
@@ -125,6 +125,14 @@ class PatchIndex:
                             else "give at least one")
         test = np.isin(values, list(holdout))
         return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def read_checked(dataset: h5py.Dataset, selection) -> np.ndarray:
+    """``dataset[selection]``, with a damaged chunk (checksum or decompression failure) as a BrstError."""
+    try:
+        return dataset[selection]
+    except OSError as err:
+        raise BrstError(dataset.file.filename, f"damaged data in {dataset.name} ({err}); prepare it again") from None
 
 
 def expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
