@@ -38,8 +38,8 @@ from PIL import Image
 
 from brst.handlers.decode import SCALE_KEY, DecodeLimits
 
-#: gRPC input key of the image (TorchServe's examples and brst's client use "data")
-GRPC_IMAGE_KEY = "data"
+#: gRPC input key and multipart field of the image (TorchServe's examples and brst's client use "data")
+GRPC_IMAGE_KEY = FORM_IMAGE_KEY = "data"
 #: parameter name TorchServe gives an HTTP body that is not multipart
 HTTP_BODY_KEY = "body"
 JSON = "application/json"
@@ -65,8 +65,9 @@ class BadInput:
         expect: the class of answer.
         reason: the ``brst_rejected_inputs_total`` reason label when ``expect`` is
             ``REJECT`` (or ``TOO_LARGE`` decided by the decoder).
-        content_type: HTTP ``Content-Type``.
-        um_per_px: sent as a query parameter (HTTP) or a gRPC input field; ``None``: not sent.
+        content_type: HTTP ``Content-Type`` (of the body, or of its multipart part).
+        um_per_px: sent as a multipart form field beside the body (HTTP; TorchServe 0.12
+            does not pass query parameters to handlers) or a gRPC input field; ``None``: not sent.
         model: model name to address; ``None``: the served model.
         why: the decision in a few words.
         grpc_reason: the reason over gRPC where it differs: gRPC inputs carry no content
@@ -121,9 +122,9 @@ def png_rgb16(rgb: np.ndarray) -> bytes:
 
 
 def tiff_bytes(pages: np.ndarray, **params) -> bytes:
-    """TIFF written by tifffile; ``pages`` ``(H, W, 3)`` or ``(N, H, W, 3)`` -> N pages."""
+    """RGB TIFF written by tifffile; ``pages`` ``(H, W, 3)`` or ``(N, H, W, 3)`` -> N pages."""
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, pages, **params)
+    tifffile.imwrite(buffer, pages, photometric="rgb", **params)
     return buffer.getvalue()
 
 
@@ -281,6 +282,8 @@ def _kserve(rgb: np.ndarray, png: bytes) -> list[BadInput]:
                  why="negative dimension"),
         BadInput("kserve_shape_not_list", kserve("224x224x3", "UINT8", pixels), R, "bad_shape", JSON,
                  why="shape is a string"),
+        BadInput("kserve_shape_is_long_text", kserve("x" * 20_000, "UINT8", pixels), R, "bad_shape", JSON,
+                 why="a long value where a shape belongs (must not be echoed whole)"),
         BadInput("kserve_shape_huge", kserve([100_000, 100_000, 3], "UINT8", pixels[:3]), Expect.TOO_LARGE,
                  "too_large", JSON, why="declares 1e10 pixels"),
         BadInput("kserve_values_over_255", kserve([side, side, 3], "UINT8", [300] * len(pixels)), R, "bad_json",
@@ -325,6 +328,17 @@ def corpus_ids(corpus: list[BadInput]) -> list[str]:
     return [entry.name for entry in corpus]
 
 
+def multipart(entry: BadInput) -> tuple[bytes, str]:
+    """``entry`` as a multipart/form-data body (image part ``data``, field ``um_per_px``) and
+    its Content-Type: how an HTTP client sends a scale that TorchServe hands to the handler."""
+    from brst.train.client import multipart_form
+
+    fields = {FORM_IMAGE_KEY: (entry.body, entry.content_type)}
+    if entry.um_per_px is not None:
+        fields[SCALE_KEY] = (entry.um_per_px.encode(), None)
+    return multipart_form(fields)
+
+
 # --------------------------------------------------------------------------- what the handler receives
 class _Frame:
     """A byte string read through ``recv``, as TorchServe's worker reads its socket."""
@@ -342,20 +356,20 @@ def torchserve_row(entry: BadInput, transport: str) -> dict:
     """The request dict a handler gets for ``entry`` (name -> value), decoded by the real
     ``ts.protocol.otf_message_handler._retrieve_input_data``.
 
-    HTTP: the body is parameter ``body`` with its Content-Type (JSON parsed, text decoded,
-    else bytes) and query parameters arrive as bytes. gRPC: every input is bytes without a
+    HTTP: a plain body is parameter ``body`` with its Content-Type (JSON parsed, text
+    decoded, else bytes); with ``um_per_px`` the request is multipart and each field is a
+    parameter (a form field as ``text/plain``). gRPC: every input is bytes without a
     content type.
     """
     from ts.protocol.otf_message_handler import _retrieve_input_data
 
-    if transport == "http":
-        fields = [(HTTP_BODY_KEY, entry.content_type, entry.body)]
-    elif transport == "grpc":
-        fields = [(GRPC_IMAGE_KEY, "", entry.body)]
-    else:
+    if transport not in ("http", "grpc"):
         raise ValueError(f"transport {transport!r} is not http or grpc")
-    if entry.um_per_px is not None:
-        fields.append((SCALE_KEY, "", entry.um_per_px.encode()))
+    http, with_scale = transport == "http", entry.um_per_px is not None
+    image_key = FORM_IMAGE_KEY if with_scale or not http else HTTP_BODY_KEY
+    fields = [(image_key, entry.content_type if http else "", entry.body)]
+    if with_scale:
+        fields.append((SCALE_KEY, "text/plain" if http else "", entry.um_per_px.encode()))
     row = {}
     for name, content_type, value in fields:
         item = _retrieve_input_data(_Frame(_frame(name, content_type, value)))

@@ -35,9 +35,19 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, target)
+        _fsync_folder(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a power loss cannot undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _current_umask() -> int:
