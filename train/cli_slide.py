@@ -76,7 +76,7 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
               help="Endpoint mode: attempts after the first (back-off 0.5 s, doubling) before giving up.")
 @click.option("--timeout-s", type=click.FloatRange(0.1, 3600.0), default=60.0, show_default=True,
               help="Endpoint mode: per-request timeout.")
-@click.option("--token", envvar="BRST_INFERENCE_TOKEN", help="Endpoint mode: inference token (token auth on).")
+@click.option("--token", envvar="BRST_TS_TOKEN", help="Endpoint mode: inference token (token auth on).")
 @click.option("--read-workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Threads reading tiles from the slide.")
 def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str, slide: Path, out_dir: Path,
