@@ -5,7 +5,8 @@ ours:      tiles/s of local mode on HER2ST section C2 (200 µm grid on the tissu
            geometry, stain-normalised, through the model, back to expression.
 reference: tiles/s of the same model in this process on the same tiles already cut and in
            memory (``LocalPredictor`` on uint8 batches: ModelInput -> model -> inverse target),
-           measured before and after the other runs (median).
+           measured right before and right after each mode's run (their mean is that mode's
+           reference, so a machine whose speed drifts compares like with like).
 Also reported: endpoint mode over HTTP and gRPC (TorchServe with batching, 8 requests in
 flight, 8 tiles per request) and local mode end to end (tissue detection, table, AnnData
 and heatmaps included), each with its ratio to the reference; the endpoint's values are
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,10 +87,31 @@ def end_to_end_tiles_per_second(predictor: LocalPredictor, out: Path) -> float:
     return summary["tiles"] / (time.perf_counter() - start)
 
 
-def served_runs(store: Path, work: Path, ckpt: dict, xs: np.ndarray, ys: np.ndarray,
+class Paired:
+    """Each mode's rate beside the raw in-process rate measured just before and just after it."""
+
+    def __init__(self, predictor: LocalPredictor, tiles: np.ndarray) -> None:
+        self.predictor, self.tiles = predictor, tiles
+        self.rates: dict[str, float] = {}
+        self.references: dict[str, float] = {}
+
+    def measure(self, name: str, run) -> object:
+        """Time ``run() -> (tiles/s, result)`` between two reference runs; returns the result."""
+        before = raw_tiles_per_second(self.predictor, self.tiles)
+        rate, result = run()
+        after = raw_tiles_per_second(self.predictor, self.tiles)
+        self.rates[name], self.references[name] = rate, (before + after) / 2
+        log.info("%-16s %7.2f tiles/s; raw in-process %.2f / %.2f", name, rate, before, after)
+        return result
+
+    def ratios(self) -> dict[str, float]:
+        return {name: self.rates[name] / self.references[name] for name in self.rates}
+
+
+def served_runs(paired: Paired, store: Path, work: Path, ckpt: dict, xs: np.ndarray, ys: np.ndarray,
                 expected: np.ndarray) -> dict[str, float]:
-    """Endpoint mode over HTTP and gRPC against one TorchServe; values checked against local mode."""
-    runs = {}
+    """Endpoint mode over HTTP and gRPC against one TorchServe; returns max |served - local| per protocol."""
+    differences = {}
     config = ckpt["data_config"]
     server = TorchServe(store, {SERVED: f"{SERVED}.mar"}, work / "serve", REPO / "deploy" / "config.properties")
     with server:
@@ -100,16 +121,13 @@ def served_runs(store: Path, work: Path, ckpt: dict, xs: np.ndarray, ys: np.ndar
                                           concurrency=8, tiles_per_request=BATCH)
             try:
                 predictor(np.full((BATCH, config["patch_px"], config["patch_px"], 3), 255, np.uint8))  # warm-up
-                runs[f"endpoint_{protocol}"], served = mode_tiles_per_second(predictor, xs, ys)
+                served = paired.measure(f"endpoint_{protocol}", lambda p=predictor: mode_tiles_per_second(p, xs, ys))
             finally:
                 predictor.close()
-            difference = float(np.abs(served - expected).max())
-            runs[f"endpoint_{protocol}_max_abs_difference"] = difference
-            if difference > 1e-3:
-                raise SystemExit(f"endpoint {protocol} differs from local mode by {difference:.2e}")
-            log.info("endpoint %-4s %7.1f tiles/s (max |served - local| %.1e)", protocol,
-                     runs[f"endpoint_{protocol}"], difference)
-    return runs
+            differences[protocol] = float(np.abs(served - expected).max())
+            if differences[protocol] > 1e-3:
+                raise SystemExit(f"endpoint {protocol} differs from local mode by {differences[protocol]:.2e}")
+    return differences
 
 
 def main() -> None:
@@ -133,26 +151,22 @@ def main() -> None:
         tiles = read_patches(open_image(slide_path()), xs, ys, local.geometry.side_px(SLIDE_UM_PER_PX),
                              local.geometry.patch_px)
         local(tiles[:BATCH_SIZE])  # warm-up
-        reference = [raw_tiles_per_second(local, tiles) for _ in range(2)]
-        local_rate, expected = mode_tiles_per_second(local, xs, ys)
-        runs = {"local": local_rate, "local_end_to_end": end_to_end_tiles_per_second(local, work / "out")}
-        log.info("local %.1f tiles/s, end to end %.1f tiles/s", runs["local"], runs["local_end_to_end"])
+        paired = Paired(local, tiles)
+        expected = paired.measure("local", lambda: mode_tiles_per_second(local, xs, ys))
+        paired.measure("local_end_to_end", lambda: (end_to_end_tiles_per_second(local, work / "out"), None))
         build_archive(checkpoint, SERVED, work / "store",
                       settings=ServeSettings(batch_size=BATCH, max_batch_delay_ms=10))
-        runs.update(served_runs(work / "store", work, ckpt, xs, ys, expected))
-        reference += [raw_tiles_per_second(local, tiles) for _ in range(2)]
-    ref = statistics.median(reference)
-    log.info("in-process raw %s tiles/s (median %.1f)", [round(r, 1) for r in reference], ref)
-    rates = {k: v for k, v in runs.items() if "difference" not in k}
-    print(json.dumps({"name": "slide_local", "ours": round(runs["local"], 2), "reference": round(ref, 2),
-                      "unit": "tiles/s", "ratio": round(runs["local"] / ref, 3), "arch": ckpt["arch"],
+        differences = served_runs(paired, work / "store", work, ckpt, xs, ys, expected)
+    ratios = paired.ratios()
+    print(json.dumps({"name": "slide_local", "ours": round(paired.rates["local"], 2),
+                      "reference": round(paired.references["local"], 2), "unit": "tiles/s",
+                      "ratio": round(ratios["local"], 3), "arch": ckpt["arch"],
                       "input_size": ckpt["data_config"]["input_size"][-1], "tiles": int(len(xs)),
                       "device": "cpu", "torch_threads": torch.get_num_threads(),
-                      "runs": {k: round(v, 2) for k, v in rates.items()},
-                      "ratios": {k: round(v / ref, 3) for k, v in rates.items()},
-                      "endpoint_max_abs_difference": {k: v for k, v in runs.items() if "difference" in k},
-                      "reference_runs": [round(r, 2) for r in reference]}))
-
+                      "runs": {k: round(v, 2) for k, v in paired.rates.items()},
+                      "references": {k: round(v, 2) for k, v in paired.references.items()},
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                      "endpoint_max_abs_difference": differences}))
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 """Whole-slide expression maps (``brst-train predict-slide``).
 
 ``tissue``: find the tissue on a thumbnail and lay tile centres on a grid in micrometres;
-``tiles``: cut those tiles at the model's µm/px and stream them in batches;
-``predictors``: a local model or a served endpoint turning batches into expression;
-``outputs``: the per-spot table, the AnnData file and the heatmaps;
-``measured``: measured counts of a prepared section next to the predictions.
+``tiles``: the slide's µm/px, and tiles cut at the model's µm/px streamed in batches;
+``predictors``: the local model; ``endpoint``: a served model (HTTP or gRPC);
+``genes``: which genes to draw; ``measured``: measured counts next to the predictions;
+``outputs``: the per-tile table, the AnnData file and the heatmaps;
+``run``: one slide end to end.
 """

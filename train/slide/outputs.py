@@ -26,6 +26,8 @@ from .tissue import TileGrid
 CMAP = "viridis"
 #: percentiles of a gene's values that span its colour scale (robust to outliers)
 COLOUR_RANGE_PCT = (2.0, 98.0)
+#: glass shown around the tissue in heatmaps, micrometres
+TISSUE_MARGIN_UM = 500.0
 
 
 @dataclass(frozen=True)
@@ -139,19 +141,27 @@ def _raster_extent(slide_map: SlideMap) -> tuple[float, float, float, float]:
     return tuple(v * slide_map.scale for v in (left, right, bottom, top))
 
 
+def tissue_view(slide_map: SlideMap) -> tuple[float, float, float, float]:
+    """Thumbnail box ``(left, right, bottom, top)`` around the tiles, with some glass."""
+    grid, scale = slide_map.grid, slide_map.scale
+    height, width = slide_map.thumbnail.shape[:2]
+    margin_px = grid.step_px / 2 + max(grid.step_px, TISSUE_MARGIN_UM / slide_map.um_per_px)
+    return (max((grid.pixel_x.min() - margin_px) * scale, 0), min((grid.pixel_x.max() + margin_px) * scale, width),
+            min((grid.pixel_y.max() + margin_px) * scale, height), max((grid.pixel_y.min() - margin_px) * scale, 0))
+
+
 def heatmap_figure(slide_map: SlideMap, gene: str, note: str = "") -> Figure:
-    """One gene's predicted expression as tiles over the slide thumbnail."""
+    """One gene's predicted expression as tiles over the slide thumbnail, zoomed on the tissue."""
     column = slide_map.genes.index(gene)
-    fig = Figure(figsize=(7.0, 6.0))
+    left, right, bottom, top = tissue_view(slide_map)
+    fig = Figure(figsize=(7.0, max(3.0, 5.6 * (bottom - top) / (right - left) + 0.6)))
     ax = fig.subplots()
     ax.imshow(slide_map.thumbnail)
     low, high = colour_limits(slide_map.values[:, column])
     image = ax.imshow(grid_raster(slide_map, column), extent=_raster_extent(slide_map), cmap=CMAP,
                       vmin=low, vmax=high, alpha=0.75, interpolation="nearest")
-    left, right, bottom, top = _raster_extent(slide_map)
-    margin = 2 * slide_map.grid.step_px * slide_map.scale  # zoom on the tissue, keep some glass
-    ax.set_xlim(max(left - margin, 0), min(right + margin, slide_map.thumbnail.shape[1]))
-    ax.set_ylim(min(bottom + margin, slide_map.thumbnail.shape[0]), max(top - margin, 0))
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
     ax.set_axis_off()
     ax.set_title(f"{gene} predicted on {slide_map.library_id}" + (f" ({note})" if note else ""), fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.8, label=slide_map.units)

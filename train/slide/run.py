@@ -27,7 +27,7 @@ from .measured import MeasuredSection, check_inside, gene_table, grid_origin, lo
 from .outputs import SlideMap, write_h5ad, write_heatmaps, write_table
 from .predictors import Predictor
 from .tiles import iter_patch_batches, slide_um_per_px
-from .tissue import find_tiles
+from .tissue import TileGrid, TissueMask, find_tiles
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,57 @@ def predict_points(predictor: Predictor, image: SlideImage, pixel_x: np.ndarray,
     return values
 
 
-def _read_slide(job: SlideJob) -> tuple[SlideImage, float, np.ndarray, float]:
-    """Open the slide and read what tissue detection needs: handle, µm/px, thumbnail, scale."""
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything decided before the first tile is predicted (where every input error shows).
+
+    Attributes:
+        image: the slide's handle.
+        um_per_px: the slide's resolution.
+        tissue: the tissue mask (holds the thumbnail and its scale).
+        grid: the tile centres.
+        draw: the genes to draw.
+        measured: the measured section, or ``None``.
+    """
+
+    image: SlideImage
+    um_per_px: float
+    tissue: TissueMask
+    grid: TileGrid
+    draw: list[str]
+    measured: MeasuredSection | None
+
+
+def plan_slide(job: SlideJob, predictor: Predictor, validation_r: dict[str, float]) -> SlidePlan:
+    """Open the slide, read its resolution and thumbnail, choose genes, find tissue and tiles."""
     if not job.slide.is_file():
         raise BrstError(job.slide, "no such slide file")
     image = open_image(job.slide)
     um_per_px = slide_um_per_px(job.slide, job.um_per_px)
     thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
-    return image, um_per_px, thumbnail, scale
+    draw = choose_genes(job.genes, predictor.genes, validation_r, job.top_genes)
+    measured, origin = None, None
+    if job.measured is not None:
+        measured = load_measured(str(job.measured), job.section, predictor.genes, predictor.units)
+        check_inside(measured, image.width, image.height, str(job.slide))
+        origin = grid_origin(measured.pixel_x, measured.pixel_y, job.step_um / um_per_px)
+    tissue, grid = find_tiles(thumbnail, scale, image.width, image.height, um_per_px, job.step_um,
+                              predictor.geometry.side_um, str(job.slide), origin_px=origin)
+    log.info("%s: %d tiles of %.0f um every %.0f um on %.1f%% tissue", job.slide.name, len(grid),
+             predictor.geometry.side_um, job.step_um, 100 * tissue.fraction)
+    return SlidePlan(image, um_per_px, tissue, grid, draw, measured)
 
 
-def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: np.ndarray,
-                    draw: list[str]) -> pd.DataFrame:
+def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: Predictor) -> np.ndarray:
+    """Predictions at the measured spots, in ``plan.measured.genes`` order. Shape: (n, K) float64."""
+    measured = plan.measured
+    values = predict_points(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
+                            job.batch_size, f"spots of {measured.section}", job.read_workers)
+    return values[:, [predictor.genes.index(g) for g in measured.genes]].astype(np.float64)
+
+
+def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: np.ndarray, draw: list[str]) -> dict:
+    """The r table, the spot table and the side-by-side picture; returns their summary."""
     table = gene_table(measured, predicted)
     for name, frame in ((GENE_R, table), (MEASURED_SPOTS, spot_table(measured, predicted))):
         with atomic_path(job.out_dir / name) as tmp:
@@ -110,57 +149,49 @@ def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: np.ndar
                                predicted[:, columns], shown, np.array([r_by_gene[g] for g in shown]),
                                f"section {measured.section}: measured and predicted")
         save_png(figure, job.out_dir / MEASURED_PNG)
-    return table
+    return {"file": str(job.measured), "section": measured.section, "spots": len(measured.spot_id),
+            "genes": len(measured.genes), "mean_r": float(table["r"].mean()),
+            "n_positive": int((table["r"] > 0).sum())}
+
+
+def _write_map(job: SlideJob, slide_map: SlideMap, draw: list[str], validation_r: dict[str, float]) -> None:
+    """The table, the AnnData file (validation r in ``var`` when known) and the heatmaps."""
+    var = pd.DataFrame({"validation_r": [validation_r.get(g, np.nan) for g in slide_map.genes]},
+                       index=slide_map.genes) if validation_r else None
+    write_table(slide_map, job.out_dir / TABLE)
+    write_h5ad(slide_map, job.out_dir / H5AD, var)
+    notes = {g: f"validation r = {validation_r[g]:.2f}" for g in draw if g in validation_r}
+    write_heatmaps(slide_map, draw, job.out_dir / HEATMAPS, notes)
 
 
 def run_slide(job: SlideJob, predictor: Predictor, validation_r: dict[str, float] | None = None) -> dict:
     """Predict one slide and write its outputs into ``job.out_dir``; returns the summary."""
     started = time.perf_counter()
-    image, um_per_px, thumbnail, scale = _read_slide(job)
-    draw = choose_genes(job.genes, predictor.genes, validation_r or {}, job.top_genes)
-    measured, origin = None, None
-    if job.measured is not None:
-        measured = load_measured(str(job.measured), job.section, predictor.genes, predictor.units)
-        check_inside(measured, image.width, image.height, str(job.slide))
-        origin = grid_origin(measured.pixel_x, measured.pixel_y, job.step_um / um_per_px)
-    tissue, grid = find_tiles(thumbnail, scale, image.width, image.height, um_per_px, job.step_um,
-                              predictor.geometry.side_um, str(job.slide), origin_px=origin)
-    log.info("%s: %d tiles of %.0f um every %.0f um on %.1f%% tissue", job.slide.name, len(grid),
-             predictor.geometry.side_um, job.step_um, 100 * tissue.fraction)
-    predict_started = time.perf_counter()
-    values = predict_points(predictor, image, grid.pixel_x, grid.pixel_y, um_per_px, job.batch_size,
-                            "tiles", job.read_workers)
-    tiles_per_s = len(grid) / (time.perf_counter() - predict_started)
-    measured_values = None
-    if measured is not None:
-        columns = [predictor.genes.index(g) for g in measured.genes]
-        measured_values = predict_points(predictor, image, measured.pixel_x, measured.pixel_y, um_per_px,
-                                         job.batch_size, f"spots of {measured.section}", job.read_workers)
-        measured_values = measured_values[:, columns].astype(np.float64)
-    image.close()
-
+    validation_r = validation_r or {}
+    plan = plan_slide(job, predictor, validation_r)
+    grid = plan.grid
+    try:
+        predict_started = time.perf_counter()
+        values = predict_points(predictor, plan.image, grid.pixel_x, grid.pixel_y, plan.um_per_px,
+                                job.batch_size, "tiles", job.read_workers)
+        tiles_per_s = len(grid) / (time.perf_counter() - predict_started)
+        measured_values = _predict_measured(job, plan, predictor) if plan.measured is not None else None
+    finally:
+        plan.image.close()
     slide_map = SlideMap(
         slide=str(job.slide), library_id=job.slide.stem, grid=grid, genes=predictor.genes, values=values,
-        units=predictor.units, thumbnail=thumbnail, scale=scale, um_per_px=um_per_px,
-        provenance={**predictor.description, "step_um": job.step_um,
-                    "tile_um": predictor.geometry.side_um,
+        units=predictor.units, thumbnail=plan.tissue.thumbnail, scale=plan.tissue.scale,
+        um_per_px=plan.um_per_px,
+        provenance={**predictor.description, "step_um": job.step_um, "tile_um": predictor.geometry.side_um,
                     "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    var = pd.DataFrame({"validation_r": [validation_r.get(g, np.nan) for g in predictor.genes]},
-                       index=predictor.genes) if validation_r else None
-    write_table(slide_map, job.out_dir / TABLE)
-    write_h5ad(slide_map, job.out_dir / H5AD, var)
-    notes = {g: f"validation r = {validation_r[g]:.2f}" for g in draw if validation_r and g in validation_r}
-    write_heatmaps(slide_map, draw, job.out_dir / HEATMAPS, notes)
-    summary = {"slide": str(job.slide), "um_per_px": um_per_px, "width_px": image.width,
-               "height_px": image.height, "tiles": len(grid), "step_um": job.step_um,
-               "tile_um": predictor.geometry.side_um, "tissue_fraction": tissue.fraction,
-               "units": predictor.units, "genes_drawn": draw, "tiles_per_s": tiles_per_s,
-               "seconds": time.perf_counter() - started, "model": predictor.description}
-    if measured is not None:
-        table = _write_measured(job, measured, measured_values, draw)
-        summary["measured"] = {"file": str(job.measured), "section": measured.section,
-                               "spots": len(measured.spot_id), "genes": len(measured.genes),
-                               "mean_r": float(table["r"].mean()),
-                               "n_positive": int((table["r"] > 0).sum())}
+    _write_map(job, slide_map, plan.draw, validation_r)
+    summary = {"slide": str(job.slide), "um_per_px": plan.um_per_px, "width_px": plan.image.width,
+               "height_px": plan.image.height, "tiles": len(grid), "step_um": job.step_um,
+               "tile_um": predictor.geometry.side_um, "tissue_fraction": plan.tissue.fraction,
+               "units": predictor.units, "genes_drawn": plan.draw, "tiles_per_s": tiles_per_s,
+               "model": predictor.description}
+    if plan.measured is not None:
+        summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw)
+    summary["seconds"] = time.perf_counter() - started
     write_json_atomic(job.out_dir / SUMMARY, summary)
     return summary

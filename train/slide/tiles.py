@@ -20,11 +20,13 @@ import numpy as np
 from ..errors import BrstError
 from ..patches import PatchGeometry, cut_patch
 from ..readers.base import SlideImage
+from ..readers.images import TIFF_SUFFIXES, _no_pixel_limit
 
 #: A resolution read from metadata is believed only inside this range (µm per pixel):
 #: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.
 PLAUSIBLE_UM_PER_PX = (0.05, 20.0)
 _UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: inch, centimetre
+_UM_PER_OME_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}  # OME PhysicalSizeXUnit (default µm)
 
 
 def geometry_of(data_config: dict) -> PatchGeometry:
@@ -40,8 +42,9 @@ def _tiff_um_per_px(path: Path) -> float | None:
         page = tif.pages[0]
         if tif.ome_metadata:
             found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
             if found:
-                return float(found.group(1))
+                return float(found.group(1)) * _UM_PER_OME_UNIT.get(unit.group(1) if unit else "µm", float("nan"))
         found = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
         if found:
             return float(found.group(1))
@@ -56,7 +59,7 @@ def _flat_um_per_px(path: Path) -> float | None:
     """Resolution from a JPEG/PNG's dots per inch, if it has any."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with _no_pixel_limit(), Image.open(path) as image:  # the header only: slides exceed PIL's bomb limit
         dpi = image.info.get("dpi")
     return 25_400.0 / float(dpi[0]) if dpi and float(dpi[0]) > 0 else None
 
@@ -64,8 +67,7 @@ def _flat_um_per_px(path: Path) -> float | None:
 def metadata_um_per_px(path: str | Path) -> float | None:
     """The slide's µm/px from its metadata, or ``None`` when absent or implausible."""
     path = Path(path)
-    is_tiff = path.suffix.lower() in (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".scn")
-    value = _tiff_um_per_px(path) if is_tiff else _flat_um_per_px(path)
+    value = _tiff_um_per_px(path) if path.name.lower().endswith(TIFF_SUFFIXES) else _flat_um_per_px(path)
     low, high = PLAUSIBLE_UM_PER_PX
     return value if value is not None and low <= value <= high else None
 
