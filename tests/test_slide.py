@@ -28,8 +28,6 @@ from brst.train.slide.tiles import iter_patch_batches, metadata_um_per_px, read_
 from brst.train.slide.tissue import find_tiles
 from brst.train.tissue import tissue_fraction
 
-pytest_plugins = ["serve_fixtures"]
-
 HER2ST_UM_PER_PX = 0.69  # the dataset README's figure
 ST_PITCH_UM = 200.0
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
