@@ -157,3 +157,16 @@ def test_prepare_visium(visium_root, tmp_path):
     assert len(index) == reports[0].inside <= 100 and len(index.panel) == 20
     grey = to_grey(index.patches(np.arange(len(index)))).mean(axis=(1, 2))
     assert np.median(grey) < 200  # the lowres image shows tissue under the spots
+
+
+def test_otsu_threshold_of_a_constant_image_is_its_value():
+    """A blank (constant) image has one class: no 'All-NaN slice' error, nothing counted as darker."""
+    import numpy as np
+
+    from brst.train.tissue import otsu_threshold
+
+    blank = np.full((32, 32), 243, np.uint8)
+    assert otsu_threshold(blank) == 243.0
+    assert not (blank < otsu_threshold(blank)).any()
+    two_level = np.concatenate([np.full(100, 60, np.uint8), np.full(100, 220, np.uint8)])
+    assert 60 <= otsu_threshold(two_level) < 220

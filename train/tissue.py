@@ -13,7 +13,10 @@ THUMBNAIL_PX = 2048
 
 
 def otsu_threshold(grey: np.ndarray) -> float:
-    """Otsu's threshold of uint8 grey values (any shape): maximises between-class variance."""
+    """Otsu's threshold of uint8 grey values (any shape): maximises between-class variance.
+
+    A constant image has one class only: its value is returned (nothing is darker than it).
+    """
     histogram = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
     weight = np.cumsum(histogram)
     total = weight[-1]
@@ -22,7 +25,10 @@ def otsu_threshold(grey: np.ndarray) -> float:
         mean_low = mass / weight
         mean_high = (mass[-1] - mass) / (total - weight)
         between = weight * (total - weight) * (mean_low - mean_high) ** 2
-    return float(np.nanargmax(between[:-1]))
+    between = between[:-1]
+    if np.isnan(between).all():
+        return float(grey.flat[0]) if grey.size else 0.0
+    return float(np.nanargmax(between))
 
 
 def to_grey(rgb: np.ndarray) -> np.ndarray:

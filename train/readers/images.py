@@ -36,7 +36,7 @@ JPEG_REDUCTIONS = (1, 2, 4, 8)
 
 
 @contextlib.contextmanager
-def _no_pixel_limit() -> Iterator[None]:
+def no_pixel_limit() -> Iterator[None]:
     """Let PIL open slides larger than its decompression-bomb limit (89 megapixels)."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -71,7 +71,7 @@ class DecodedImage:
         self._pixels: Image.Image | None = None
         self._reduction = 1
         try:
-            with _no_pixel_limit(), Image.open(self.path) as header:
+            with no_pixel_limit(), Image.open(self.path) as header:
                 self.width, self.height = header.size
         except FileNotFoundError:
             raise BrstError(self.path, "image file not found") from None
@@ -90,7 +90,7 @@ class DecodedImage:
             log.debug("decoding %s (%d x %d) at 1/%d", self.path, self.width, self.height, reduction)
             self._pixels = None
             try:
-                with _no_pixel_limit(), Image.open(self.path) as image:
+                with no_pixel_limit(), Image.open(self.path) as image:
                     if reduction > 1:
                         image.draft("RGB", (math.ceil(self.width / reduction), math.ceil(self.height / reduction)))
                     image.load()
@@ -121,7 +121,7 @@ class DecodedImage:
         if self._pixels is not None:
             return _fit_thumbnail(self._pixels, self.width, max_px)
         try:
-            with _no_pixel_limit(), Image.open(self.path) as image:
+            with no_pixel_limit(), Image.open(self.path) as image:
                 image.draft("RGB", (max_px, max_px))
                 return _fit_thumbnail(image.convert("RGB"), self.width, max_px)
         except (UnidentifiedImageError, OSError) as err:

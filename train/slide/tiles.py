@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import BrstError
 from ..patches import PatchGeometry, cut_patch
 from ..readers.base import SlideImage
-from ..readers.images import TIFF_SUFFIXES, _no_pixel_limit
+from ..readers.images import TIFF_SUFFIXES, no_pixel_limit
 
 #: A resolution read from metadata is believed only inside this range (µm per pixel):
 #: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.
@@ -59,7 +59,7 @@ def _flat_um_per_px(path: Path) -> float | None:
     """Resolution from a JPEG/PNG's dots per inch, if it has any."""
     from PIL import Image
 
-    with _no_pixel_limit(), Image.open(path) as image:  # the header only: slides exceed PIL's bomb limit
+    with no_pixel_limit(), Image.open(path) as image:  # the header only: slides exceed PIL's bomb limit
         dpi = image.info.get("dpi")
     return 25_400.0 / float(dpi[0]) if dpi and float(dpi[0]) > 0 else None
 
