@@ -13,6 +13,7 @@ from fit_helpers import TINY, free_port, metrics_rows, one_thread, run_cli  # no
 from brst.train.checkpoint import load_checkpoint
 from brst.train.data import open_dataset
 from brst.train.predict import predict_expression
+from brst.train.slide.genes import checkpoint_validation_r
 from brst.train.train_metrics import TrainingMetrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,6 +47,9 @@ def test_run_directory(trained, her2st_h5):
     assert row["epoch"] == 1 and row["step"] == n_train // 32
     assert math.isfinite(row["train_loss"]) and -1 <= row["val_mean_r"] <= 1
     assert row["val_spots"] == int(np.sum(index.spots["section"] == "C6")) and row["val_n_genes"] == 250
+    r_per_gene = row["val_r_per_gene"]
+    assert len(r_per_gene) == 250 and all(r is None or -1 <= r <= 1 for r in r_per_gene)
+    assert np.nanmean([np.nan if r is None else r for r in r_per_gene]) == pytest.approx(row["val_mean_r"], abs=1e-3)
     best = json.loads((out / "best.json").read_text())
     assert best[0]["epoch"] == 1 and (out / best[0]["file"]).is_file()
     assert not list(out.glob(".*tmp"))
@@ -58,6 +62,7 @@ def test_checkpoint_is_self_describing_and_predicts(trained, her2st_h5):
     assert ckpt["n_main"] == 250 and ckpt["n_aux"] == len(ckpt["aux_genes"]) > 0
     assert ckpt["data_config"]["input_size"] == [3, 32, 32] and ckpt["data_config"]["patch_px"] == 56
     assert ckpt["stain"]["method"] == "macenko" and ckpt["stain"]["fit_info"]["section"] == "C2"
+    assert set(checkpoint_validation_r(ckpt)) <= set(ckpt["genes"]) and len(checkpoint_validation_r(ckpt)) > 200
     assert ckpt["target"]["kind"] == "log1p" and len(ckpt["target"]["mean"]) == 250
     assert ckpt["split"] == {"by": "section", "holdout": ["C6"]}
     index = open_dataset(her2st_h5)

@@ -10,6 +10,7 @@ authorization works as in production; the server stops cleanly on SIGTERM
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +50,21 @@ def test_endpoints_are_loopback_only(served_model):
     for url in served_model.endpoints.to_dict().values():
         assert re.match(r"^(http://)?127\.0\.0\.1:\d+$", url), url
         assert not url.endswith(":8080")
+
+
+def test_workers_run_with_the_cpu_allocator_defaults(served_model):
+    import psutil
+
+    from brst.train.client import http_json
+    from brst.train.torchserve import CPU_ALLOCATOR_ENV
+
+    described = http_json(f"{served_model.endpoints.management}/models/{served_model.name}")
+    pids = [int(worker["pid"]) for entry in described for worker in entry["workers"]]
+    assert pids
+    for pid in pids:
+        environment = psutil.Process(pid).environ()
+        for name, default in CPU_ALLOCATOR_ENV.items():
+            assert environment.get(name) == os.environ.get(name, default), (pid, name)
 
 
 def test_http_and_grpc_answer_like_the_in_process_model(served_model, http, grpc_client, heldout_patches,

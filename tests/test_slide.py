@@ -255,7 +255,7 @@ def test_default_genes_are_the_best_validated(tmp_path: Path):
 
     genes = ["A", "B", "C", "D"]
     ckpt = {"genes": genes, "metrics": {"history": [{"val_mean_r": 0.1},
-                                                    {"val_r_per_gene": [0.1, 0.7, float("nan"), 0.4]}]}}
+                                                    {"val_r_per_gene": [0.1, 0.7, None, 0.4]}]}}
     validated = checkpoint_validation_r(ckpt)
     assert validated == {"A": 0.1, "B": 0.7, "D": 0.4}
     assert choose_genes(None, genes, validated, 2) == ["B", "D"]

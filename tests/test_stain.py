@@ -14,6 +14,7 @@ from stain_patches import cut_patches
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
 
+from brst.handlers.stain import tensor as stain_tensor
 from brst.handlers.stain import (METHODS, Macenko, MacenkoReference, NoStain, Reinhard, fit_stain,
                                  macenko_normalize, macenko_normalize_flagged, make_stain, reinhard_normalize,
                                  stain_from_json)
@@ -85,6 +86,16 @@ class TestTemplate:
         x = as_batch(real_patches[:6], device, dtype)
         one_by_one = torch.cat([module(x[i:i + 1]) for i in range(len(x))])
         assert levels(module(x), one_by_one).max() < 1e-2
+
+    def test_cpu_chunks_equal_whole_batch(self, method, real_patches, device, monkeypatch):
+        module = NORMALISERS[method]().to(device)
+        x = as_batch(np.concatenate([white_patch(224), real_patches[:4]]), device)
+        monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 1 << 40)
+        whole, whole_ok = module.forward_flagged(x)
+        monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 2 * 224 * 224)
+        chunked, chunked_ok = module.forward_flagged(x)
+        assert chunked_ok.tolist() == whole_ok.tolist() == [False, True, True, True, True]
+        assert levels(chunked, whole).max() < 1e-3
 
     def test_float64_matches_float32(self, method, real_patches, device):
         module = NORMALISERS[method]().to(device)

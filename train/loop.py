@@ -147,7 +147,9 @@ def run_epoch(parts: StepParts, loader: Sized, codes: torch.Tensor, progress: Ep
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, parts: StepParts, loader: Iterable[dict], genes: list[str]) -> dict:
-    """Validation loss and per-gene Pearson r summaries of the main head (z-score scale)."""
+    """Validation loss, per-gene Pearson r summaries of the main head (z-score scale) and ``val_r_per_gene``
+    (one r per main gene in panel order, ``None`` where undefined, so the row stays valid JSON;
+    ``predict-slide`` draws the best of them by default)."""
     model.eval()
     predicted, measured = [], []
     for batch in loader:
@@ -157,7 +159,9 @@ def validate(model: torch.nn.Module, parts: StepParts, loader: Iterable[dict], g
         measured.append(parts.main_target(batch["counts"].to(parts.device)[:, parts.main_cols], library_size).cpu())
     model.train()
     pred, true = torch.cat(predicted).double().numpy(), torch.cat(measured).double().numpy()
-    summary = summarize(gene_metrics(pred, true), genes)
+    per_gene = gene_metrics(pred, true)
+    summary = summarize(per_gene, genes)
     return {"val_loss": float(np.mean((pred - true) ** 2)), "val_mean_r": summary["mean_r"],
             "val_median_r": summary["median_r"], "val_n_positive": summary["n_positive"],
-            "val_n_genes": summary["n_genes"], "val_spots": int(pred.shape[0])}
+            "val_n_genes": summary["n_genes"], "val_spots": int(pred.shape[0]),
+            "val_r_per_gene": [None if np.isnan(r) else round(float(r), 4) for r in per_gene["r"]]}

@@ -43,6 +43,10 @@ LOG_TAIL_LINES = 15
 KEY_FILE = "key_file.json"
 #: written by :meth:`TorchServe.start` once every model is READY
 ENDPOINTS_FILE = "endpoints.json"
+#: defaults for the server's environment (the caller's own values win): torch's CPU allocator
+#: backs large tensors with transparent huge pages, 1.25-1.5x served and in-process throughput
+#: on CPU (docs/BENCHMARKS.md, "Serving"); the images set the same (deploy/Dockerfile.*)
+CPU_ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ class TorchServe:
                 "--models", *models]
 
     def _environment(self) -> dict[str, str]:
-        env = {**os.environ, "TMPDIR": str(self._tmp), "TEMP": str(self._tmp),
+        env = {**CPU_ALLOCATOR_ENV, **os.environ, "TMPDIR": str(self._tmp), "TEMP": str(self._tmp),
                "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir)}
         env.pop("TS_CONFIG_FILE", None)  # the launcher would prefer it over --ts-config
         return env

@@ -14,7 +14,9 @@ ISBI 2009; the reference code is ``HEnorm_python`` (ported by torchstain). Per p
 
 Steps 1-4 use a regular sub-grid of about ``max_sample_px`` pixels per patch (percentiles
 of a few thousand pixels are as good as of 50 000); step 5 is a per-patch 3x3 matrix applied
-to every pixel in log space (one ``baddbmm`` and one ``exp``), which makes it fast.
+to every pixel in log space (one ``baddbmm`` and one ``exp``), which makes it fast; on the CPU
+it runs group by group of patches (:func:`~brst.handlers.stain.tensor.patch_chunks`) into one
+preallocated output.
 
 Patches with too little tissue (``min_tissue`` of the sampled pixels), a degenerate stain
 matrix or near-zero concentrations pass through unchanged and are flagged ``ok = False``.
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .base import StainNormalizer, reference_tensor
-from .tensor import (check_image, enough_tissue, log_intensity, masked_quantile, pass_through,
+from .tensor import (check_image, enough_tissue, log_intensity, masked_quantile, pass_through, patch_chunks,
                      sampled_optical_density, tissue_mask)
 
 #: Macenko's reference (from the original code, also torchstain's default): columns H, E
@@ -157,9 +159,19 @@ def macenko_normalize_flagged(x: torch.Tensor, ref: MacenkoReference, *, io: flo
     remix = _remix_matrix(ref, max_conc, unmix, ok)
     # log(out) = log(io / 255) - remix @ OD, with OD = log(io) - log(255 x + 1)
     bias = math.log(io / 255.0) - math.log(io) * remix.sum(dim=-1, keepdim=True)
-    log_i = log_intensity(x).flatten(2).to(remix.dtype)
-    out = torch.baddbmm(bias, remix, log_i).clamp_(max=0.0).exp_().view(x.shape)
-    return pass_through(out, x, ok), ok
+    return pass_through(_remix_pixels(x, remix, bias), x, ok), ok
+
+
+def _remix_pixels(x: torch.Tensor, remix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``exp(bias + remix @ log(255 x + 1))`` per pixel, clipped to [0, 1], group by group of patches.
+
+    Shape: ``(B, 3, H, W)``, ``(B, 3, 3)``, ``(B, 3, 1)`` -> ``(B, 3, H, W)``.
+    """
+    out = torch.empty(x.shape, dtype=remix.dtype, device=x.device)
+    for rows in patch_chunks(x):
+        log_i = log_intensity(x[rows]).flatten(2).to(remix.dtype)
+        out[rows] = torch.baddbmm(bias[rows], remix[rows], log_i).clamp_(max=0.0).exp_().view(log_i.shape[0], *x.shape[1:])
+    return out
 
 
 def macenko_normalize(x: torch.Tensor, ref: MacenkoReference, **params: Any) -> torch.Tensor:

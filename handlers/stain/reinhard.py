@@ -18,8 +18,8 @@ import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
 from .base import StainNormalizer, reference_tensor
-from .tensor import (check_image, enough_tissue, pass_through, sample_grid, sampled_optical_density, tissue_mask,
-                     to_float_image)
+from .tensor import (check_image, enough_tissue, pass_through, patch_chunks, sample_grid, sampled_optical_density,
+                     tissue_mask, to_float_image)
 
 #: used until a normaliser is fitted: ``fit`` on 320 HER2ST spot patches (64 from each of
 #: sections C2-C6, 224 px at 0.69 um/px), rounded (L, a, b)
@@ -67,6 +67,20 @@ def reinhard_normalize_flagged(x: torch.Tensor, ref: ReinhardReference, **params
 
     Returns:
         ``(out, ok)``: float in [0, 1]; ``ok`` False where the patch passed through unchanged.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``, ``(B,)``.
+    """
+    check_image(x)
+    out = torch.empty(x.shape, dtype=torch.float32 if x.dtype == torch.uint8 else x.dtype, device=x.device)
+    ok = torch.empty(x.shape[0], dtype=torch.bool, device=x.device)
+    for rows in patch_chunks(x):
+        out[rows], ok[rows] = _normalize_patches(x[rows], ref, params)
+    return out, ok
+
+
+def _normalize_patches(x: torch.Tensor, ref: ReinhardReference, params: dict[str, Any]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reinhard_normalize_flagged` on one group of patches (each patch on its own).
 
     Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``, ``(B,)``.
     """

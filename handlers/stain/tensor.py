@@ -14,6 +14,9 @@ from kornia.core.exceptions import TypeCheckError, ValueCheckError
 
 #: float inputs may overshoot [0, 1] by this much (resampling, rounding); more is an error
 RANGE_TOLERANCE = 1e-3
+#: on the CPU, per-pixel work runs on groups of patches of about this many pixels, so each
+#: step's intermediates stay in cache and below glibc's mmap threshold (no page faults per call)
+CPU_CHUNK_PX = 1 << 18
 
 
 def check_image(x: torch.Tensor) -> None:
@@ -131,3 +134,18 @@ def pass_through(out: torch.Tensor, x: torch.Tensor, ok: torch.Tensor) -> torch.
     if bool(ok.all()):
         return out
     return torch.where(ok.view(-1, 1, 1, 1), out, to_float_image(x).to(out.dtype))
+
+
+
+def patch_chunks(x: torch.Tensor) -> list[slice]:
+    """Slices of the batch dimension to process one after another: groups of about
+    ``CPU_CHUNK_PX`` pixels on the CPU, the whole batch elsewhere (one launch per step is
+    what a GPU wants). On the CPU this is 1.3-2x faster for a 64-patch batch (docs/BENCHMARKS.md).
+
+    Shape: ``(B, C, H, W)`` -> slices covering ``0..B``.
+    """
+    n_patches = x.shape[0]
+    per_chunk = max(1, CPU_CHUNK_PX // max(1, x.shape[-1] * x.shape[-2]))
+    if x.device.type != "cpu" or per_chunk >= n_patches:
+        return [slice(0, n_patches)]
+    return [slice(start, start + per_chunk) for start in range(0, n_patches, per_chunk)]

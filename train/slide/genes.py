@@ -28,7 +28,8 @@ def checkpoint_validation_r(ckpt: dict) -> dict[str, float]:
     rows = [row for row in history if isinstance(row, dict) and "val_r_per_gene" in row]
     if not rows or len(rows[-1]["val_r_per_gene"]) != len(ckpt["genes"]):
         return {}
-    return {str(g): float(r) for g, r in zip(ckpt["genes"], rows[-1]["val_r_per_gene"]) if np.isfinite(r)}
+    pairs = zip(ckpt["genes"], rows[-1]["val_r_per_gene"])
+    return {str(g): float(r) for g, r in pairs if r is not None and np.isfinite(r)}
 
 
 def table_validation_r(path: str | Path) -> dict[str, float]:
