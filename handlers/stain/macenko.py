@@ -170,7 +170,7 @@ def _remix_pixels(x: torch.Tensor, remix: torch.Tensor, bias: torch.Tensor) -> t
     out = torch.empty(x.shape, dtype=remix.dtype, device=x.device)
     for rows in patch_chunks(x):
         log_i = log_intensity(x[rows]).flatten(2).to(remix.dtype)
-        out[rows] = torch.baddbmm(bias[rows], remix[rows], log_i).clamp_(max=0.0).exp_().view(log_i.shape[0], *x.shape[1:])
+        out[rows] = torch.baddbmm(bias[rows], remix[rows], log_i).clamp_(max=0.0).exp_().view_as(out[rows])
     return out
 
 

@@ -136,11 +136,11 @@ def pass_through(out: torch.Tensor, x: torch.Tensor, ok: torch.Tensor) -> torch.
     return torch.where(ok.view(-1, 1, 1, 1), out, to_float_image(x).to(out.dtype))
 
 
-
 def patch_chunks(x: torch.Tensor) -> list[slice]:
     """Slices of the batch dimension to process one after another: groups of about
     ``CPU_CHUNK_PX`` pixels on the CPU, the whole batch elsewhere (one launch per step is
-    what a GPU wants). On the CPU this is 1.3-2x faster for a 64-patch batch (docs/BENCHMARKS.md).
+    what a GPU wants). On the CPU this made a 64-patch batch 1.4-2.1x (Macenko) and 2.3-3.4x
+    (Reinhard) faster (docs/BENCHMARKS.md).
 
     Shape: ``(B, C, H, W)`` -> slices covering ``0..B``.
     """
