@@ -50,6 +50,12 @@ def reinhard_stats(x: torch.Tensor, *, io: float = 240.0, beta: float = 0.15, mi
         ``(ReinhardReference(mean (B, 3), std (B, 3)), lab (B, 3, H, W), ok (B,))``.
     """
     check_image(x)
+    return _lab_statistics(x, io=io, beta=beta, min_tissue=min_tissue, max_sample_px=max_sample_px)
+
+
+def _lab_statistics(x: torch.Tensor, *, io: float, beta: float, min_tissue: float, max_sample_px: int
+                    ) -> tuple[ReinhardReference, torch.Tensor, torch.Tensor]:
+    """:func:`reinhard_stats` on an already checked batch."""
     ok = enough_tissue(tissue_mask(sampled_optical_density(x, io, max_sample_px), beta), min_tissue)
     lab = rgb_to_lab(to_float_image(x))
     mean, std = lab.mean(dim=(2, 3)), lab.flatten(2).std(dim=-1)
@@ -80,11 +86,11 @@ def reinhard_normalize_flagged(x: torch.Tensor, ref: ReinhardReference, **params
 
 def _normalize_patches(x: torch.Tensor, ref: ReinhardReference, params: dict[str, Any]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`reinhard_normalize_flagged` on one group of patches (each patch on its own).
+    """:func:`reinhard_normalize_flagged` on one group of already checked patches (each on its own).
 
     Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``, ``(B,)``.
     """
-    (mean, std), lab, ok = reinhard_stats(x, **params)
+    (mean, std), lab, ok = _lab_statistics(x, **params)
     safe_std = torch.where(ok.unsqueeze(-1), std, torch.ones_like(std))
     scale = (ref.std.to(lab) / safe_std)[..., None, None]
     shifted = (lab - mean[..., None, None]) * scale + ref.mean.to(lab)[:, None, None]
