@@ -12,7 +12,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 
 .PHONY: venv test test-fast demo bench clean
 
-$(BIN)/brst-train: pyproject.toml
+$(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@

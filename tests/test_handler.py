@@ -59,8 +59,8 @@ def reference(in_process, heldout_patches):
     return {tta: in_process(heldout_patches, tta) for tta in (False, True)}
 
 
-def make_context(model_dir: Path, n_requests: int, yaml_overrides: dict | None = None):
-    """TorchServe's Context for a batch of ``n_requests``, as the worker builds it."""
+def make_context(model_dir: Path, n_requests: int, yaml_overrides: dict | None = None, gpu_id: int | None = None):
+    """TorchServe's Context for a batch of ``n_requests``, as the worker builds it (on GPU ``gpu_id``)."""
     import ts
     from ts.context import Context
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -70,7 +70,7 @@ def make_context(model_dir: Path, n_requests: int, yaml_overrides: dict | None =
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
     metrics.model_name = "brst"
-    context = Context("brst", str(model_dir), manifest, settings["batchSize"], None, "0.12.0",
+    context = Context("brst", str(model_dir), manifest, settings["batchSize"], gpu_id, "0.12.0",
                       metrics=metrics, model_yaml_config=settings)
     set_batch(context, n_requests)
     return context
@@ -230,3 +230,24 @@ def test_tta_returns_the_dihedral_mean_and_a_spread(model_dir, heldout_patches, 
         np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
         spread = np.asarray(answer["spread"])
         assert spread.shape == expected.shape and (spread >= 0).all() and spread.max() > 0
+
+
+#: GPU answers vs the CPU float32 reference: the handler runs the model under bf16 autocast on
+#: the GPU (8 mantissa bits, ~0.4 % per rounding), so values agree to a few hundredths of a log1p unit
+GPU_ATOL = 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on a lent GPU machine: benchmarks/gpu_checks.sh)")
+def test_handler_on_the_gpu_answers_as_the_cpu(model_dir, heldout_patches, reference):
+    from brst.handlers.brst_handler import BrstHandler
+
+    gpu = BrstHandler()
+    gpu.initialize(make_context(model_dir, 1, gpu_id=0))
+    assert gpu.device == torch.device("cuda:0") and next(gpu.model.parameters()).is_cuda
+    answers, statuses = handle(gpu, [{"body": encode(p, "PNG")} for p in heldout_patches], model_dir)
+    assert statuses == [200] * len(heldout_patches)
+    served = np.array([answer["values"] for answer in answers])
+    logging.getLogger(__name__).info("GPU vs CPU: max |diff| %.4f log1p", np.abs(served - reference[False]).max())
+    np.testing.assert_allclose(served, reference[False], atol=GPU_ATOL)
+    for row, expected in zip(served, reference[False]):
+        assert np.corrcoef(row, expected)[0, 1] > 0.999

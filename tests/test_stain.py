@@ -88,9 +88,10 @@ class TestTemplate:
         assert levels(module(x), one_by_one).max() < 1e-2
 
     def test_cpu_chunks_equal_whole_batch(self, method, real_patches, monkeypatch):
-        # chunking happens on the CPU only (CUDA runs the whole batch), so this runs on the CPU everywhere
+        # chunking happens on the CPU only (CUDA runs the whole batch), so this runs on the CPU everywhere;
+        # float input, since uint8 Macenko batches take the fused kernel instead (test_stain_fused.py)
         module = NORMALISERS[method]()
-        x = as_batch(np.concatenate([white_patch(224), real_patches[:4]]), torch.device("cpu"))
+        x = as_batch(np.concatenate([white_patch(224), real_patches[:4]]), torch.device("cpu"), torch.float32)
         monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 1 << 40)
         whole, whole_ok = module.forward_flagged(x)
         monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 2 * 224 * 224)

@@ -50,8 +50,10 @@ def test_round_trip_through_dict_and_device(c2_counts, device):
     data = transform.to_dict()
     assert data["units"] == "log1p(count)" and len(data["mean"]) == 50
     again = TargetTransform.from_dict(data).to(device)
-    assert torch.allclose(again(counts.to(device), library_size.to(device)).cpu(),
-                          transform(counts, library_size))
+    # CUDA's float32 log1p differs from the CPU's in the last bits (seen on an H100: allclose's
+    # default atol 1e-8 failed), so compare with torch's float32 tolerances (1.3e-6 relative, 1e-5 absolute)
+    torch.testing.assert_close(again(counts.to(device), library_size.to(device)).cpu(),
+                               transform(counts, library_size))
 
 
 def test_constant_gene_has_finite_targets(c2_counts):

@@ -14,9 +14,10 @@ ISBI 2009; the reference code is ``HEnorm_python`` (ported by torchstain). Per p
 
 Steps 1-4 use a regular sub-grid of about ``max_sample_px`` pixels per patch (percentiles
 of a few thousand pixels are as good as of 50 000); step 5 is a per-patch 3x3 matrix applied
-to every pixel in log space (one ``baddbmm`` and one ``exp``), which makes it fast; on the CPU
-it runs group by group of patches (:func:`~brst.handlers.stain.tensor.patch_chunks`) into one
-preallocated output.
+to every pixel in log space (one ``baddbmm`` and one ``exp``), which makes it fast. For uint8
+batches on the CPU it is one fused C loop (:mod:`~brst.handlers.stain.fused`); otherwise eager
+torch ops, on the CPU group by group of patches (:func:`~brst.handlers.stain.tensor.patch_chunks`)
+into one preallocated output.
 
 Patches with too little tissue (``min_tissue`` of the sampled pixels), a degenerate stain
 matrix or near-zero concentrations pass through unchanged and are flagged ``ok = False``.
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .base import StainNormalizer, reference_tensor
+from .fused import fused_remix, fused_remix_applies
 from .tensor import (check_image, enough_tissue, log_intensity, masked_quantile, pass_through, patch_chunks,
                      sampled_optical_density, tissue_mask)
 
@@ -54,10 +56,11 @@ def _principal_plane(od: torch.Tensor, tissue: torch.Tensor, ok: torch.Tensor) -
 
     Shape: ``(B, 3, N)``, ``(B, N)``, ``(B,)`` -> ``(B, 3, 2)``.
     """
-    weight = tissue.to(od.dtype).unsqueeze(1)
-    count = weight.sum(dim=-1, keepdim=True).clamp(min=2)
-    centred = (od - (od * weight).sum(dim=-1, keepdim=True) / count) * weight
-    cov = centred @ centred.transpose(1, 2) / (count - 1)
+    weighted = od * tissue.to(od.dtype).unsqueeze(1)
+    count = tissue.sum(dim=-1).to(od.dtype).clamp(min=2).view(-1, 1, 1)
+    mean = weighted.sum(dim=-1, keepdim=True) / count
+    # sum (od - mean)(od - mean)^T over tissue = sum od od^T - count mean mean^T: one pass less
+    cov = (weighted @ od.transpose(1, 2) - count * mean @ mean.transpose(1, 2)) / (count - 1)
     distinct_eigenvalues = torch.diag(od.new_tensor([1.0, 2.0, 3.0])).expand_as(cov)  # eigh stays finite
     cov = torch.where(ok.view(-1, 1, 1), cov, distinct_eigenvalues)
     plane = torch.linalg.eigh(cov).eigenvectors[..., 1:]
@@ -163,7 +166,18 @@ def macenko_normalize_flagged(x: torch.Tensor, ref: MacenkoReference, *, io: flo
 
 
 def _remix_pixels(x: torch.Tensor, remix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``exp(bias + remix @ log(255 x + 1))`` per pixel, clipped to [0, 1], group by group of patches.
+    """``exp(bias + remix @ log(255 x + 1))`` per pixel, clipped to [0, 1]: the fused C kernel
+    where it applies (uint8 on the CPU), else eager torch ops.
+
+    Shape: ``(B, 3, H, W)``, ``(B, 3, 3)``, ``(B, 3, 1)`` -> ``(B, 3, H, W)``.
+    """
+    if fused_remix_applies(x, remix):
+        return fused_remix(x, remix, bias)
+    return _remix_pixels_eager(x, remix, bias)
+
+
+def _remix_pixels_eager(x: torch.Tensor, remix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`_remix_pixels` with torch ops, group by group of patches (one group on CUDA).
 
     Shape: ``(B, 3, H, W)``, ``(B, 3, 3)``, ``(B, 3, 1)`` -> ``(B, 3, H, W)``.
     """

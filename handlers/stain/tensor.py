@@ -12,6 +12,8 @@ import torch
 from kornia.core.check import KORNIA_CHECK_IS_TENSOR, KORNIA_CHECK_SHAPE
 from kornia.core.exceptions import TypeCheckError, ValueCheckError
 
+from .fused import fused_applies, fused_sampled_optical_density
+
 #: float inputs may overshoot [0, 1] by this much (resampling, rounding); more is an error
 RANGE_TOLERANCE = 1e-3
 #: on the CPU, per-pixel work runs on groups of patches of about this many pixels, so each
@@ -55,6 +57,13 @@ def log_intensity(x: torch.Tensor) -> torch.Tensor:
     return scaled.log1p_()
 
 
+def sample_stride(height_px: int, width_px: int, max_sample_px: int) -> int:
+    """The stride of a regular sub-grid of about ``max_sample_px`` pixels (1: every pixel; ``max_sample_px`` 0: all)."""
+    if max_sample_px <= 0 or height_px * width_px <= max_sample_px:
+        return 1
+    return math.ceil(math.sqrt(height_px * width_px / max_sample_px))
+
+
 def sample_grid(x: torch.Tensor, max_sample_px: int) -> torch.Tensor:
     """A regular sub-grid of about ``max_sample_px`` pixels per patch (0: every pixel).
 
@@ -63,18 +72,17 @@ def sample_grid(x: torch.Tensor, max_sample_px: int) -> torch.Tensor:
 
     Shape: ``(B, 3, H, W)`` -> ``(B, 3, H', W')`` with ``H' W' <= max(max_sample_px, ...)``.
     """
-    height_px, width_px = x.shape[-2:]
-    if max_sample_px <= 0 or height_px * width_px <= max_sample_px:
-        return x
-    stride = math.ceil(math.sqrt(height_px * width_px / max_sample_px))
-    return x[..., ::stride, ::stride]
+    stride = sample_stride(x.shape[-2], x.shape[-1], max_sample_px)
+    return x if stride == 1 else x[..., ::stride, ::stride]
 
 
 def sampled_optical_density(x: torch.Tensor, io: float, max_sample_px: int) -> torch.Tensor:
-    """Optical density of the sampled pixels, flattened.
+    """Optical density of the sampled pixels (:func:`sample_grid`), flattened; uint8 on the CPU in one fused pass.
 
     Shape: ``(B, 3, H, W)`` -> ``(B, 3, N)``.
     """
+    if fused_applies(x):
+        return fused_sampled_optical_density(x, sample_stride(x.shape[-2], x.shape[-1], max_sample_px), math.log(io))
     return math.log(io) - log_intensity(sample_grid(x, max_sample_px)).flatten(2)
 
 
@@ -83,7 +91,7 @@ def tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
 
     Shape: ``(B, 3, N)`` -> ``(B, N)`` bool.
     """
-    return (od >= beta).all(dim=1)
+    return od.amin(dim=1) >= beta  # 5-10x faster than (od >= beta).all(dim=1) on the CPU
 
 
 def enough_tissue(tissue: torch.Tensor, min_tissue: float, min_px: int = 16) -> torch.Tensor:
@@ -104,22 +112,22 @@ def masked_quantile(values: torch.Tensor, q: float, mask: torch.Tensor | None = 
 
     Shape: ``(*, N)`` values and mask -> ``(*)``.
     """
-    if q > 0.5:
-        return -masked_quantile(-values, 1.0 - q, mask)
+    largest = q > 0.5
+    tail_q = 1.0 - q if largest else q  # the quantile counted from the ranked end
     n_values = values.shape[-1]
     if mask is None:
         count = torch.full(values.shape[:-1], n_values, device=values.device)
     else:
         count = mask.sum(dim=-1)
-        values = values.masked_fill(~mask, math.inf)
-    k = min(n_values, math.floor(q * (n_values - 1)) + 2)
-    smallest = values.topk(k, dim=-1, largest=False, sorted=True).values
-    position = (count - 1).clamp(min=0).to(values.dtype) * q
+        values = values.masked_fill(~mask, -math.inf if largest else math.inf)
+    k = min(n_values, math.floor(tail_q * (n_values - 1)) + 2)
+    ranked = values.topk(k, dim=-1, largest=largest, sorted=True).values
+    position = (count - 1).clamp(min=0).to(values.dtype) * tail_q
     low = position.floor()
     frac = (position - low).unsqueeze(-1)
     low_idx = low.long().unsqueeze(-1)
-    low_val = smallest.gather(-1, low_idx)
-    high_val = torch.where(frac > 0, smallest.gather(-1, (low_idx + 1).clamp(max=k - 1)), low_val)
+    low_val = ranked.gather(-1, low_idx)
+    high_val = torch.where(frac > 0, ranked.gather(-1, (low_idx + 1).clamp(max=k - 1)), low_val)
     result = (low_val + frac * (high_val - low_val)).squeeze(-1)
     return torch.where(count > 0, result, torch.zeros_like(result))
 

@@ -1,0 +1,202 @@
+/* Macenko's per-pixel steps on the CPU for uint8 patches, fused (see handlers/stain/fused.py).
+ *
+ * remix_uint8(x, remix, bias, out, n_patches, n_px, n_threads) -> None
+ *   out[b, c, p] = exp(min(0, bias[b, c] + sum_k remix[b, c, k] * log1p(x[b, k, p])))
+ *   x: n_patches * 3 * n_px bytes; remix: n_patches * 9 float32; bias: n_patches * 3 float32;
+ *   out: writable, n_patches * 3 * n_px float32. This is what handlers/stain/macenko.py computes
+ *   with eager torch ops (log1p, baddbmm, clamp, exp); fused, each value is read once and
+ *   written once, the log comes from a 256-entry table and the exp from a short polynomial
+ *   that the compiler vectorises (an x86-64-v3 (AVX2) clone, picked at load time where the
+ *   chip has it). Patches are split over n_threads POSIX threads with the GIL released.
+ *
+ * sampled_optical_density(x, out, n_patches, height_px, width_px, stride, log_io) -> None
+ *   out[b, c, i * w + j] = log_io - log1p(x[b, c, i * stride, j * stride]), w = ceil(width_px / stride):
+ *   the optical density of a regular sub-grid, as x[..., ::stride, ::stride] in torch.
+ *
+ * Buffers are C-contiguous (checked by size here, by layout in fused.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK_PX 256
+#define MAX_THREADS 256
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+static float log1p_table[256];
+
+/* exp(y) for y <= 0 (Cephes' expf: |relative error| < 2e-7); below -87 the result is ~1e-38.
+ * Branch-free (selects, a truncating conversion), so the compiler vectorises the loop around it. */
+static inline float exp_nonpositive(float y) {
+    float x = y > -87.0f ? y : -87.0f;
+    float fx = x * 1.44269504088896341f + 0.5f;
+    int32_t k = (int32_t)fx;
+    k -= (float)k > fx;  /* floor: truncation rounds negative values up */
+    float n = (float)k;
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * x + 1.3981999507e-3f;
+    p = p * x + 8.3334519073e-3f;
+    p = p * x + 4.1665795894e-2f;
+    p = p * x + 1.6666665459e-1f;
+    p = p * x + 5.0000001201e-1f;
+    p = p * x * x + x + 1.0f;
+    int32_t bits = (k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* One patch: 3 planes of n_px uint8 in, 3 planes of n_px float32 out. */
+VECTOR_CLONES
+static void remix_patch(const uint8_t *x, const float *m, const float *bias, float *out, Py_ssize_t n_px) {
+    float r[BLOCK_PX], g[BLOCK_PX], b[BLOCK_PX];
+    for (Py_ssize_t start = 0; start < n_px; start += BLOCK_PX) {
+        Py_ssize_t n = n_px - start < BLOCK_PX ? n_px - start : BLOCK_PX;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            r[i] = log1p_table[x[start + i]];
+            g[i] = log1p_table[x[n_px + start + i]];
+            b[i] = log1p_table[x[2 * n_px + start + i]];
+        }
+        for (int c = 0; c < 3; ++c) {
+            const float m0 = m[3 * c], m1 = m[3 * c + 1], m2 = m[3 * c + 2], shift = bias[c];
+            float *dst = out + c * n_px + start;
+            for (Py_ssize_t i = 0; i < n; ++i) {
+                float y = shift + m0 * r[i] + m1 * g[i] + m2 * b[i];
+                dst[i] = exp_nonpositive(y < 0.0f ? y : 0.0f);
+            }
+        }
+    }
+}
+
+typedef struct {
+    const uint8_t *x;
+    const float *remix, *bias;
+    float *out;
+    Py_ssize_t first, last, n_px;
+} Work;
+
+static void *remix_patches(void *arg) {
+    const Work *w = (const Work *)arg;
+    for (Py_ssize_t p = w->first; p < w->last; ++p)
+        remix_patch(w->x + p * 3 * w->n_px, w->remix + 9 * p, w->bias + 3 * p, w->out + p * 3 * w->n_px, w->n_px);
+    return NULL;
+}
+
+/* Split the patches over n_threads threads (this one included); 0 on success. */
+static int run_threads(Work whole, Py_ssize_t n_patches, int n_threads) {
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    Work parts[MAX_THREADS];
+    int failed = 0;
+    for (int t = 0; t < n_threads; ++t) {
+        parts[t] = whole;
+        parts[t].first = n_patches * t / n_threads;
+        parts[t].last = n_patches * (t + 1) / n_threads;
+    }
+    for (int t = 1; t < n_threads; ++t)
+        started[t] = pthread_create(&threads[t], NULL, remix_patches, &parts[t]) == 0;
+    remix_patches(&parts[0]);
+    for (int t = 1; t < n_threads; ++t) {
+        if (!started[t])
+            remix_patches(&parts[t]);  /* no thread could start: do its share here */
+        else if (pthread_join(threads[t], NULL) != 0)
+            failed = 1;
+    }
+    return failed;
+}
+
+static int check_size(const Py_buffer *buf, Py_ssize_t expected, const char *name) {
+    if (buf->len != expected) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %zd", name, buf->len, expected);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *remix_uint8(PyObject *self, PyObject *args) {
+    Py_buffer x, remix, bias, out;
+    Py_ssize_t n_patches, n_px;
+    int n_threads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nni", &x, &remix, &bias, &out, &n_patches, &n_px, &n_threads))
+        return NULL;
+    PyObject *result = NULL;
+    if (n_patches < 0 || n_px < 0) {
+        PyErr_SetString(PyExc_ValueError, "n_patches and n_px must not be negative");
+    } else if (check_size(&x, n_patches * 3 * n_px, "x") == 0 &&
+               check_size(&remix, n_patches * 9 * (Py_ssize_t)sizeof(float), "remix") == 0 &&
+               check_size(&bias, n_patches * 3 * (Py_ssize_t)sizeof(float), "bias") == 0 &&
+               check_size(&out, n_patches * 3 * n_px * (Py_ssize_t)sizeof(float), "out") == 0) {
+        Work whole = {x.buf, remix.buf, bias.buf, out.buf, 0, n_patches, n_px};
+        int threads = n_threads < 1 ? 1 : (n_threads > MAX_THREADS ? MAX_THREADS : n_threads);
+        if (threads > n_patches) threads = n_patches > 0 ? (int)n_patches : 1;
+        int failed;
+        Py_BEGIN_ALLOW_THREADS
+        failed = run_threads(whole, n_patches, threads);
+        Py_END_ALLOW_THREADS
+        if (failed)
+            PyErr_SetString(PyExc_RuntimeError, "a remix thread could not be joined");
+        else
+            result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&remix);
+    PyBuffer_Release(&bias);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *sampled_optical_density(PyObject *self, PyObject *args) {
+    Py_buffer x, out;
+    Py_ssize_t n_patches, height_px, width_px, stride;
+    float log_io;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*nnnnf", &x, &out, &n_patches, &height_px, &width_px, &stride, &log_io))
+        return NULL;
+    PyObject *result = NULL;
+    if (n_patches < 0 || height_px < 0 || width_px < 0 || stride < 1) {
+        PyErr_SetString(PyExc_ValueError, "sizes must not be negative and stride must be at least 1");
+    } else {
+        const Py_ssize_t rows = (height_px + stride - 1) / stride, cols = (width_px + stride - 1) / stride;
+        const Py_ssize_t planes = n_patches * 3;
+        if (check_size(&x, planes * height_px * width_px, "x") == 0 &&
+            check_size(&out, planes * rows * cols * (Py_ssize_t)sizeof(float), "out") == 0) {
+            const uint8_t *src = x.buf;
+            float *dst = out.buf;
+            for (Py_ssize_t plane = 0; plane < planes; ++plane)
+                for (Py_ssize_t i = 0; i < rows; ++i) {
+                    const uint8_t *row = src + (plane * height_px + i * stride) * width_px;
+                    for (Py_ssize_t j = 0; j < cols; ++j) *dst++ = log_io - log1p_table[row[j * stride]];
+                }
+            result = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"remix_uint8", remix_uint8, METH_VARARGS,
+     "remix_uint8(x, remix, bias, out, n_patches, n_px, n_threads): Macenko's remix of uint8 patches into out."},
+    {"sampled_optical_density", sampled_optical_density, METH_VARARGS,
+     "sampled_optical_density(x, out, n_patches, height_px, width_px, stride, log_io): OD of a regular sub-grid."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_remix", "Fused CPU Macenko steps for uint8 patches.", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__remix(void) {
+    for (int v = 0; v < 256; ++v) log1p_table[v] = (float)log1p((double)v);
+    return PyModule_Create(&module);
+}
