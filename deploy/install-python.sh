@@ -3,7 +3,9 @@
 # the distribution, or from the deadsnakes archive on Ubuntu releases that lack it (brst needs
 # Python >= 3.10; the TorchServe base images carry an older one for TorchServe's own venv).
 #   install-python.sh VERSION [--purge-build-tools]
-# --purge-build-tools (final stage) also removes the compilers the base image ships.
+# Without a flag (build stage) it also installs the headers that brst's C extension
+# (handlers/stain/_remix.c) compiles against; --purge-build-tools (final stage) instead removes
+# the compilers the base image ships.
 set -euo pipefail
 
 version="${1:?usage: install-python.sh VERSION [--purge-build-tools]}"
@@ -17,5 +19,7 @@ fi
 apt-get install -y --no-install-recommends "python${version}" "python${version}-venv"
 if [ "${2:-}" = "--purge-build-tools" ]; then
     apt-get purge -y --auto-remove build-essential gcc g++ make
+else
+    apt-get install -y --no-install-recommends "python${version}-dev" gcc libc6-dev
 fi
 rm -rf /var/lib/apt/lists/*

@@ -33,6 +33,7 @@ from ts.utils.util import PredictionException
 
 from brst.handlers.decode import DecodedBatch, DecodeLimits, PatchSpec, decode_batch
 from brst.handlers.handler_metrics import DECODE_SECONDS, INFERENCE_SECONDS, STAIN_SECONDS, HandlerMetrics
+from brst.handlers.stain import FUSED_CPU_REMIX
 from brst.handlers.transforms import N_DIHEDRAL, ModelInput, dihedral
 from brst.train.archive import WEIGHTS_FILE, load_archived_model
 from brst.train.targets import TargetTransform
@@ -74,8 +75,9 @@ class BrstHandler(BaseHandler):
         self.tta = bool(handler_settings.get("tta", False))
         self.brst_metrics = HandlerMetrics(context.metrics, context.model_name)
         self.initialized = True
-        log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d", self.facts["model_version"],
-                 self.facts["arch"], len(self.facts["genes"]), self.device, self.tta, torch.get_num_threads())
+        log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d, fused CPU stain kernels %s",
+                 self.facts["model_version"], self.facts["arch"], len(self.facts["genes"]), self.device, self.tta,
+                 torch.get_num_threads(), "built" if FUSED_CPU_REMIX else "not built (eager torch)")
 
     def preprocess(self, data: list[dict]) -> DecodedBatch:
         batch = decode_batch(data, self.spec, self.limits)
