@@ -54,9 +54,17 @@ def endless(loader):
         yield from loader
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a clock read without this
+    measures how fast work is queued, not done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ours_round(parts, batches, codes, steps: int) -> tuple[float, float, int, list[dict]]:
     """``steps`` of our step; returns (seconds, seconds waiting for data, samples, the batches)."""
     seen, used, waited = 0, [], 0.0
+    synchronize(parts.device)
     start = time.perf_counter()
     for _ in range(steps):
         fetch = time.perf_counter()
@@ -65,11 +73,14 @@ def ours_round(parts, batches, codes, steps: int) -> tuple[float, float, int, li
         train_step(parts, batch, codes)
         seen += len(batch["index"])
         used.append(batch)
+    synchronize(parts.device)
     return time.perf_counter() - start, waited, seen, used
 
 
 def reference_round(model, optimizer, inputs: list[tuple]) -> tuple[float, int]:
     """The bare loop over preprocessed batches; returns (seconds, samples)."""
+    device = next(model.parameters()).device
+    synchronize(device)
     start, seen = time.perf_counter(), 0
     for x, y in inputs:
         loss = F.mse_loss(model(x), y)
@@ -77,6 +88,7 @@ def reference_round(model, optimizer, inputs: list[tuple]) -> tuple[float, int]:
         loss.backward()
         optimizer.step()
         seen += x.shape[0]
+    synchronize(device)
     return time.perf_counter() - start, seen
 
 

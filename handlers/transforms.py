@@ -1,7 +1,7 @@
 """The tensor pipeline shared by training and serving: uint8 patches -> model input.
 
-``ModelInput``: uint8 -> float [0, 1] -> stain normaliser -> (training only: dihedral
-augmentation) -> resize to the architecture's input size -> normalise with the data
+``ModelInput``: uint8 -> stain normaliser (uint8 in, float [0, 1] out: on the CPU uint8
+batches take its fused kernels) -> (training only: dihedral augmentation) -> resize to the architecture's input size -> normalise with the data
 config's mean/std. TorchServe's handler and ``brst-train`` use this same module, so what
 a model sees when served is exactly what it saw in training. Every op runs on whatever
 device the batch is on.
@@ -20,6 +20,18 @@ from torch import nn
 N_DIHEDRAL = 8
 
 
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last batches as a (strided) channels-first view; channels-first ones unchanged.
+
+    Shape:
+        - Input: ``(B, H, W, 3)`` or ``(B, 3, H, W)``.
+        - Output: ``(B, 3, H, W)``, the input's dtype.
+    """
+    if x.dim() != 4 or 3 not in (x.shape[1], x.shape[-1]):
+        raise ValueError(f"expected a (B, H, W, 3) or (B, 3, H, W) batch, got {tuple(x.shape)}")
+    return x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
+
+
 def to_float_bchw(x: torch.Tensor) -> torch.Tensor:
     """uint8 or float images, channels last or first -> float ``(B, 3, H, W)`` in [0, 1].
 
@@ -27,10 +39,7 @@ def to_float_bchw(x: torch.Tensor) -> torch.Tensor:
         - Input: ``(B, H, W, 3)`` or ``(B, 3, H, W)``; uint8 (0..255) or float (0..1).
         - Output: ``(B, 3, H, W)`` float32 (or the input's float dtype).
     """
-    if x.dim() != 4 or 3 not in (x.shape[1], x.shape[-1]):
-        raise ValueError(f"expected a (B, H, W, 3) or (B, 3, H, W) batch, got {tuple(x.shape)}")
-    if x.shape[1] != 3:
-        x = x.permute(0, 3, 1, 2)
+    x = channels_first(x)
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
     return x if x.is_floating_point() else x.float()
@@ -107,8 +116,10 @@ class ModelInput(nn.Module):
 
     def __init__(self, stain: nn.Module | None, input_size: int | Sequence[int],
                  mean: Sequence[float], std: Sequence[float]) -> None:
+        from .stain import NoStain
+
         super().__init__()
-        self.stain = stain if stain is not None else nn.Identity()
+        self.stain = stain if stain is not None else NoStain()
         self.size_px = int(input_size if isinstance(input_size, int) else input_size[-1])
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
@@ -122,7 +133,7 @@ class ModelInput(nn.Module):
                    data_config["mean"], data_config["std"])
 
     def forward(self, x: torch.Tensor, dihedral_codes: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.stain(to_float_bchw(x))
+        x = self.stain(channels_first(x))  # normalisers take uint8 and give float [0, 1]
         if dihedral_codes is not None:
             x = dihedral(x, dihedral_codes)
         return normalize(resize(x, self.size_px), self.mean, self.std)

@@ -138,3 +138,19 @@ def test_masked_quantile_is_numpys(patches):
             assert got[index].item() == pytest.approx(expected, abs=1e-6), (q, index)
         torch.testing.assert_close(stain_tensor.masked_quantile(values, q),
                                    torch.from_numpy(np.quantile(values.numpy(), q, axis=-1)).float())
+
+
+def test_model_input_feeds_uint8_batches_to_the_kernels(patches, monkeypatch):
+    """Serving and training (ModelInput) hand the normaliser uint8, channels last, so the kernels run."""
+    from brst.handlers.transforms import ModelInput
+
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].dtype)
+        return fused_remix(*args)
+
+    monkeypatch.setattr(macenko_module, "fused_remix", counting)
+    model_input = ModelInput(Macenko(), 64, [0.5] * 3, [0.25] * 3)
+    out = model_input(patches.permute(0, 2, 3, 1))  # (B, H, W, 3) uint8, as decoded and as stored in HDF5
+    assert calls == [torch.uint8] and out.shape == (len(patches), 3, 64, 64) and out.dtype == torch.float32
