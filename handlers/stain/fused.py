@@ -2,10 +2,10 @@
 
 Macenko's per-pixel step, ``out = exp(min(0, bias + remix @ log(255 x + 1)))``, costs one
 ``log`` and one ``exp`` per value in eager torch, each a full pass over the batch: on a 2-core
-CPU those two passes alone cap an eager Macenko at ~15x torchstain (docs/BENCHMARKS.md). The
+CPU those two passes alone cap an eager Macenko at ~16-22x torchstain (docs/BENCHMARKS.md). The
 C kernel reads each uint8 value once (its log from a 256-entry table), evaluates ``exp`` with a
-vectorised polynomial (|relative error| < 1e-6 against torch's) and writes each float once,
-on ``torch.get_num_threads()`` threads. The stain estimate's sampled optical density comes
+vectorised polynomial (relative error < 2e-7) and writes each float once, on torch's own
+OpenMP threads (``torch.get_num_threads()`` of them). The stain estimate's sampled optical density comes
 from the same table in one pass (eager torch: a strided uint8 copy, a log and a subtraction).
 
 They apply to uint8 batches on the CPU with a float32 remix (what serving and training feed);
