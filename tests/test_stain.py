@@ -285,3 +285,18 @@ def test_make_stain_knows_every_method():
     assert sorted(METHODS) == ["macenko", "none", "reinhard"]
     with pytest.raises(BrstError, match="unknown"):
         make_stain("vahadane")
+
+
+def test_masked_quantile_is_numpys():
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(5, 2, 301, generator=generator)
+    mask = torch.rand(5, 2, 301, generator=generator) > 0.4
+    mask[0, 1] = False
+    for q in (0.0, 0.01, 0.37, 0.5, 0.99, 1.0):
+        got = stain_tensor.masked_quantile(values, q, mask)
+        for index in np.ndindex(5, 2):
+            kept = values[index][mask[index]].numpy()
+            expected = np.quantile(kept, q) if len(kept) else 0.0
+            assert got[index].item() == pytest.approx(expected, abs=1e-6), (q, index)
+        torch.testing.assert_close(stain_tensor.masked_quantile(values, q),
+                                   torch.from_numpy(np.quantile(values.numpy(), q, axis=-1)).float())

@@ -9,10 +9,10 @@
  *   that the compiler vectorises (an x86-64-v3 (AVX2) clone, picked at load time where the
  *   chip has it). Patches are split over n_threads OpenMP threads with the GIL released.
  *
- * sampled_optical_density(x, out, n_patches, height_px, width_px, stride, log_io) -> None
+ * sampled_optical_density(x, out, n_patches, height_px, width_px, stride, log_io, n_threads) -> None
  *   out[b, c, i * w + j] = log_io - log1p(x[b, c, i * stride, j * stride]), w = ceil(width_px / stride):
- *   the optical density of a regular sub-grid, as x[..., ::stride, ::stride] in torch, over
- *   torch's OpenMP threads. The sampled rows lie far apart, so each is prefetched a few rows
+ *   the optical density of a regular sub-grid, as x[..., ::stride, ::stride] in torch, on
+ *   n_threads OpenMP threads. The sampled rows lie far apart, so each is prefetched a few rows
  *   early: reading them one by one from memory was latency-bound (2.6 ms cold, 0.9 ms now).
  *
  * Buffers are C-contiguous (checked by size here, by layout in fused.py).
@@ -130,8 +130,10 @@ static PyObject *sampled_optical_density(PyObject *self, PyObject *args) {
     Py_buffer x, out;
     Py_ssize_t n_patches, height_px, width_px, stride;
     float log_io;
+    int n_threads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*w*nnnnf", &x, &out, &n_patches, &height_px, &width_px, &stride, &log_io))
+    if (!PyArg_ParseTuple(args, "y*w*nnnnfi", &x, &out, &n_patches, &height_px, &width_px, &stride, &log_io,
+                          &n_threads))
         return NULL;
     PyObject *result = NULL;
     if (n_patches < 0 || height_px < 0 || width_px < 0 || stride < 1) {
@@ -144,8 +146,9 @@ static PyObject *sampled_optical_density(PyObject *self, PyObject *args) {
             const uint8_t *src = x.buf;
             float *out_px = out.buf;
             const Py_ssize_t n_rows = planes * rows;
+            const int threads = n_threads < 1 ? 1 : n_threads;
             Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for schedule(static)  /* torch's thread count: it sets OpenMP's */
+#pragma omp parallel for num_threads(threads) schedule(static)
             for (Py_ssize_t r = 0; r < n_rows; ++r) {
                 const uint8_t *row = src + ((r / rows) * height_px + (r % rows) * stride) * width_px;
                 if (r + PREFETCH_ROWS < n_rows) {  /* sampled rows are far apart: ask for them early */
@@ -169,7 +172,7 @@ static PyMethodDef methods[] = {
     {"remix_uint8", remix_uint8, METH_VARARGS,
      "remix_uint8(x, remix, bias, out, n_patches, n_px, n_threads): Macenko's remix of uint8 patches into out."},
     {"sampled_optical_density", sampled_optical_density, METH_VARARGS,
-     "sampled_optical_density(x, out, n_patches, height_px, width_px, stride, log_io): OD of a regular sub-grid."},
+     "sampled_optical_density(x, out, n_patches, height_px, width_px, stride, log_io, n_threads): OD of a sub-grid."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -64,6 +64,7 @@ def fused_sampled_optical_density(x: torch.Tensor, stride: int, log_io: float) -
     n_patches, _, height_px, width_px = x.shape
     n_px = -(-height_px // stride) * -(-width_px // stride)
     out = torch.empty((n_patches, 3, n_px), dtype=torch.float32)
-    _remix.sampled_optical_density(x.numpy(), out.numpy(), n_patches, height_px, width_px, stride, log_io)
+    _remix.sampled_optical_density(x.numpy(), out.numpy(), n_patches, height_px, width_px, stride, log_io,
+                                   torch.get_num_threads())
     return out
 
