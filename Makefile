@@ -19,8 +19,14 @@ $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 
 venv: $(BIN)/brst-train
 
+# Tests run with a fresh, empty home and cache folder (removed afterwards), so no cache left on
+# this machine by an earlier run (gRPC stubs, matplotlib, torch hub, ...) can hide a fault that
+# a fresh machine would show. The venv's pip cache is the only per-user state kept.
 test: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	scratch=$$(mktemp -d -t brst-test-home.XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
+	HOME=$$scratch XDG_CACHE_HOME=$$scratch/.cache XDG_CONFIG_HOME=$$scratch/.config \
+	MPLCONFIGDIR=$$scratch/.config/matplotlib TORCH_HOME=$$scratch/.cache/torch \
+	BRST_GRPC_STUBS_DIR= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not serve" $(PYTEST_ARGS)

@@ -8,8 +8,10 @@ TorchServe version into ``$XDG_CACHE_HOME/brst/grpc/<version>/`` (default
 speaks the served version's protocol and no generated code is committed. The protos are
 placed under a package of our own (``brst_ts_grpc``) so the generated modules cannot
 collide with other top-level ``inference_pb2`` modules; message and service names are
-TorchServe's, unchanged. ``google.rpc.status_pb2`` comes from googleapis-common-protos
-when installed, else it is generated beside the stubs.
+TorchServe's, unchanged. ``google/rpc/status.proto`` is always extracted onto protoc's
+include path and always compiled beside the stubs: the generated folder is appended to
+``sys.path``, so an installed googleapis-common-protos (earlier on the path) still wins, and
+the stubs work with or without it, whatever the process had importable when they were made.
 """
 from __future__ import annotations
 
@@ -59,25 +61,17 @@ def stubs_dir(version: str | None = None) -> Path:
     return cache / "brst" / "grpc" / (version or torchserve_version())
 
 
-def _needs_status_proto() -> bool:
-    return importlib.util.find_spec("google.rpc") is None
-
-
-def _extract_protos(jar: Path, dest: Path, with_status: bool) -> list[str]:
-    """Copy the protos out of the jar into ``dest``; return their include-relative names."""
-    names = []
+def _extract_protos(jar: Path, dest: Path) -> list[str]:
+    """Copy TorchServe's protos and the ``status.proto`` they import out of the jar into
+    ``dest``; return their include-relative names (all of them are compiled)."""
+    members = {f"{PACKAGE}/{key}.proto": member for key, member in PROTOS.items()}
+    members[STATUS_PROTO] = STATUS_PROTO
     with zipfile.ZipFile(jar) as archive:
-        for key, member in PROTOS.items():
-            target = dest / PACKAGE / f"{key}.proto"
+        for name, member in members.items():
+            target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.read(member))
-            names.append(f"{PACKAGE}/{key}.proto")
-        if with_status:
-            target = dest / STATUS_PROTO
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(STATUS_PROTO))
-            names.append(STATUS_PROTO)
-    return names
+    return list(members)
 
 
 def _run_protoc(include: Path, out: Path, names: list[str]) -> None:
@@ -90,11 +84,17 @@ def _run_protoc(include: Path, out: Path, names: list[str]) -> None:
         raise BrstError("grpc_tools.protoc", f"failed to compile {', '.join(names)}")
 
 
+def _complete(root: Path) -> bool:
+    """Whether ``root`` holds every generated module (the marker is written last)."""
+    return (root / PACKAGE / "__init__.py").is_file() and (root / STATUS_PROTO).with_name("status_pb2.py").is_file()
+
+
 def generate_stubs(target: Path | None = None) -> Path:
     """Compile TorchServe's protos into ``target`` (default :func:`stubs_dir`); return it.
 
     Writes into a temporary folder beside ``target`` and renames it into place, so a
-    concurrent caller sees either no folder or a complete one.
+    concurrent caller sees either no folder or a complete one. An incomplete ``target`` (from
+    an older brst that skipped ``status_pb2``) is replaced.
     """
     target = Path(target) if target is not None else stubs_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,13 +102,15 @@ def generate_stubs(target: Path | None = None) -> Path:
     try:
         protos, out = work / "protos", work / "out"
         out.mkdir()
-        names = _extract_protos(model_server_jar(), protos, _needs_status_proto())
+        names = _extract_protos(model_server_jar(), protos)
         _run_protoc(protos, out, names)
         (out / PACKAGE / "__init__.py").touch()
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target)
         try:
             out.rename(target)
         except OSError:
-            if not (target / PACKAGE / "__init__.py").is_file():
+            if not _complete(target):
                 raise
         log.info("generated TorchServe gRPC stubs in %s", target)
     finally:
@@ -120,7 +122,7 @@ def load_stubs() -> SimpleNamespace:
     """The generated modules: ``inference_pb2``, ``inference_pb2_grpc``, ``management_pb2``,
     ``management_pb2_grpc`` (generating them first if the cache lacks them)."""
     root = stubs_dir()
-    if not (root / PACKAGE / "__init__.py").is_file():
+    if not _complete(root):
         generate_stubs(root)
     if str(root) not in sys.path:
         sys.path.append(str(root))
