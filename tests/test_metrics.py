@@ -42,6 +42,22 @@ def test_constant_column_has_no_r_and_is_not_positive():
     assert "b" not in [entry["gene"] for entry in summary["best_genes"]]
 
 
+@pytest.mark.parametrize("n", [10, 50, 182, 1000])
+def test_a_repeated_value_is_constant_not_a_tiny_r(n):
+    """0.7 repeated centres to rounding noise (~1e-17), which must not give r = ±1e-17 counted as r > 0."""
+    pred, true = _pair(5, n=n, g=3)
+    true[:, 1] = 0.7
+    pred[:, 2] = 0.7
+    r = metrics.pearson_r(pred, true)
+    assert np.isnan(r[1]) and np.isnan(r[2]) and not np.isnan(r[0])
+    assert metrics.summarize(metrics.gene_metrics(pred, true), ["a", "b", "c"])["n_positive"] == int(r[0] > 0)
+    scaled = metrics.pearson_r(pred * 1e-9, true * 1e6)  # the tolerance follows each column's scale
+    assert np.isnan(scaled[1:]).all() and scaled[0] == pytest.approx(r[0])
+    tiny_but_varying = true.copy()
+    tiny_but_varying[:, 1] = 0.7 + 1e-9 * pred[:, 1]
+    assert metrics.pearson_r(pred, tiny_but_varying)[1] == pytest.approx(1.0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(scale=st.floats(0.01, 100.0), shift=st.floats(-50.0, 50.0), seed=st.integers(0, 10_000))
 def test_pearson_invariant_to_positive_affine_and_flips_with_sign(scale, shift, seed):

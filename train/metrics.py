@@ -10,7 +10,10 @@ r, aMAE and aRMSE (the averages over genes of the per-gene MAE and RMSE), and, o
 several held-out patients or sections, how many genes have a *median* r above 0.5.
 
 A gene whose prediction or measurement is constant over the spots has no defined r:
-it is NaN, counts as not positive, and is left out of means and medians.
+it is NaN, counts as not positive, and is left out of means and medians. "Constant" is
+judged relative to the column's own scale (:func:`constant_columns`): a column of 0.7
+repeated centres to rounding noise of about 1e-17, not to exact zeros, and must not yield
+an r of ±1e-17 that would count as "r > 0".
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ import numpy as np
 
 #: the paper's threshold for a "well predicted" gene (median r across held-out sets)
 GOOD_R = 0.5
+#: a column whose spread around its mean is at most this many float64 epsilons per spot,
+#: times its largest magnitude, is constant (the rounding error of a mean of N values is
+#: below N epsilons of the largest value)
+CONSTANT_EPS_PER_SPOT = 4.0
 
 
 def _check_pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,10 +39,25 @@ def _check_pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndar
     return pred, true
 
 
+def constant_columns(values: np.ndarray, centred: np.ndarray) -> np.ndarray:
+    """Which columns are constant up to float64 rounding, relative to each column's scale.
+
+    A column is constant when its largest deviation from its mean is at most
+    ``CONSTANT_EPS_PER_SPOT * N * eps * max|column|`` (all-zero columns included).
+
+    Shape: values (N, G), centred (N, G) (``values`` minus the column means) -> (G,) bool.
+    """
+    scale = np.abs(values).max(axis=0)
+    spread = np.abs(centred).max(axis=0)
+    tolerance = CONSTANT_EPS_PER_SPOT * values.shape[0] * np.finfo(np.float64).eps * scale
+    return spread <= tolerance
+
+
 def pearson_r(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Pearson correlation of each column of ``pred`` with the same column of ``true``.
 
-    Shape: pred (N, G), true (N, G) -> (G,); NaN where either column is constant.
+    Shape: pred (N, G), true (N, G) -> (G,); NaN where either column is constant
+    (:func:`constant_columns`).
     """
     pred, true = _check_pair(pred, true)
     pred_c = pred - pred.mean(axis=0)
@@ -44,7 +66,7 @@ def pearson_r(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     cov = (pred_c * true_c).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = cov / norm
-    r[norm <= np.finfo(np.float64).tiny] = np.nan
+    r[constant_columns(pred, pred_c) | constant_columns(true, true_c) | (norm <= np.finfo(np.float64).tiny)] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 
