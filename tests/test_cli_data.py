@@ -139,6 +139,25 @@ def test_worker_errors_reach_the_cli(her2st_root, tmp_path):
     assert not (out / f"{SECTION}.h5").exists()
 
 
+def test_missing_genes_option(her2st_root, tmp_path, caplog):
+    """A plan gene C6 does not measure: zero counts by default (a warning), an error with --missing-genes error."""
+    root = her2st_copy(her2st_root, tmp_path / "data")
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"format": "brst-gene-plan", "genes": ["ERBB2", "GRB7", "NOT_IN_C6"], "panel": ["ERBB2"]}')
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["prepare", "--format", "her2st", "--root", str(root), "--plan", str(plan), *FAST]
+    result = run(*args, "--missing-genes", "error", "--out", str(out / "strict.h5"))
+    assert_one_line_error(result, str(plan), "1 plan gene(s) not measured in section C6: ['NOT_IN_C6']")
+    assert_no_output(out)
+    with caplog.at_level("WARNING", logger="brst.train.prepare"):
+        result = run(*args, "--out", str(out / "zero.h5"))
+    assert result.exit_code == 0, result.output
+    assert "section C6 does not measure 1 of the 3 plan genes" in caplog.text
+    with h5py.File(out / "zero.h5") as handle:
+        assert not handle["counts"][:, 2].any() and handle["counts"][:, 0].any()
+
+
 def test_inspect_bad_input(her2st_h5, tmp_path):
     partial = tmp_path / "partial.h5"
     shutil.copyfile(her2st_h5, partial)

@@ -127,6 +127,35 @@ def test_shards_with_a_plan_read_as_one(her2st_root, her2st_h5, tmp_path):
     np.testing.assert_array_equal(shards.patches([0, len(whole) - 1]), whole.patches([0, len(whole) - 1]))
 
 
+def test_plan_genes_a_section_does_not_measure_are_zero(her2st_root, tmp_path, caplog):
+    """A plan made on C2 (every gene it measures) applied to C3, whose count file omits genes
+    with no counts there: zero counts and a warning naming how many (default), or an error."""
+    options = PrepareOptions(um_per_px=4.0, min_expressed_frac=0.0)
+    plan_path = tmp_path / "plan.json"
+    prepare("her2st", her2st_root, write_plan=plan_path, sections=["C2"], options=options)
+    plan = GenePlan.from_json(plan_path)
+    counts, spots = raw_section(her2st_root, "C3")
+    unmeasured = [gene for gene in plan.genes if gene not in set(counts.columns)]
+    assert len(unmeasured) > 100  # the cross-patient case: the plan names genes C3 never measured
+    with caplog.at_level("WARNING", logger="brst.train.prepare"):
+        files, _, _ = prepare("her2st", her2st_root, out=tmp_path / "c3.h5", sections=["C3"], options=options,
+                              plan_path=plan_path)
+    assert f"section C3 does not measure {len(unmeasured)} of the {len(plan.genes)} plan genes" in caplog.text
+    index = open_dataset(files[0])
+    assert list(index.genes) == plan.genes and list(index.panel) == plan.panel
+    stored = index.counts(np.arange(len(index)), unmeasured)
+    assert stored.shape == (len(index), len(unmeasured)) and not stored.any()
+    measured = [gene for gene in plan.genes[:200] if gene not in set(unmeasured)]
+    raw = counts.loc[list(index.spots["spot_id"]), measured].to_numpy()
+    np.testing.assert_array_equal(index.counts(np.arange(len(index)), measured), raw)
+    assert json.loads(index.attrs["filters"])["zero_filled_genes"] == {"C3": len(unmeasured)}
+    strict = PrepareOptions(um_per_px=4.0, min_expressed_frac=0.0, missing_genes="error")
+    with pytest.raises(BrstError, match=f"{len(unmeasured)} plan gene\\(s\\) not measured in section C3"):
+        prepare("her2st", her2st_root, out=tmp_path / "strict.h5", sections=["C3"], options=strict,
+                plan_path=plan_path)
+    assert not (tmp_path / "strict.h5").exists()
+
+
 @pytest.mark.slow
 def test_workers_give_the_same_file(her2st_root, tmp_path):
     options = PrepareOptions(um_per_px=4.0)

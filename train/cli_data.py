@@ -53,6 +53,9 @@ def split_names(values: tuple[str, ...]) -> list[str] | None:
               help="Sections cut in parallel processes.")
 @click.option("--plan", "plan_path", type=PATH, help="Use the genes and panel of this gene plan JSON.")
 @click.option("--write-plan", type=PATH, help="Only compute the gene plan (JSON) for these sections; no patches.")
+@click.option("--missing-genes", type=click.Choice(["zero", "error"]), default="zero", show_default=True,
+              help="With --plan: a plan gene a section does not measure (ST count files omit genes with no "
+                   "counts) is stored as zero counts, with a warning naming how many; or is an error.")
 @click.option("--image", "fullres_image", type=PATH,
               help="visium: the full-resolution H&E image of the (one) section.")
 @click.option("--scaled-image", type=click.Choice(["hires", "lowres"]), default="hires", show_default=True,
@@ -60,7 +63,7 @@ def split_names(values: tuple[str, ...]) -> list[str] | None:
 def prepare(format_name: str, root: Path, out: Path | None, out_dir: Path | None, sections: tuple[str, ...],
             patch_um: float, um_per_px: float, min_counts: int, min_expressed_frac: float, panel_size: int,
             genes_file: Path | None, otsu: bool, min_tissue_frac: float, workers: int, plan_path: Path | None,
-            write_plan: Path | None, fullres_image: Path | None, scaled_image: str) -> None:
+            write_plan: Path | None, missing_genes: str, fullres_image: Path | None, scaled_image: str) -> None:
     """Build an HDF5 patch dataset from spatial-transcriptomics sections.
 
     \b
@@ -72,7 +75,7 @@ def prepare(format_name: str, root: Path, out: Path | None, out_dir: Path | None
     options = PrepareOptions(patch_um=patch_um, um_per_px=um_per_px, min_counts=min_counts,
                              min_expressed_frac=min_expressed_frac, panel_size=panel_size,
                              genes_file=str(genes_file) if genes_file else None, otsu=otsu,
-                             min_tissue_frac=min_tissue_frac, workers=workers)
+                             min_tissue_frac=min_tissue_frac, workers=workers, missing_genes=missing_genes)
     reader_options = {"fullres_image": fullres_image, "scaled": scaled_image} if format_name == "visium" else {}
     files, reports, plan = run_prepare(format_name, root, out=out, out_dir=out_dir, sections=split_names(sections),
                                        options=options, plan_path=plan_path, write_plan=write_plan,

@@ -5,6 +5,11 @@ Rules (BrST-Net / ST-Net): keep a gene when it is present in every section and e
 ``panel_size`` kept genes with the highest mean raw count, or a user's list (``--genes FILE``).
 A :class:`GenePlan` is saved as JSON so that many independent ``prepare`` jobs (one per
 section) write files with the same genes and panel, which then open as one dataset.
+
+A plan applied to a section that does not measure some of its genes (ST count files omit
+genes with no count in the section, so a plan made on other patients names genes a new
+section lacks) gives those genes zero counts there (``missing_genes="zero"``, the default
+of ``prepare --missing-genes``) or refuses the section (``"error"``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from .errors import BrstError
 from .readers.base import Section
 
 PLAN_FORMAT = "brst-gene-plan"
+#: what to do with a plan gene a section does not measure: store zeros, or refuse the section
+MISSING_GENES = ("zero", "error")
 
 
 @dataclass
@@ -78,12 +85,39 @@ def common_genes(sections: Sequence[Section]) -> list[str]:
     return [gene for gene in sections[0].genes if gene in shared]
 
 
-def stack_counts(sections: Sequence[Section], genes: Sequence[str]) -> scipy.sparse.csr_matrix:
-    """``(sum N, len(genes))`` CSR int32 counts of ``genes`` over all sections' spots."""
-    blocks = []
-    for section in sections:
-        column = {gene: i for i, gene in enumerate(section.genes)}
-        blocks.append(section.counts[:, [column[gene] for gene in genes]])
+def unmeasured_genes(section: Section, genes: Sequence[str]) -> list[str]:
+    """The ``genes`` that ``section`` does not measure (not in its count table), in order."""
+    measured = set(section.genes)
+    return [gene for gene in genes if gene not in measured]
+
+
+def section_counts(section: Section, genes: Sequence[str], zero_missing: bool = False) -> scipy.sparse.csr_matrix:
+    """``(N, len(genes))`` CSR counts of ``genes`` in one section.
+
+    Args:
+        zero_missing: genes the section does not measure get zero counts (else BrstError).
+    """
+    column = {gene: i for i, gene in enumerate(section.genes)}
+    present = [k for k, gene in enumerate(genes) if gene in column]
+    if len(present) == len(genes):
+        return section.counts[:, [column[gene] for gene in genes]]
+    if not zero_missing:
+        missing = unmeasured_genes(section, genes)
+        raise BrstError(f"section {section.section}", f"does not measure {len(missing)} gene(s): {missing[:5]}")
+    picked = section.counts[:, [column[genes[k]] for k in present]].tocoo()
+    positions = np.asarray(present, dtype=np.int64)[picked.col]
+    return scipy.sparse.csr_matrix((picked.data, (picked.row, positions)), shape=(section.n_spots, len(genes)),
+                                   dtype=section.counts.dtype)
+
+
+def stack_counts(sections: Sequence[Section], genes: Sequence[str],
+                 zero_missing: bool = False) -> scipy.sparse.csr_matrix:
+    """``(sum N, len(genes))`` CSR int32 counts of ``genes`` over all sections' spots.
+
+    Args:
+        zero_missing: genes a section does not measure get zero counts there (else BrstError).
+    """
+    blocks = [section_counts(section, genes, zero_missing) for section in sections]
     return scipy.sparse.vstack(blocks, format="csr")
 
 

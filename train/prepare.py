@@ -9,7 +9,9 @@ section (``out_dir``), each written under a temporary name and renamed when comp
 A large cohort is prepared as independent jobs: one ``--write-plan plan.json`` run over
 all sections (counts only, no pixels decoded unless ``otsu``), then one job per section
 with ``--plan plan.json --sections S --out-dir shards/``; ``open_dataset("shards/")``
-reads the shards as one dataset.
+reads the shards as one dataset. A plan gene that a section does not measure (its count file
+omits genes with no counts) is stored as zero there, with a warning naming how many
+(``missing_genes="zero"``), or stops ``prepare`` (``"error"``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from .atomic import atomic_path
 from .data.writer import DatasetWriter
 from .errors import BrstError
-from .genes import GenePlan, choose_genes, read_gene_list, stack_counts
+from .genes import MISSING_GENES, GenePlan, choose_genes, read_gene_list, stack_counts, unmeasured_genes
 from .patches import PatchGeometry, cut_patch
 from .readers import read_sections, reader
 from .readers.base import Section
@@ -49,6 +51,8 @@ class PrepareOptions:
         otsu: drop spots whose patch has less than ``min_tissue_frac`` tissue (Otsu).
         min_tissue_frac: tissue share needed with ``otsu``.
         workers: sections cut in parallel processes.
+        missing_genes: with a plan, what a plan gene a section does not measure becomes:
+            ``"zero"`` (zero counts, with a warning) or ``"error"``.
     """
 
     patch_um: float = 112.0
@@ -60,6 +64,7 @@ class PrepareOptions:
     otsu: bool = False
     min_tissue_frac: float = 0.25
     workers: int = 1
+    missing_genes: str = "zero"
 
     @property
     def geometry(self) -> PatchGeometry:
@@ -67,7 +72,8 @@ class PrepareOptions:
 
     def filters(self) -> dict:
         """The filter settings stored in the dataset's ``filters`` attribute."""
-        keys = ("min_counts", "min_expressed_frac", "panel_size", "genes_file", "otsu", "min_tissue_frac")
+        keys = ("min_counts", "min_expressed_frac", "panel_size", "genes_file", "otsu", "min_tissue_frac",
+                "missing_genes")
         return {key: value for key, value in asdict(self).items() if key in keys}
 
 
@@ -129,13 +135,19 @@ def parallel_map(function, jobs: Sequence, workers: int) -> Iterator:
 
 def dataset_attrs(format_name: str, sections: Sequence[Section], options: PrepareOptions,
                   plan: GenePlan, root: Path) -> dict:
-    """HDF5 attributes of the schema (``filters`` as a dict; the writer stores JSON)."""
+    """HDF5 attributes of the schema (``filters`` as a dict; the writer stores JSON).
+
+    ``filters["zero_filled_genes"]``: per section, how many plan genes it does not measure
+    (stored as zero counts).
+    """
     geometry = options.geometry
+    zero_filled = {section.section: len(unmeasured_genes(section, plan.genes)) for section in sections}
     return {
         "source_format": format_name, "reader_version": reader(format_name).READER_VERSION,
         "um_per_px": geometry.um_per_px, "patch_px": geometry.patch_px, "patch_um": geometry.side_um,
         "spot_diameter_um": float(sections[0].spot_diameter_um), "source_root": str(root.resolve()),
-        "filters": {**options.filters(), "gene_rule": plan.rule},
+        "filters": {**options.filters(), "gene_rule": plan.rule,
+                    "zero_filled_genes": {name: n for name, n in zero_filled.items() if n}},
     }
 
 
@@ -145,7 +157,8 @@ def write_dataset(path: Path, attrs: dict, sections: Sequence[Section], plan: Ge
     total = sum(section.n_spots for section in sections)
     with atomic_path(path) as tmp, DatasetWriter(tmp, total, plan.genes, plan.panel, attrs) as writer:
         for section, section_patches in zip(sections, patches):
-            writer.append(section, section_patches, stack_counts([section], plan.genes), section.library_size)
+            writer.append(section, section_patches, stack_counts([section], plan.genes, zero_missing=True),
+                          section.library_size)
             if progress is not None:
                 progress.update(section.n_spots)
         writer.finish()
@@ -158,12 +171,20 @@ def _write_section_job(job: tuple) -> Path:
     return write_dataset(path, attrs, [section], plan, iter([_run_cut(_cut_job(section, geometry))]))
 
 
-def _check_plan_genes(sections: Sequence[Section], plan: GenePlan, source: object) -> None:
+def _check_plan_genes(sections: Sequence[Section], plan: GenePlan, source: object, missing_genes: str) -> None:
+    """Plan genes a section does not measure: a warning naming how many (``zero``) or BrstError (``error``)."""
+    if missing_genes not in MISSING_GENES:
+        raise BrstError(f"--missing-genes {missing_genes}", f"expected one of {', '.join(MISSING_GENES)}")
     for section in sections:
-        missing = sorted(set(plan.genes) - set(section.genes))
-        if missing:
+        missing = unmeasured_genes(section, plan.genes)
+        if not missing:
+            continue
+        if missing_genes == "error":
             raise BrstError(source, f"{len(missing)} plan gene(s) not measured in section {section.section}: "
-                            f"{missing[:5]}")
+                            f"{missing[:5]} (--missing-genes zero stores them as zero counts)")
+        log.warning("section %s does not measure %d of the %d plan genes (e.g. %s): stored as zero counts "
+                    "(its count table omits genes with no counts; --missing-genes error refuses instead)",
+                    section.section, len(missing), len(plan.genes), ", ".join(missing[:3]))
 
 
 def make_plan(sections: Sequence[Section], options: PrepareOptions, panel: list[str] | None) -> GenePlan:
@@ -206,7 +227,7 @@ def prepare(format_name: str, root: str | Path, out: str | Path | None = None, o
     if plan is None:
         plan = make_plan(kept, options, panel)
     else:
-        _check_plan_genes(kept, plan, plan_path)
+        _check_plan_genes(kept, plan, plan_path, options.missing_genes)
     log.info("%d genes kept, panel of %d (%s)", len(plan.genes), len(plan.panel), plan.rule.get("panel"))
     if write_plan is not None:
         plan.to_json(write_plan)
