@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,11 +19,14 @@ from brst.handlers.transforms import ModelInput
 from brst.train import baselines
 from brst.train.checkpoint import load_checkpoint
 from brst.train.cli import cli
+from brst.train.checkpoint import save_checkpoint
 from brst.train.data import open_dataset
+from brst.train.data.fingerprint import data_fingerprint
 from brst.train.evaluate import measured_expression, score_fold
 from brst.train.metrics import pearson_r
 from brst.train.models import model_from_checkpoint
 from brst.train.predict import predict_batch, predict_expression
+from brst.train.prepare import PrepareOptions, prepare
 
 TINY_FIT = ["--arch", "test_resnet", "--epochs", "1", "--input-size", "32", "--stain", "none",
             "--aux-weight", "0", "--workers", "0", "--batch-size", "64", "--device", "cpu"]
@@ -180,3 +185,125 @@ def test_report_over_several_folds(index, tmp_path):
     assert {"ranked_r_cv.png", "tissue_C4.png", "tissue_C5.png"} <= set(summary["pictures"])
     assert all((tmp_path / name).stat().st_size > 0 for name in summary["pictures"])
     assert "across 2 fold(s)" in format_report(summary)
+
+
+# --- integrity (issue 13): the data and spots a checkpoint was trained on ---------------------------------------
+
+
+def _genes_csv(path) -> dict[str, float]:
+    with open(path) as handle:
+        return {row["gene"]: float(row["r_model"]) for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def c2_alone(her2st_root, tmp_path_factory):
+    """Section C2 prepared by itself, with its own gene filter and panel: other genes, in another order."""
+    out = tmp_path_factory.mktemp("separate") / "c2.h5"
+    prepare("her2st", her2st_root, out=out, sections=["C2"], options=PrepareOptions(um_per_px=2.0, panel_size=20,
+                                                                                   min_expressed_frac=0.02))
+    return out
+
+
+def test_checkpoint_records_its_data_and_spots(holdout_run, her2st_h5, index):
+    out, _ = holdout_run
+    ckpt = load_checkpoint(out / "folds" / "C2")
+    assert ckpt["data_fingerprint"] == data_fingerprint(her2st_h5)
+    assert sorted(ckpt["spots"]["train"]) == ["C3", "C4", "C5", "C6"] and list(ckpt["spots"]["val"]) == ["C2"]
+    c2 = index.spots["section"] == "C2"
+    assert ckpt["spots"]["val"]["C2"] == list(index.spots["spot_id"][c2])
+    assert sum(map(len, ckpt["spots"]["train"].values())) == int((~c2).sum())
+    assert "selected_by" not in ckpt and load_checkpoint(out / "folds" / "C2" / "best-epoch001.pt")["selected_by"] == {
+        "metric": "val_mean_r", "epoch": 1, "score": pytest.approx(ckpt["metrics"]["history"][0]["val_mean_r"]),
+        "spots": "val"}
+
+
+def test_fold_is_reused_only_on_the_same_data(holdout_run, her2st_h5, tmp_path):
+    """``data`` is a runtime option: a copy at another path reuses the fold, other content refuses it."""
+    out, _ = holdout_run
+    last = out / "folds" / "C2" / "last.pt"
+    before = last.stat().st_mtime_ns
+    copy = shutil.copyfile(her2st_h5, tmp_path / "copy.h5")
+    args = ["--holdout", "C2", "--split-by", "section", "--out", str(out), *TINY_FIT]
+    assert _invoke(*args, "--data", str(copy)).exit_code == 0 and last.stat().st_mtime_ns == before
+    other = shutil.copyfile(her2st_h5, tmp_path / "other.h5")
+    with h5py.File(other, "r+") as handle:
+        handle["spots/library_size"][5] += 1
+    result = CliRunner().invoke(cli, ["evaluate", *args, "--data", str(other)])
+    assert result.exit_code == 2 and "holds a run trained on other data" in result.output, result.output
+    assert last.stat().st_mtime_ns == before
+
+
+def test_training_spots_are_refused_unless_allowed(holdout_run, her2st_h5, index, tmp_path):
+    out, _ = holdout_run
+    args = ["evaluate", "--checkpoint", str(out / "folds" / "C2" / "last.pt"), "--data", str(her2st_h5),
+            "--holdout", "C3", "--split-by", "section", "--device", "cpu"]
+    refused = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "refused")])
+    n_c3 = int(np.sum(index.spots["section"] == "C3"))
+    assert refused.exit_code == 2, refused.output
+    assert f"{n_c3} of the {n_c3} spots to score were training spots of this model" in refused.output
+    assert "--allow-training-spots" in refused.output and not (tmp_path / "refused" / "summary.json").exists()
+    allowed = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "allowed"), "--allow-training-spots"])
+    assert allowed.exit_code == 0, allowed.output
+    assert f"WARNING: {n_c3} of the {n_c3} scored spots were TRAINING spots" in allowed.output
+    integrity = json.loads((tmp_path / "allowed" / "summary.json").read_text())["integrity"]
+    assert integrity["training_spots_scored"] == n_c3 and integrity["allowed_training_spots"]
+    assert integrity["data_matches_training"] is True
+
+
+def test_best_checkpoint_on_its_selection_spots_is_flagged(holdout_run, her2st_h5, tmp_path):
+    out, _ = holdout_run
+    common = ["--data", str(her2st_h5), "--device", "cpu"]
+    best = _invoke("--checkpoint", str(out / "folds" / "C2" / "best-epoch001.pt"), *common, "--out", str(tmp_path / "b"))
+    assert best.exit_code == 0, best.output
+    assert "validation spots this best checkpoint was selected on (epoch 1 by val_mean_r)" in best.output
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["integrity"]["selection_spots_scored"] > 0
+    last = _invoke("--checkpoint", str(out / "folds" / "C2" / "last.pt"), *common, "--out", str(tmp_path / "l"))
+    assert last.exit_code == 0 and "WARNING" not in last.output, last.output
+
+
+def test_checkpoint_on_a_separately_prepared_dataset(holdout_run, c2_alone, index, tmp_path):
+    """C2 prepared by itself (other genes, other order, other panel): genes are matched by name,
+    so the model's r per gene equals its r on the training data's copy of the same spots."""
+    out, _ = holdout_run
+    ckpt = load_checkpoint(out / "folds" / "C2")
+    separate = open_dataset(c2_alone)
+    assert list(separate.genes) != list(index.genes) and set(ckpt["genes"]) <= set(separate.genes)
+    result = _invoke("--checkpoint", str(out / "folds" / "C2"), "--data", str(c2_alone), "--out", str(tmp_path),
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "baselines were fitted on the scored spots themselves" in result.output
+    (fold,) = json.loads((tmp_path / "summary.json").read_text())["folds"]
+    assert fold["fold"] == "C2" and fold["n_spots"] == len(separate) and fold["baselines_in_sample"]
+    on_training_data = _genes_csv(out / "genes.csv")
+    here = _genes_csv(tmp_path / "genes.csv")
+    assert list(here) == list(ckpt["genes"])
+    np.testing.assert_allclose([here[g] for g in here], [on_training_data[g] for g in here], atol=2e-5)
+
+
+def test_new_sections_are_scored_whole(holdout_run, c2_alone, tmp_path):
+    """Data holding none of the run's held-out groups (here: a run that held out 'X9'): every spot is scored."""
+    out, _ = holdout_run
+    ckpt = load_checkpoint(out / "folds" / "C2")
+    ckpt["split"] = {"by": "section", "holdout": ["X9"]}
+    ckpt["spots"] = {"train": ckpt["spots"]["train"], "val": {}}
+    save_checkpoint(tmp_path / "x9.pt", ckpt)
+    result = _invoke("--checkpoint", str(tmp_path / "x9.pt"), "--data", str(c2_alone), "--out", str(tmp_path / "r"),
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    (fold,) = json.loads((tmp_path / "r" / "summary.json").read_text())["folds"]
+    assert fold["fold"] == "all" and fold["n_spots"] == len(open_dataset(c2_alone))
+
+
+def test_panel_genes_the_data_lack_are_a_clear_error(holdout_run, her2st_root, tmp_path):
+    out, _ = holdout_run
+    genes = tmp_path / "panel.txt"
+    genes.write_text("ERBB2\nGRB7\n")
+    data = tmp_path / "few.h5"
+    prepare("her2st", her2st_root, out=data, sections=["C2"],
+            options=PrepareOptions(um_per_px=4.0, min_expressed_frac=0.999, genes_file=str(genes)))
+    kept = len(open_dataset(data).genes)
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(out / "folds" / "C2"), "--data", str(data),
+                                      "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "of the model's 250 panel genes are not in the data" in result.output, result.output
+    assert kept < 250 and "prepare them with --plan" in result.output

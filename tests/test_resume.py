@@ -4,6 +4,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
+
+import h5py
 
 import numpy as np
 import pytest
@@ -59,6 +62,22 @@ def test_interrupted_run_ends_identically(uninterrupted, her2st_h5, tmp_path, st
 def test_resume_refuses_to_change_the_computation(uninterrupted):
     result = run_cli("--resume", uninterrupted, "--lr", "0.1")
     assert result.exit_code == 2 and "cannot change on --resume" in result.output
+
+
+def test_resume_refuses_other_data_and_accepts_a_copy(uninterrupted, her2st_h5, tmp_path):
+    """``--data`` may move (it is a runtime option), but not change: the split would be derived again."""
+    run = shutil.copytree(uninterrupted, tmp_path / "run")
+    other = shutil.copyfile(her2st_h5, tmp_path / "other.h5")
+    with h5py.File(other, "r+") as handle:
+        handle["spots/section"][0] = "C9"  # one spot moves to another section: another split
+    refused = run_cli("--resume", run, "--data", other, "--workers", 0)
+    assert refused.exit_code == 2, refused.output
+    assert f"--data {other}: is not the data this run was trained on" in refused.output
+    assert "other.h5 (890 spots)" in refused.output
+    copy = shutil.copyfile(her2st_h5, tmp_path / "moved.h5")
+    resumed = run_cli("--resume", run, "--data", copy, "--workers", 0)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((run / "options.json").read_text())["data"] == [str(copy)]
 
 
 def test_resume_options_keep_the_run_and_take_runtime_options():

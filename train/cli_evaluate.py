@@ -3,7 +3,12 @@
 Two modes:
 
 - ``brst-train evaluate --checkpoint CKPT --data FILE.h5 --out DIR [--tta]`` scores a trained
-  model on its held-out spots (the checkpoint's own holdout, or ``--holdout``);
+  model on its held-out spots (``--holdout``; else the run's own held-out groups found in the
+  data; else, for data of other sections or patients, every spot). The data may be prepared
+  separately from the training data: genes are matched by name. A spot the model was trained
+  on is never scored unless ``--allow-training-spots`` is given, and then the report says so;
+  a ``best-*`` checkpoint scored on the validation spots it was selected on is flagged
+  (:mod:`brst.train.provenance`);
 - ``brst-train evaluate --cv loso|lopo --arch efficientnet_b0 --data FILE.h5 --out DIR --epochs 5``
   (or ``--holdout P1 --holdout P2``) trains one model per fold and scores each. Every other
   ``fit`` option (``--target``, ``--stain``, ``--input-size``, ``--batch-size`` ...) is passed
@@ -14,11 +19,15 @@ size) on the same spots; see :mod:`brst.train.report` for the files written.
 """
 from __future__ import annotations
 
+import logging
+
 import click
 import numpy as np
 
 from .errors import BrstError
 from .fit_options import DEMO_DATASET
+
+log = logging.getLogger(__name__)
 
 EVALUATE_ONLY = "training options ({}) only apply when evaluate trains (--cv or --holdout without --checkpoint)"
 
@@ -42,12 +51,22 @@ def _training_options(ctx: click.Context, data: tuple[str, ...], device: str):
 
 
 def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None):
-    """Training and held-out spots of a checkpoint: ``--holdout``, else the run's own split."""
-    from .fit_setup import split_spots
+    """Name, baseline-fitting spots and spots to score of a checkpoint.
 
+    ``--holdout`` names the groups to score; without it, the run's own held-out groups that
+    the data hold; without those (data of other sections or patients), every spot, with the
+    baselines then fitted in-sample (the report says so).
+    """
     split = ckpt.get("split") or {"by": ckpt["options"]["split_by"], "holdout": ckpt["options"]["holdout"]}
     by = by or ("patient" if holdout else split["by"])
-    train_idx, test_idx, names = split_spots(index, by, list(holdout) or split["holdout"])
+    known = set(index.spots[by])
+    names = list(holdout) or [name for name in split["holdout"] if name in known]
+    if names:
+        train_idx, test_idx = index.split(by, names)  # raises BrstError naming unknown groups
+    else:
+        log.info("the data hold none of the run's held-out %ss (%s): scoring every spot", by,
+                 ", ".join(split["holdout"]) or "none")
+        names, train_idx, test_idx = ["all"], np.zeros(0, dtype=np.int64), np.arange(len(index))
     if test_idx.size < 2:
         raise BrstError("--holdout", f"leaves {test_idx.size} held-out spot(s) to score; name the held-out "
                                      f"{by}(s) with --holdout")
@@ -67,6 +86,8 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
 @click.option("--split-by", type=click.Choice(["patient", "section"]),
               help="What --holdout names [default: patient; with --checkpoint and no --holdout, the run's split].")
 @click.option("--tta", is_flag=True, help="Average over the 8 flips/rotations (dihedral test-time augmentation).")
+@click.option("--allow-training-spots", is_flag=True,
+              help="With --checkpoint: score spots the model was trained on anyway (the report says so).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--eval-batch-size", type=click.IntRange(1), default=64, show_default=True,
               help="Patches per forward pass when predicting.")
@@ -74,8 +95,8 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
               help="The model's best genes drawn on the tissue.")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
-             holdout: tuple[str, ...], split_by: str | None, tta: bool, device: str, eval_batch_size: int,
-             top_genes: int) -> None:
+             holdout: tuple[str, ...], split_by: str | None, tta: bool, allow_training_spots: bool, device: str,
+             eval_batch_size: int, top_genes: int) -> None:
     """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots.
 
     Any other option is a training option of `fit` (used with --cv/--holdout), e.g.
@@ -87,11 +108,15 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
     from .data import open_dataset
     from .distributed import resolve_device
     from .evaluate import evaluate_checkpoint
+    from .provenance import check_panel_genes, check_patch_geometry, scoring_integrity
     from .report import format_report, write_report
 
     holdout = _holdout(holdout)
     if checkpoint and cv:
         raise BrstError("--cv", "trains new models; it cannot be combined with --checkpoint")
+    if allow_training_spots and not checkpoint:
+        raise BrstError("--allow-training-spots", "only applies with --checkpoint (folds trained here never "
+                                                  "score their training spots)")
     if checkpoint and ctx.args:
         raise BrstError(" ".join(ctx.args), EVALUATE_ONLY.format("any fit option"))
     if not checkpoint and not cv and not holdout:
@@ -100,12 +125,15 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
     if checkpoint:
         ckpt = load_checkpoint(checkpoint)
         index = open_dataset(list(data) or [DEMO_DATASET])
+        check_panel_genes(ckpt, index)
+        check_patch_geometry(ckpt, index)
         name, train_idx, test_idx = _checkpoint_fold(ckpt, index, holdout, split_by)
+        integrity = scoring_integrity(ckpt, index, test_idx, allow_training_spots)
         features = spot_features(index, np.arange(len(index)))
         results = [evaluate_checkpoint(ckpt, index, name, train_idx, test_idx, features, tta=tta,
                                        batch_size=eval_batch_size, device=resolve_device(device))]
         header = {"mode": "checkpoint", "checkpoint": str(checkpoint), "arch": ckpt["arch"],
-                  "fit_options": ckpt["options"]}
+                  "fit_options": ckpt["options"], "integrity": integrity}
     else:
         options = _training_options(ctx, data, device)
         index = open_dataset(options.data)

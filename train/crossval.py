@@ -5,7 +5,8 @@ explicit holdout list is one fold (the paper's code held out two fixed patients)
 fold trains with :func:`brst.train.fit.fit` into ``OUT/folds/<fold>/``; the held-out
 spots are that run's validation set, which only *monitors* training: the fold is scored
 with ``last.pt``, so no choice is made on the held-out spots. A fold whose run directory
-already holds a finished run with the same options is reused, an unfinished one resumed.
+already holds a finished run with the same options on the same data (the checkpoint's data
+fingerprint, :mod:`brst.train.data.fingerprint`) is reused, an unfinished one resumed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import LAST_NAME, load_checkpoint
+from .data.fingerprint import data_fingerprint, describe, same_data
 from .distributed import resolve_device
 from .errors import BrstError
 from .evaluate import FoldResult, evaluate_checkpoint
@@ -60,18 +62,35 @@ def fold_options(base: FitOptions, fold: Fold, out_dir: str | Path) -> FitOption
                    out=str(Path(out_dir) / "folds" / fold.name), resume=None)
 
 
-def _same_computation(stored: dict, options: FitOptions) -> bool:
+def _same_options(stored: dict, options: FitOptions) -> bool:
     wanted = options.to_dict()
     return all(stored.get(key) == value for key, value in wanted.items() if key not in RUNTIME_OPTIONS)
 
 
-def train_fold(options: FitOptions) -> dict:
-    """Train a fold's model (reusing or resuming its run directory) and return ``last.pt`` loaded."""
+def _same_computation(ckpt: dict, options: FitOptions, fingerprint: dict) -> bool:
+    """Whether ``ckpt`` is the run ``options`` would compute on the data of ``fingerprint``.
+
+    ``data`` is a runtime option (the path may change), so the data are compared by content:
+    a checkpoint without a fingerprint, or with another one, is never reused.
+    """
+    return _same_options(ckpt["options"], options) and same_data(ckpt.get("data_fingerprint"), fingerprint)
+
+
+def train_fold(options: FitOptions, fingerprint: dict | None = None) -> dict:
+    """Train a fold's model (reusing or resuming its run directory) and return ``last.pt`` loaded.
+
+    ``fingerprint``: of the data in ``options.data`` (computed when not given).
+    """
     last = Path(options.out) / LAST_NAME
     if last.exists():
         ckpt = load_checkpoint(last)
-        if not _same_computation(ckpt["options"], options):
+        fingerprint = fingerprint or data_fingerprint(options.data)
+        if not _same_options(ckpt["options"], options):
             raise BrstError(options.out, "holds a run with other training options; choose another --out")
+        if not _same_computation(ckpt, options, fingerprint):
+            raise BrstError(options.out, f"holds a run trained on other data (run: "
+                                         f"{describe(ckpt.get('data_fingerprint'))}; now: {describe(fingerprint)}); "
+                                         "choose another --out")
         if ckpt["epoch"] >= options.epochs:
             log.info("fold %s: reusing the finished run in %s", "+".join(options.holdout), options.out)
             return ckpt
@@ -86,10 +105,11 @@ def run_crossval(base: FitOptions, index, folds: list[Fold], out_dir: str | Path
                  features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64) -> list[FoldResult]:
     """Train and score every fold; ``features`` are the baselines' scalars for all index rows."""
     device = resolve_device(base.device)
+    fingerprint = data_fingerprint(index.files)
     results = []
     for number, fold in enumerate(folds, 1):
         log.info("fold %d of %d: holding out %s %s", number, len(folds), fold.by, fold.name)
-        ckpt = train_fold(fold_options(base, fold, out_dir))
+        ckpt = train_fold(fold_options(base, fold, out_dir), fingerprint)
         train_idx, test_idx = index.split(fold.by, list(fold.holdout))
         results.append(evaluate_checkpoint(ckpt, index, fold.name, train_idx, test_idx, features,
                                            tta=tta, batch_size=batch_size, device=device))

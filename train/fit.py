@@ -22,6 +22,7 @@ from brst.handlers.transforms import ModelInput
 
 from .checkpoint import resolve_checkpoint
 from .data import PatchDataset, open_dataset
+from .data.fingerprint import data_fingerprint
 from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown,
                           wrap_ddp)
 from .errors import BrstError
@@ -30,6 +31,7 @@ from .fit_setup import fit_stain_reference, fit_targets, run_data_config, split_
 from .loop import EpochProgress, StepParts, run_epoch, validate
 from .models import BrstNet, build_model
 from .optim import make_optimizer, make_scheduler
+from .provenance import check_resume_data, training_spots
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
 from .sampling import EpochSampler, augmentation_codes
@@ -44,7 +46,11 @@ POSTFIX_EVERY = 5
 
 @dataclass
 class RunSpec:
-    """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input."""
+    """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input.
+
+    ``data`` is the training data's fingerprint and ``spots`` the training and validation
+    spots (:mod:`brst.train.provenance`); both go into every checkpoint.
+    """
 
     train_idx: np.ndarray
     val_idx: np.ndarray
@@ -55,6 +61,8 @@ class RunSpec:
     aux_target: TargetTransform | None
     stain: torch.nn.Module
     data_config: dict
+    data: dict = field(default_factory=dict)
+    spots: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -69,20 +77,28 @@ class RunState:
 
 
 def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | None) -> RunSpec:
-    """A fresh run fits targets and stain on its training spots; a resumed one reads them."""
+    """A fresh run fits targets and stain on its training spots; a resumed one reads them.
+
+    Raises:
+        BrstError: resuming on data other than the run's own (its fingerprint differs).
+    """
+    fingerprint = data_fingerprint(index.files)
+    if ckpt is not None:
+        check_resume_data(ckpt, fingerprint, options.data)
     train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout)
+    spots = training_spots(index, train_idx, val_idx)
     if ckpt is not None:
         aux_target = TargetTransform.from_dict(ckpt["aux_target"]) if ckpt.get("aux_target") else None
         index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])  # raises BrstError if the data lacks any
         return RunSpec(train_idx, val_idx, holdout, ckpt["genes"], ckpt["aux_genes"],
                        TargetTransform.from_dict(ckpt["target"]), aux_target, stain_from_json(ckpt["stain"]),
-                       ckpt["data_config"])
+                       ckpt["data_config"], fingerprint, spots)
     panel = [str(g) for g in index.panel]
     aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
     return RunSpec(train_idx, val_idx, holdout, panel, aux,
                    fit_targets(index, train_idx, panel, options.target), fit_targets(index, train_idx, aux, options.target),
                    fit_stain_reference(index, train_idx, options.stain, options.stain_reference, device),
-                   run_data_config(options.arch, options.input_size, index))
+                   run_data_config(options.arch, options.input_size, index), fingerprint, spots)
 
 
 def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pretrained: bool = True) -> BrstNet:
@@ -148,6 +164,7 @@ def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: S
         "n_main": len(spec.panel), "n_aux": len(spec.aux), "target": spec.main_target.to_dict(),
         "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
         "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
+        "data_fingerprint": spec.data, "spots": spec.spots,
         "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "rng": rng_state(), "metrics": {"history": state.history, "best": state.best, "partial": state.partial},

@@ -66,9 +66,14 @@ def _cell(value: object) -> str:
 
 
 def format_report(summary: dict) -> str:
-    """The statistics as text: per fold and predictor, then across folds, then the margin."""
-    lines = [f"held-out statistics ({summary['units']}, {summary['cv']['predictors']['model']['n_genes']} genes)",
-             "  ".join(f"{column:>12}" for column in FOLD_COLUMNS)]
+    """The statistics as text: warnings first (training or selection spots scored, baselines fitted
+    in-sample), then per fold and predictor, then across folds, then the margin."""
+    lines = [f"WARNING: {warning}" for warning in summary.get("integrity", {}).get("warnings", [])]
+    lines += [f"WARNING: fold {fold['fold']}: no training spot in the data, so the baselines were fitted on the "
+              "scored spots themselves (in-sample: this favours them)"
+              for fold in summary["folds"] if fold.get("baselines_in_sample")]
+    lines += [f"held-out statistics ({summary['units']}, {summary['cv']['predictors']['model']['n_genes']} genes)",
+              "  ".join(f"{column:>12}" for column in FOLD_COLUMNS)]
     for fold in summary["folds"]:
         lines += ["  ".join(f"{_cell(row[column]):>12}" for column in FOLD_COLUMNS) for row in fold_rows(fold)]
     lines.append(f"across {summary['cv']['predictors']['model']['n_folds']} fold(s), median r per gene:")

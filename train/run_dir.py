@@ -6,6 +6,7 @@ RUN_DIR/genes.json         {"panel": [...], "aux": [...], "target": kind, "units
 RUN_DIR/metrics.jsonl      one JSON object per epoch
 RUN_DIR/last.pt            the latest checkpoint (resume from it)
 RUN_DIR/best-epochNNN.pt   the best ``keep_best`` checkpoints by validation mean Pearson r
+                           (each carries ``selected_by``: it was chosen on the validation spots)
 RUN_DIR/best.json          those checkpoints, best first: [{"epoch", "score", "file"}]
 ```
 Every file is written atomically (``brst.train.atomic``).
@@ -72,7 +73,9 @@ class RunDir:
         entry = {"epoch": epoch, "score": score, "file": name}
         ranked = sorted([*best, entry], key=lambda row: row["score"], reverse=True)
         kept, dropped = ranked[:self.keep_best], ranked[self.keep_best:]
-        save_checkpoint(self.path / name, {**ckpt, "metrics": {**ckpt["metrics"], "best": kept}})
+        selected_by = {"metric": BEST_METRIC, "epoch": epoch, "score": score, "spots": "val"}
+        save_checkpoint(self.path / name, {**ckpt, "metrics": {**ckpt["metrics"], "best": kept},
+                                           "selected_by": selected_by})
         write_json_atomic(self.path / "best.json", kept)
         for row in dropped:
             (self.path / row["file"]).unlink(missing_ok=True)
