@@ -1,9 +1,17 @@
-"""DDP for real: ``torchrun`` with two CPU processes (gloo on 127.0.0.1) equals one process.
+"""DDP for real: ``torchrun`` with two CPU processes (gloo on 127.0.0.1) against one process.
 
-The global batch of 32 is split 16 + 16 and DDP averages the gradients, so each step equals
-the one-process step on the same 32 spots up to float summation order. ``test_vit`` has no
-BatchNorm (whose statistics would be per process); tolerance: 1e-5 on every weight after
-one epoch (22 steps), 1e-5 relative on the losses.
+Without BatchNorm: the global batch of 32 is split 16 + 16 and DDP averages the gradients,
+so each step equals the one-process step on the same 32 spots up to float summation order.
+``test_vit`` has no BatchNorm; tolerance: 1e-5 on every weight after one epoch (22 steps),
+1e-5 relative on the losses.
+
+With BatchNorm (ResNet, DenseNet, EfficientNet, Inception) and no SyncBatchNorm (which
+PyTorch runs on GPUs only, so never on these CPU processes), the claim is false: each
+process normalises with its own share's statistics. What holds instead, and is tested on
+``test_resnet``: two processes equal one process that forwards each share separately
+("ghost batches") and averages the gradients, with rank 0's share's running statistics;
+and they differ from the whole-batch step. ``--sync-bn``: the conversion is tested here,
+its refusal on CPU processes too; a SyncBatchNorm step across GPUs has never run.
 """
 from __future__ import annotations
 
@@ -16,20 +24,29 @@ from pathlib import Path
 import pytest
 from fit_helpers import TINY, computed, free_port, max_weight_difference, metrics_rows, one_thread, run_cli  # noqa: F401
 
+import torch
+from ddp_batchnorm import one_process_steps
+
 from brst.train.checkpoint import load_checkpoint
+from brst.train.distributed import DistContext, check_sync_bn, has_batchnorm, sync_batchnorm
+from brst.train.errors import BrstError
+from brst.train.models import build_model
 
 log = logging.getLogger(__name__)
 RUN = ("--arch", "test_vit", "--epochs", 1, *TINY)
 WEIGHT_TOLERANCE = 1e-5
 
 
-def _torchrun(her2st_h5, out: Path) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).parent / "brst-train"
+def _torchrun_script(script: Path, *args: object) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
-               "--log-level", "WARNING", "fit", *map(str, RUN), "--data", str(her2st_h5), "--out", str(out)]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _torchrun(her2st_h5, out: Path, run: tuple = RUN) -> subprocess.CompletedProcess:
+    return _torchrun_script(Path(sys.executable).parent / "brst-train", "--log-level", "WARNING", "fit", *run,
+                            "--data", her2st_h5, "--out", out)
 
 
 @pytest.mark.slow
@@ -50,3 +67,69 @@ def test_two_processes_equal_one(her2st_h5, tmp_path):
     assert row_one.keys() == row_two.keys()
     for key, value in row_one.items():
         assert value == pytest.approx(row_two[key], rel=1e-5, abs=1e-6), key
+
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it here
+TWO = DistContext(rank=0, world_size=2)
+
+
+def _batchnorm_types(model: torch.nn.Module) -> set[str]:
+    return {type(module).__name__ for module in model.modules() if "BatchNorm" in type(module).__name__}
+
+
+def test_sync_bn_conversion_keeps_parameters_and_checkpoints():
+    model = build_model("test_resnet", 4, 2, None, 32)
+    parameters = {name: id(value) for name, value in model.named_parameters()}
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    converted = sync_batchnorm(model, None, TWO, GPU)  # the default for several GPUs
+    assert converted is model and _batchnorm_types(model) == {"SyncBatchNorm"}
+    assert {name: id(value) for name, value in model.named_parameters()} == parameters  # the optimiser's tensors
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    plain = build_model("test_resnet", 4, 2, None, 32)
+    plain.load_state_dict(state)  # a checkpoint of a SyncBatchNorm run loads into plain BatchNorm
+    assert _batchnorm_types(plain) == {"BatchNorm2d"}
+
+
+@pytest.mark.parametrize("requested, ctx, device", [
+    (False, TWO, GPU), (True, DistContext(), GPU), (None, DistContext(), CPU), (None, TWO, CPU)],
+    ids=["no-sync-bn", "one-process", "one-cpu-process", "cpu-processes-default"])
+def test_sync_bn_leaves_batchnorm_alone(requested, ctx, device):
+    model = build_model("test_resnet", 4, 0, None, 32)
+    assert sync_batchnorm(model, requested, ctx, device) is model and _batchnorm_types(model) == {"BatchNorm2d"}
+    vit = build_model("test_vit", 4, 0, None, 32)
+    assert not has_batchnorm(vit) and sync_batchnorm(vit, True, TWO, GPU) is vit
+
+
+def test_sync_bn_on_cpu_processes_is_refused_at_setup(caplog):
+    with pytest.raises(BrstError, match="--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only, and these 2 processes"):
+        check_sync_bn(True, TWO, CPU)
+    check_sync_bn(True, DistContext(), CPU)  # one process: nothing to synchronise, not an error
+    check_sync_bn(None, TWO, CPU)
+    with caplog.at_level("WARNING", logger="brst.train.distributed"):
+        sync_batchnorm(build_model("test_efficientnet", 4, 0, None, 32), None, TWO, CPU)
+    assert "BatchNorm on 2 CPU processes: each normalises with its own share of the batch (1/2)" in caplog.text
+
+
+@pytest.mark.slow
+def test_cpu_processes_refuse_sync_bn_before_training(her2st_h5, tmp_path):
+    done = _torchrun(her2st_h5, tmp_path / "run", ("--arch", "test_resnet", "--epochs", 1, *TINY, "--sync-bn"))
+    assert done.returncode != 0
+    assert "brst-train: error: --sync-bn: PyTorch's SyncBatchNorm runs on GPUs only" in done.stderr, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr  # a BrstError (torchrun prints its own traceback around it)
+    assert "brst/train" not in done.stderr and "/train/" not in done.stderr  # none from brst's code
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_batchnorm_two_processes_equal_ghost_batches_not_the_whole_batch(tmp_path):
+    """BatchNorm without sync on two CPU processes: what a step equals (see the module docstring)."""
+    done = _torchrun_script(Path(__file__).with_name("ddp_batchnorm.py"), tmp_path / "two.pt", "test_resnet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "each normalises with its own share of the batch" in done.stderr  # brst's default warned
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    ghost, whole = one_process_steps("test_resnet", shares=2), one_process_steps("test_resnet", shares=1)
+    assert max_weight_difference(two, ghost) < 1e-6  # every weight and running statistic
+    difference = max_weight_difference(two, whole)
+    log.info("BatchNorm, 2 CPU processes vs the whole-batch step: largest difference %.3g", difference)
+    assert difference > 1e-2

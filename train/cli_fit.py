@@ -77,6 +77,9 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimiser steps in all.")
+@click.option("--sync-bn/--no-sync-bn", default=None,
+              help="SyncBatchNorm over torchrun processes [default: on for several GPUs]; GPU-only in PyTorch, "
+                   "so refused with several CPU processes.")
 @click.pass_context
 def fit(ctx: click.Context, **params) -> None:
     """Train a model (BrST-Net recipe: SGD, cosine, batch 32, seed 0) into a run directory."""

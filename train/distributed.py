@@ -3,8 +3,22 @@
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address;
 :func:`init_distributed` joins the process group (NCCL on GPUs, gloo on the CPU) and
 picks this process's device. Without those variables everything runs in one process and
-the helpers here are no-ops. Gradients are averaged over processes by DDP, so with the
-global batch split evenly a step equals the one-process step on the whole batch.
+the helpers here are no-ops. Gradients are averaged over processes by DDP, and the global
+batch is split evenly, so what a step equals depends on BatchNorm:
+
+- without BatchNorm (ViTs), or with ``--sync-bn`` (SyncBatchNorm: the statistics of the
+  whole global batch), a step equals the one-process step on the whole batch (tested for
+  the ViT with two CPU processes; SyncBatchNorm runs on GPUs only and multi-GPU training
+  has never run here);
+- with BatchNorm and no sync (CPU processes, or ``--no-sync-bn``), each process normalises
+  with its own share's statistics: a step equals one process running each share's forward
+  and backward separately and averaging the gradients ("ghost batches" of
+  batch / processes), and the running statistics are rank 0's share's (DDP broadcasts rank
+  0's buffers before every forward). Tested with two CPU processes.
+
+``--sync-bn`` defaults to on for DDP on GPUs (:func:`sync_batchnorm`); PyTorch implements
+SyncBatchNorm for GPUs only, so asking for it with CPU processes is refused at setup
+(:func:`check_sync_bn`), and the default there is off with a warning.
 """
 from __future__ import annotations
 
@@ -98,6 +112,53 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> 
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds BatchNorm layers (ResNet, DenseNet, EfficientNet, Inception: yes; ViT: no)."""
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
+def check_sync_bn(requested: bool | None, ctx: DistContext, device: torch.device) -> None:
+    """Refuse ``--sync-bn`` where PyTorch cannot run SyncBatchNorm: several processes on the CPU.
+
+    Raises:
+        BrstError: ``requested`` is True and this is a multi-process run on the CPU (gloo).
+    """
+    if requested and ctx.enabled and device.type != "cuda":
+        raise BrstError("--sync-bn", f"PyTorch's SyncBatchNorm runs on GPUs only, and these {ctx.world_size} "
+                                     "processes run on the CPU (gloo); without it each process normalises "
+                                     "BatchNorm with its own share of the batch (leave --sync-bn out to accept that)")
+
+
+def sync_batchnorm(model: torch.nn.Module, requested: bool | None, ctx: DistContext,
+                   device: torch.device) -> torch.nn.Module:
+    """``model`` with its BatchNorm layers converted to SyncBatchNorm when that is asked or the default.
+
+    ``requested``: True (``--sync-bn``), False (``--no-sync-bn``) or None (auto: on for DDP on
+    GPUs). Nothing changes in one process, or without BatchNorm layers. Parameters and buffers
+    are kept (the same objects, the same state dict keys), so checkpoints load into plain
+    BatchNorm models.
+
+    Raises:
+        BrstError: see :func:`check_sync_bn`.
+    """
+    check_sync_bn(requested, ctx, device)
+    if not ctx.enabled or not has_batchnorm(model):
+        if requested:
+            log.info("--sync-bn: nothing to synchronise (%s)", "one process" if not ctx.enabled else "no BatchNorm")
+        return model
+    share = f"its own share of the batch (1/{ctx.world_size})"
+    if device.type != "cuda":
+        log.warning("BatchNorm on %d CPU processes: each normalises with %s, so a step is not the one-process "
+                    "step on the whole batch (SyncBatchNorm is GPU-only in PyTorch)", ctx.world_size, share)
+        return model
+    if requested is False:
+        log.warning("--no-sync-bn: each of the %d processes normalises BatchNorm with %s", ctx.world_size, share)
+        return model
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log.info("BatchNorm layers synchronised over %d processes (SyncBatchNorm)", ctx.world_size)
+    return converted
 
 
 def broadcast_object(obj: object, ctx: DistContext) -> object:

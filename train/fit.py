@@ -23,8 +23,8 @@ from brst.handlers.transforms import ModelInput
 from .checkpoint import resolve_checkpoint
 from .data import PatchDataset, open_dataset
 from .data.fingerprint import data_fingerprint
-from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown,
-                          wrap_ddp)
+from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, check_sync_bn, init_distributed,
+                          shutdown, sync_batchnorm, wrap_ddp)
 from .errors import BrstError
 from .fit_options import FitOptions
 from .fit_setup import fit_stain_reference, fit_targets, run_data_config, split_spots
@@ -298,10 +298,12 @@ def fit(options: FitOptions, ckpt: dict | None = None) -> Path:
 
 
 def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch.device) -> Path:
+    check_sync_bn(options.sync_bn, ctx, device)
     index = open_dataset(options.data)
     run = open_run_dir(options, ctx, resuming=ckpt is not None)
     spec = derive_spec(options, index, device, ckpt)
-    model = make_model(options, spec, device, load_pretrained=ckpt is None)
+    model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
+                           device)
     sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
     parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch)
     state = restore(ckpt, model, parts) if ckpt is not None else RunState()

@@ -48,6 +48,7 @@ class FitOptions:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_steps: int | None = None
+    sync_bn: bool | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-able values."""
