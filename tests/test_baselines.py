@@ -1,4 +1,4 @@
-"""The trivial baselines, and DESIGN.md's claim about them on real HER2ST patient C."""
+"""The trivial baselines, and the claim about them on real HER2ST patient C (docs/DESIGN_NOTES.md)."""
 from __future__ import annotations
 
 import numpy as np
@@ -77,8 +77,9 @@ def _loso_mean_r(index, features, kind: str) -> dict[str, list[float]]:
 
 
 def test_design_claim_on_patient_c(index, features):
-    """DESIGN.md: on raw log1p targets the library-size oracle reaches mean r ~0.7, every gene
-    positive, and darkness ~0.4; on library-size-normalised targets darkness collapses.
+    """docs/DESIGN_NOTES.md, "Why the baselines": on raw log1p targets the library-size oracle
+    reaches mean r ~0.7, every gene positive, and darkness ~0.4; on library-size-normalised
+    targets darkness collapses.
 
     Measured here (leave one section out, 250 genes, 56 px patches at 2 um/px): oracle
     0.73-0.78, darkness 0.34-0.48 on log1p; darkness 0.12-0.19 on lognorm.

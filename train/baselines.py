@@ -10,7 +10,7 @@ spots (the same spots the model is scored on):
 - ``library_size``: the spot's log total count. An oracle (it needs the measured counts,
   which a model never sees), showing how much of each gene's r is the spot's depth.
 
-See DESIGN.md, "Why the baselines".
+See docs/DESIGN_NOTES.md, "Why the baselines", for the figures on HER2ST.
 """
 from __future__ import annotations
 
