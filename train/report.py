@@ -1,6 +1,8 @@
 """The evaluation report: statistics over folds, files (JSON, CSV, PNG) and the printed table.
 
-``OUT/summary.json``  header, every fold's summary, the across-fold statistics per predictor
+``OUT/summary.json``  header, every fold's summary, the across-fold statistics per predictor;
+                      in checkpoint mode the header's ``integrity`` (training or selection spots
+                      scored, data fingerprint match; :func:`brst.train.provenance.scoring_integrity`)
 ``OUT/folds.csv``     one row per fold and predictor (genes with r > 0, mean/median r, aMAE, aRMSE)
 ``OUT/genes.csv``     one row per fold and gene: r, MAE, RMSE of every predictor, margin in r
 ``OUT/genes_cv.csv``  one row per gene: median r over the folds of every predictor
