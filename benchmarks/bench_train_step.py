@@ -33,7 +33,7 @@ from brst.train.fit_options import DEMO_DATASET, FitOptions
 from brst.train.loop import batch_tensors, train_step
 from brst.train.models import timm_kwargs
 from brst.train.prepare import PrepareOptions, prepare
-from brst.train.sampling import augmentation_codes
+from brst.train.sampling import epoch_augmentation
 
 ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, data: str) -> dict:
     model = make_model(options, spec, device)
     _, loader, _ = make_loaders(options, index, spec, DistContext(), device)
     parts = make_parts(options, spec, model, index, DistContext(), device, total_steps=10_000)
-    codes = augmentation_codes(len(index), options.seed, 0)
+    codes = epoch_augmentation(len(index), options.seed, 0, options.stain_jitter)
     bare = timm.create_model(args.arch, pretrained=False, num_classes=len(spec.panel) + len(spec.aux),
                              **timm_kwargs(args.arch, args.input_size))
     bare = bare.to(device)

@@ -1,8 +1,8 @@
 """The tensor pipeline shared by training and serving: uint8 patches -> model input.
 
 ``ModelInput``: uint8 -> stain normaliser (uint8 in, float [0, 1] out: on the CPU uint8
-batches take its fused kernels) -> (training only: dihedral augmentation) -> resize to the architecture's input size -> normalise with the data
-config's mean/std. TorchServe's handler and ``brst-train`` use this same module, so what
+batches take its fused kernels) -> (training only: HED stain jitter, dihedral augmentation)
+-> resize to the architecture's input size -> normalise with the data config's mean/std. TorchServe's handler and ``brst-train`` use this same module, so what
 a model sees when served is exactly what it saw in training. Every op runs on whatever
 device the batch is on.
 
@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .density import hed_jitter
 
 N_DIHEDRAL = 8
 
@@ -110,7 +112,8 @@ class ModelInput(nn.Module):
 
     Shape:
         - Input: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` (float in [0, 1] also accepted);
-          ``dihedral_codes`` ``(B,)`` (training only: augmentation between stain and resize).
+          ``dihedral_codes`` ``(B,)`` and ``stain_jitter`` ``(B, 2, 3)`` (HED scale and shift,
+          :func:`brst.handlers.density.hed_jitter`): training only, between stain and resize.
         - Output: ``(B, 3, S, S)`` float32.
     """
 
@@ -132,8 +135,11 @@ class ModelInput(nn.Module):
         return cls(stain_from_json(stain_json), data_config["input_size"],
                    data_config["mean"], data_config["std"])
 
-    def forward(self, x: torch.Tensor, dihedral_codes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dihedral_codes: torch.Tensor | None = None,
+                stain_jitter: torch.Tensor | None = None) -> torch.Tensor:
         x = self.stain(channels_first(x))  # normalisers take uint8 and give float [0, 1]
+        if stain_jitter is not None:
+            x = hed_jitter(x, stain_jitter[:, 0], stain_jitter[:, 1])
         if dihedral_codes is not None:
             x = dihedral(x, dihedral_codes)
         return normalize(resize(x, self.size_px), self.mean, self.std)

@@ -14,6 +14,8 @@ from click.core import ParameterSource
 from .checkpoint import load_checkpoint
 from .errors import BrstError
 from .fit_options import DEMO_DATASET, FitOptions, resume_options
+from .optim import OPTIMIZERS
+from .recipes import RECIPES, recipe_defaults
 
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
@@ -36,6 +38,8 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
         options = resume_options(ckpt["options"], given)
     else:
         ckpt = None
+        given = {name for name in params if ctx.get_parameter_source(name) in EXPLICIT}
+        params.update(recipe_defaults(params["recipe"], given))
         if not params["arch"]:
             raise BrstError("--arch", "is required for a new run (any timm name, e.g. inception_v3)")
         options = FitOptions(**params)
@@ -44,6 +48,10 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 
 
 @click.command("fit")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="paper", show_default=True,
+              help="Option defaults: 'paper' (BrST-Net's) or 'small-cohort' (resnet18, AdamW, no stain "
+                   "normalisation but stain jitter, density expert; prepare --patch-um 384 --um-per-px 2). "
+                   "Options given explicitly win.")
 @click.option("--arch", help="timm architecture (e.g. inception_v3, efficientnet_b0, vit_base_patch16_224).")
 @click.option("--data", multiple=True, type=click.Path(dir_okay=True), envvar="BRST_DATASET",
               help=f"HDF5 dataset file(s) or folder(s) [env BRST_DATASET; default {DEMO_DATASET}].")
@@ -57,6 +65,15 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(0), default=1e-6, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
+              help="sgd (with --momentum) or adamw (decoupled --weight-decay).")
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Linear learning-rate warmup before the cosine, in epochs.")
+@click.option("--stain-jitter", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="HED stain augmentation: each patch's H, E, D densities scaled by 1 + s*N(0,1) and shifted.")
+@click.option("--density-expert/--no-density-expert", default=False, show_default=True,
+              help="Average the network with a ridge model of stain-density statistics (fitted on the "
+                   "training spots, penalty by inner cross-validation).")
 @click.option("--aux-weight", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Weight of the auxiliary head's loss; 0 builds no auxiliary head.")
 @click.option("--target", type=click.Choice(["log1p", "lognorm"]), default="log1p", show_default=True,

@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from brst.handlers.density import DEFAULT_CROPS
 from brst.handlers.stain import stain_from_json
 from brst.handlers.transforms import ModelInput
 
 from .checkpoint import resolve_checkpoint
 from .data import PatchDataset, open_dataset
 from .data.fingerprint import data_fingerprint
+from .density_fit import fit_density_expert
 from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, check_sync_bn, init_distributed,
                           shutdown, sync_batchnorm, wrap_ddp)
 from .errors import BrstError
@@ -34,7 +36,7 @@ from .optim import make_optimizer, make_scheduler
 from .provenance import check_resume_data, training_spots
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
-from .sampling import EpochSampler, augmentation_codes
+from .sampling import EpochSampler, epoch_augmentation
 from .targets import TargetTransform
 from .train_metrics import TrainingMetrics
 
@@ -63,6 +65,7 @@ class RunSpec:
     data_config: dict
     data: dict = field(default_factory=dict)
     spots: dict = field(default_factory=dict)
+    density: dict | None = None
 
 
 @dataclass
@@ -92,20 +95,22 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
         index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])  # raises BrstError if the data lacks any
         return RunSpec(train_idx, val_idx, holdout, ckpt["genes"], ckpt["aux_genes"],
                        TargetTransform.from_dict(ckpt["target"]), aux_target, stain_from_json(ckpt["stain"]),
-                       ckpt["data_config"], fingerprint, spots)
+                       ckpt["data_config"], fingerprint, spots, ckpt.get("density"))
     panel = [str(g) for g in index.panel]
     aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
     return RunSpec(train_idx, val_idx, holdout, panel, aux,
                    fit_targets(index, train_idx, panel, options.target), fit_targets(index, train_idx, aux, options.target),
                    fit_stain_reference(index, train_idx, options.stain, options.stain_reference, device),
-                   run_data_config(options.arch, options.input_size, index), fingerprint, spots)
+                   run_data_config(options.arch, options.input_size, index), fingerprint, spots,
+                   {"crops": list(DEFAULT_CROPS)} if options.density_expert else None)
 
 
 def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pretrained: bool = True) -> BrstNet:
     """The seeded model; head biases start at the mean training target (0: targets are z-scores)."""
     seed_everything(options.seed)
+    density = spec.density and {**spec.density, "data_config": spec.data_config}
     model = build_model(options.arch, len(spec.panel), len(spec.aux), options.pretrained if load_pretrained else None,
-                        spec.data_config["input_size"][-1])
+                        spec.data_config["input_size"][-1], density)
     model.init_head_bias(torch.zeros(len(spec.panel)), torch.zeros(len(spec.aux)))
     log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
              options.arch, len(spec.panel), len(spec.aux))
@@ -140,11 +145,12 @@ def make_loaders(options: FitOptions, index, spec: RunSpec, ctx: DistContext, de
 
 
 def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: DistContext,
-               device: torch.device, total_steps: int) -> StepParts:
+               device: torch.device, total_steps: int, steps_per_epoch: int = 1) -> StepParts:
     """The model as stepped (DDP, compiled), optimiser, schedule, scaler and input pipeline."""
+    warmup_steps = round(options.warmup_epochs * steps_per_epoch)
     stepped = wrap_ddp(model, ctx, device)
     stepped = torch.compile(stepped) if options.compile else stepped
-    optimizer = make_optimizer(model, options.lr, options.momentum, options.weight_decay)
+    optimizer = make_optimizer(model, options.lr, options.momentum, options.weight_decay, options.optimizer)
     dtype = amp_dtype(options, device)
     aux_cols = torch.from_numpy(index.gene_columns(spec.aux)).to(device) if spec.aux else None
     return StepParts(
@@ -152,9 +158,18 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
                                               spec.data_config["std"]).to(device),
         main_target=spec.main_target.to(device), aux_target=spec.aux_target.to(device) if spec.aux_target else None,
         main_cols=torch.from_numpy(index.gene_columns(spec.panel)).to(device), aux_cols=aux_cols,
-        aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps),
+        aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps, warmup_steps),
         device=device, amp_dtype=dtype,
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, channels_last=options.channels_last)
+
+
+def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
+    """Fit a fresh run's density expert on its training spots (every process computes the same)."""
+    counts = torch.from_numpy(index.counts(spec.train_idx, spec.panel).astype(np.float64))
+    library_size = torch.from_numpy(index.spots["library_size"][spec.train_idx].astype(np.float64))
+    targets = parts.main_target(counts.to(parts.device), library_size.to(parts.device)).double().cpu().numpy()
+    groups = np.asarray(index.spots[split_by][spec.train_idx]).astype(str)
+    return fit_density_expert(model, parts.model_input, index, spec.train_idx, groups, targets, parts.device)
 
 
 def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, state: RunState) -> dict:
@@ -164,7 +179,7 @@ def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: S
         "n_main": len(spec.panel), "n_aux": len(spec.aux), "target": spec.main_target.to_dict(),
         "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
         "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
-        "data_fingerprint": spec.data, "spots": spec.spots,
+        "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density,
         "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "rng": rng_state(), "metrics": {"history": state.history, "best": state.best, "partial": state.partial},
@@ -264,11 +279,11 @@ class Trainer:
         epoch, per_epoch = self.state.epoch, sampler.batches_per_epoch
         progress = self.progress_for(epoch)
         sampler.set_epoch(epoch, start_batch=self.state.step - epoch * per_epoch)
-        codes = augmentation_codes(self.n_spots, self.options.seed, epoch)
+        augmentation = epoch_augmentation(self.n_spots, self.options.seed, epoch, self.options.stain_jitter)
         desc = f"epoch {epoch + 1}/{self.options.epochs}"
         with tqdm(total=per_epoch, initial=progress.batches, desc=desc, unit="batch", dynamic_ncols=True,
                   disable=not self.ctx.is_main) as self.bar:
-            finished = run_epoch(self.parts, loader, codes, progress, self.should_stop, self.on_step)
+            finished = run_epoch(self.parts, loader, augmentation, progress, self.should_stop, self.on_step)
         if not finished:
             sums = all_reduce_sum(progress.sums, self.ctx)
             self.state.partial = {"epoch": epoch, "batches": progress.batches, "sums": sums.tolist(),
@@ -305,8 +320,11 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
                            device)
     sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
-    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch)
+    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
+                       sampler.batches_per_epoch)
     state = restore(ckpt, model, parts) if ckpt is not None else RunState()
+    if ckpt is None and spec.density is not None:
+        spec.density["fit"] = fit_density(spec, model, parts, index, options.split_by)
     if ctx.is_main:
         run.write_options(options.to_dict())
         run.write_genes(spec.panel, spec.aux, spec.main_target.to_dict())

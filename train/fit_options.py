@@ -49,6 +49,11 @@ class FitOptions:
     metrics_host: str = "127.0.0.1"
     max_steps: int | None = None
     sync_bn: bool | None = None
+    recipe: str = "paper"
+    optimizer: str = "sgd"
+    warmup_epochs: float = 0.0
+    stain_jitter: float = 0.0
+    density_expert: bool = False
 
     def to_dict(self) -> dict:
         """Plain JSON-able values."""

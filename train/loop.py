@@ -1,8 +1,8 @@
 """One training step, one epoch, one validation pass.
 
 A batch from :class:`~brst.train.data.PatchDataset` (uint8 patches, raw counts) goes to the
-device, through :class:`~brst.handlers.transforms.ModelInput` (stain -> dihedral augmentation
--> resize -> normalise) and the target transforms; the loss is
+device, through :class:`~brst.handlers.transforms.ModelInput` (stain -> HED jitter -> dihedral
+augmentation -> resize -> normalise) and the target transforms; the loss is
 ``MSE(main) + aux_weight * MSE(aux)`` on z-scored targets.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from brst.handlers.transforms import ModelInput
 
 from .metrics import gene_metrics, summarize
 from .predict import predict_batch
+from .sampling import EpochAugmentation
 from .targets import TargetTransform
 
 #: accumulators of an epoch: samples, then sample-weighted total, main and auxiliary loss
@@ -61,15 +62,16 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def batch_tensors(parts: StepParts, batch: dict, codes: torch.Tensor | None):
-    """Model input and targets of a batch, on the device.
+def batch_tensors(parts: StepParts, batch: dict, augmentation: EpochAugmentation | None):
+    """Model input and targets of a batch, on the device (augmented when ``augmentation`` is given).
 
     Shape: -> x ``(B, 3, S, S)``, main targets ``(B, K)``, aux targets ``(B, A)`` or None.
     """
     patches = batch["patch"].to(parts.device, non_blocking=True)
     counts = batch["counts"].to(parts.device, non_blocking=True)
     library_size = batch["library_size"].to(parts.device, non_blocking=True)
-    x = parts.model_input(patches, None if codes is None else codes[batch["index"]].to(parts.device))
+    codes, jitter = (None, None) if augmentation is None else augmentation.for_spots(batch["index"], parts.device)
+    x = parts.model_input(patches, codes, jitter)
     if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y_main = parts.main_target(counts[:, parts.main_cols], library_size)
@@ -77,9 +79,9 @@ def batch_tensors(parts: StepParts, batch: dict, codes: torch.Tensor | None):
     return x, y_main, y_aux
 
 
-def train_step(parts: StepParts, batch: dict, codes: torch.Tensor) -> torch.Tensor:
+def train_step(parts: StepParts, batch: dict, augmentation: EpochAugmentation) -> torch.Tensor:
     """One optimiser and scheduler step; returns detached ``[total, main, aux]`` losses."""
-    x, y_main, y_aux = batch_tensors(parts, batch, codes)
+    x, y_main, y_aux = batch_tensors(parts, batch, augmentation)
     with autocast(parts.device, parts.amp_dtype):
         main, aux = parts.model(x)
     loss_main = F.mse_loss(main.float(), y_main)
@@ -127,7 +129,7 @@ class EpochProgress:
         return {"train_loss": sums[1] / n, "train_loss_main": sums[2] / n, "train_loss_aux": sums[3] / n}
 
 
-def run_epoch(parts: StepParts, loader: Sized, codes: torch.Tensor, progress: EpochProgress,
+def run_epoch(parts: StepParts, loader: Sized, augmentation: EpochAugmentation, progress: EpochProgress,
               should_stop: Callable[[], bool], on_step: Callable[[EpochProgress], None]) -> bool:
     """Train on every batch of ``loader`` (True) unless ``should_stop()`` says so first (False)."""
     iterator = iter(loader)
@@ -137,7 +139,7 @@ def run_epoch(parts: StepParts, loader: Sized, codes: torch.Tensor, progress: Ep
         started = time.perf_counter()
         batch = next(iterator)
         waited = time.perf_counter() - started
-        losses = train_step(parts, batch, codes)
+        losses = train_step(parts, batch, augmentation)
         progress.add(losses, len(batch["index"]))
         progress.data_seconds += waited
         progress.seconds += time.perf_counter() - started

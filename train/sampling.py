@@ -4,10 +4,12 @@ Each epoch's order is a permutation seeded by ``seed`` and ``epoch``, cut to who
 batches; process ``rank`` of ``world_size`` takes every ``world_size``-th spot, so the
 processes' local batches together are exactly the one-process batch. Each spot's dihedral
 augmentation code is likewise a function of (seed, epoch, spot). Resuming mid-epoch skips
-the batches already done; nothing else needs saving to continue in the same order.
+the batches already done; nothing else needs saving to continue in the same order. Stain
+jitter (HED scale and shift per spot, :func:`brst.handlers.density.hed_jitter`) is drawn the same way.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -59,3 +61,36 @@ class EpochSampler(Sampler[int]):
 def augmentation_codes(n: int, seed: int, epoch: int) -> torch.Tensor:
     """``(n,)`` dihedral codes (0..7) of every spot for ``epoch``."""
     return random_dihedral_codes(n, generator=epoch_generator(seed, epoch, stream=1))
+
+
+#: HED shift (optical density, log10 units) per unit of ``--stain-jitter``, beside a scale of
+#: ``1 + stain_jitter * N(0, 1)``: a sigma of 0.05 moves a density by ~1 % of its range
+SHIFT_PER_SIGMA = 0.2
+
+
+@dataclass(frozen=True)
+class EpochAugmentation:
+    """Every spot's augmentation draws for one epoch.
+
+    Attributes:
+        codes: ``(n,)`` dihedral codes (0..7).
+        stain_jitter: ``(n, 2, 3)`` HED scale (row 0) and shift (row 1), or None for none.
+    """
+
+    codes: torch.Tensor
+    stain_jitter: torch.Tensor | None = None
+
+    def for_spots(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draws of the spots ``index`` ``(B,)``, on ``device``: ``(B,)`` and ``(B, 2, 3)`` or None."""
+        jitter = None if self.stain_jitter is None else self.stain_jitter[index].to(device)
+        return self.codes[index].to(device), jitter
+
+
+def epoch_augmentation(n: int, seed: int, epoch: int, stain_jitter: float = 0.0) -> EpochAugmentation:
+    """The draws of ``n`` spots for ``epoch``; ``stain_jitter`` is the HED scale's sigma (0: none)."""
+    codes = augmentation_codes(n, seed, epoch)
+    if stain_jitter <= 0:
+        return EpochAugmentation(codes)
+    noise = torch.randn(n, 2, 3, generator=epoch_generator(seed, epoch, stream=2))
+    jitter = torch.stack([1.0 + stain_jitter * noise[:, 0], SHIFT_PER_SIGMA * stain_jitter * noise[:, 1]], dim=1)
+    return EpochAugmentation(codes, jitter)

@@ -1,0 +1,90 @@
+"""The density expert: ridge fit, inner cross-validation, the model's two modes, the recipe."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fit_helpers import TINY, one_thread, run_cli  # noqa: F401 (fixture)
+
+from brst.train.checkpoint import load_checkpoint
+from brst.train.density_fit import choose_penalty, inner_folds, ridge_fit
+from brst.train.models import build_model, model_from_checkpoint
+from brst.train.recipes import RECIPES, recipe_defaults
+
+
+def test_ridge_recovers_a_linear_map():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    weight = rng.normal(size=(5, 3))
+    y = x @ weight + 2.0
+    fitted, bias = ridge_fit(x, y, penalty=1e-6)
+    np.testing.assert_allclose(fitted, weight, atol=1e-5)
+    np.testing.assert_allclose(bias, 2.0, atol=1e-5)
+
+
+def test_inner_folds_hold_out_each_group_or_fall_back():
+    groups = np.array(["C2", "C3", "C2", "C4"])
+    masks = inner_folds(groups)
+    assert [m.tolist() for m in masks] == [[True, False, True, False], [False, True, False, False],
+                                          [False, False, False, True]]
+    single = inner_folds(np.array(["C2"] * 20))
+    assert len(single) == 5 and np.sum(single, axis=0).tolist() == [1] * 20
+
+
+def test_penalty_is_the_best_inner_score():
+    """Few spots, many features, a signal along the features' main direction: heavy shrinkage
+    wins; a clean signal in a few features: a light penalty does."""
+    rng = np.random.default_rng(1)
+    groups = np.repeat(["a", "b", "c", "d"], 15)
+    factor = rng.normal(size=(60, 1))
+    x = factor + 0.7 * rng.normal(size=(60, 50))
+    noisy_y = factor + 1.5 * rng.normal(size=(60, 6))
+    best, scores = choose_penalty(x, noisy_y, groups, penalties=(1e-3, 1e3))
+    assert best == 1e3 and scores[1e3] > scores[1e-3]
+    clean_y = x[:, :6] + 0.01 * rng.normal(size=(60, 6))
+    assert choose_penalty(x, clean_y, groups, penalties=(1e-3, 1e3))[0] == 1e-3
+
+
+def test_model_averages_the_experts_in_eval_mode_only():
+    config = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]}
+    model = build_model("test_efficientnet", 4, 2, input_size=32, density={"crops": [0.5, 1.0], "data_config": config})
+    assert not any(p.requires_grad for p in model.density_head.parameters())
+    torch.nn.init.normal_(model.density_head.weight)
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    network, _ = model(x)
+    model.eval()
+    with torch.no_grad():
+        mixed, aux = model(x)
+        alone = model.head(model.backbone(x))
+        expert = model.density_head(model.density(x))
+    torch.testing.assert_close(mixed, 0.5 * (alone + expert))
+    assert network.shape == mixed.shape == (3, 4) and aux.shape == (3, 2)
+
+
+def test_recipe_sets_defaults_that_explicit_options_override():
+    assert recipe_defaults("paper", set()) == {}
+    chosen = recipe_defaults("small-cohort", {"epochs"})
+    assert "epochs" not in chosen and chosen["stain"] == "none" and chosen["density_expert"] is True
+    assert RECIPES["small-cohort"]["optimizer"] == "adamw"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_small_cohort_run_fits_the_expert_and_round_trips(her2st_h5, tmp_path):
+    """A real run with the recipe (tiny arch, 2 steps): the expert is fitted on the training
+    sections (penalty by inner CV over them), stored, and rebuilt from the checkpoint."""
+    out = tmp_path / "run"
+    result = run_cli("fit", "--recipe", "small-cohort", "--arch", "test_efficientnet", "--data", her2st_h5,
+                     "--out", out, "--epochs", 1, "--max-steps", 2, "--device", "cpu", *TINY)
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out / "last.pt")
+    options = ckpt["options"]
+    assert (options["recipe"], options["optimizer"], options["stain"], options["epochs"]) == (
+        "small-cohort", "adamw", "none", 1)
+    assert ckpt["density"]["crops"] and ckpt["density"]["fit"]["penalty"] > 0
+    assert ckpt["density"]["fit"]["inner_groups"] == ["C2", "C3", "C4", "C5"]  # C6 validates: never seen
+    assert len(ckpt["density"]["fit"]["inner_mean_r"]) == 7
+    assert ckpt["model"]["density_head.weight"].abs().sum() > 0
+    model = model_from_checkpoint(ckpt)
+    assert model.density is not None
+    torch.testing.assert_close(model.density_head.weight, ckpt["model"]["density_head.weight"])
