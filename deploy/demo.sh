@@ -9,9 +9,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 DEMO=${DEMO:-demo}
 DATA=${BRST_DATA:-}
-ARCH=${DEMO_ARCH:-efficientnet_b0}
-EPOCHS=${DEMO_EPOCHS:-1}
-INPUT_PX=${DEMO_INPUT_PX:-96}
+EPOCHS=${DEMO_EPOCHS:-3}
 
 if [ -z "$DATA" ] || [ ! -d "$DATA" ]; then
   echo "demo: no HER2ST data: set BRST_DATA to the folder with ST-cnts/, ST-imgs/, ST-spotfiles/," >&2
@@ -21,14 +19,14 @@ fi
 mkdir -p "$DEMO"
 step() { printf '\n== %s\n' "$*"; }
 
-step "1. prepare: HER2ST sections -> $DEMO/her2st.h5"
-[ -f "$DEMO/her2st.h5" ] || $BIN/brst-train prepare --format her2st --root "$DATA" --out "$DEMO/her2st.h5"
-$BIN/brst-train inspect "$DEMO/her2st.h5" --contact-sheet "$DEMO/contact_sheet.png" \
-  --export-patches "$DEMO/patches" --n 3
+step "1. prepare: HER2ST sections -> $DEMO/her2st.h5 (384 um patches at 2 um/px, the small-cohort recipe's field)"
+[ -f "$DEMO/her2st.h5" ] || $BIN/brst-train prepare --format her2st --root "$DATA" --out "$DEMO/her2st.h5" \
+  --patch-um 384 --um-per-px 2
+$BIN/brst-train inspect "$DEMO/her2st.h5" --contact-sheet "$DEMO/contact_sheet.png"
 
-step "2. train $ARCH for $EPOCHS epoch(s) at ${INPUT_PX} px (holding out the last section)"
-[ -f "$DEMO/run/last.pt" ] || $BIN/brst-train --arch "$ARCH" --data "$DEMO/her2st.h5" --out "$DEMO/run" \
-  --epochs "$EPOCHS" --input-size "$INPUT_PX" --workers 0
+step "2. train with --recipe small-cohort for $EPOCHS epoch(s) (holding out the last section)"
+[ -f "$DEMO/run/last.pt" ] || $BIN/brst-train --recipe small-cohort --data "$DEMO/her2st.h5" --out "$DEMO/run" \
+  --epochs "$EPOCHS" --workers 0
 
 step "3. evaluate on the held-out section, with the trivial baselines beside the model"
 $BIN/brst-train evaluate --checkpoint "$DEMO/run/last.pt" --data "$DEMO/her2st.h5" --out "$DEMO/eval"
@@ -49,18 +47,15 @@ done
 endpoint() { $BIN/python -c "import json,sys; print(json.load(open('$DEMO/serve/endpoints.json'))['$1'])"; }
 HTTP=$(endpoint inference); GRPC=$(endpoint grpc_inference); METRICS=$(endpoint metrics)
 
-step "6. predict three real patches over HTTP ($HTTP) and gRPC ($GRPC)"
-show() {  # one line per patch: the image and its first five genes with predicted values
-  $BIN/python -c 'import json, sys
-for line in sys.stdin:
-    answer = json.loads(line)
-    image, p = answer["image"], answer["prediction"]
-    genes, values, units, version = p["genes"], p["values"], p["units"], p["model_version"]
-    pairs = ", ".join(f"{g} {v:.2f}" for g, v in list(zip(genes, values))[:5])
-    print(f"{image}: {pairs} ... ({len(genes)} genes, {units}, model {version})")'
-}
-$BIN/brst-train predict --endpoint "$HTTP" --model brst "$DEMO"/patches/*.png | show
-$BIN/brst-train predict --endpoint "grpc://$GRPC" --model brst "$DEMO"/patches/*.png | show
+step "6. predict three held-out patches over HTTP ($HTTP) and gRPC ($GRPC), measured values beside"
+# the held-out spots with the lowest, median and highest measured value of the gene the run
+# validated best; the four best-validated genes are shown
+rm -rf "$DEMO/patches"
+$BIN/python deploy/demo_patches.py pick "$DEMO/run/last.pt" "$DEMO/her2st.h5" "$DEMO/patches"
+$BIN/brst-train predict --endpoint "$HTTP" --model brst "$DEMO"/patches/*.png \
+  | $BIN/python deploy/demo_patches.py compare "$DEMO/patches"
+$BIN/brst-train predict --endpoint "grpc://$GRPC" --model brst "$DEMO"/patches/*.png \
+  | $BIN/python deploy/demo_patches.py compare "$DEMO/patches"
 
 step "7. a few Prometheus metrics from $METRICS/metrics"
 curl -s "$METRICS/metrics" | grep -E '^(brst_patches_total|brst_rejected_inputs_total|ts_inference_requests_total)' | head -8

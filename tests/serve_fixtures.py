@@ -103,13 +103,13 @@ LOCAL_CONFIG = REPO_ROOT / "deploy" / "config.properties"
 
 @pytest.fixture(scope="session")
 def served_checkpoint(her2st_h5: Path, tmp_path_factory, device) -> Path:
-    """``last.pt`` of a two-step fit (resnet18, input 64 px, Macenko stain) on real data."""
+    """``last.pt`` of a two-step fit (resnet18, input 64 px, Macenko stain, density expert) on real data."""
     from brst.train.fit import fit
     from brst.train.fit_options import FitOptions
 
     out = tmp_path_factory.mktemp("served-fit") / "run"
     run = fit(FitOptions(arch="resnet18", data=[str(her2st_h5)], out=str(out), epochs=1, input_size=64,
-                         workers=0, max_steps=FIT_STEPS, device=str(device), holdout=[HELDOUT_SECTION]))
+                         density_expert=True, workers=0, max_steps=FIT_STEPS, device=str(device), holdout=[HELDOUT_SECTION]))
     return Path(run) / "last.pt"
 
 

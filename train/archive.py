@@ -94,7 +94,8 @@ def archive_facts(ckpt: dict, model_version: str, weights_sha256: str) -> dict:
     target = TargetTransform.from_dict(ckpt["target"])
     return {"format": ARCHIVE_FORMAT, "arch": ckpt["arch"], "genes": list(ckpt["genes"]),
             "aux_genes": list(ckpt["aux_genes"]), "target": target.to_dict(), "units": target.units,
-            "stain": ckpt["stain"], "data_config": ckpt["data_config"], "model_version": model_version,
+            "stain": ckpt["stain"], "data_config": ckpt["data_config"], "density": ckpt.get("density"),
+            "model_version": model_version,
             "weights_sha256": weights_sha256, "brst_version": ckpt.get("brst_version", _brst_version())}
 
 
@@ -122,7 +123,7 @@ def load_archived_model(model_dir: str | os.PathLike, device: torch.device | str
     facts = read_archive_facts(model_dir, weights_file)
     state = torch.load(Path(model_dir) / weights_file, map_location="cpu", weights_only=True)
     ckpt = {"arch": facts["arch"], "n_main": len(facts["genes"]), "n_aux": len(facts["aux_genes"]),
-            "data_config": facts["data_config"], "model": state}
+            "data_config": facts["data_config"], "density": facts.get("density"), "model": state}
     return model_from_checkpoint(ckpt, device), facts
 
 
