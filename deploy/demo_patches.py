@@ -2,6 +2,7 @@
 
 ``pick``: from the run's held-out section, take the spots with the lowest, the median and
 the highest measured value of the gene the run validated best, save their patches as PNG
+(``1-lowest-GENE_<section>_<spot>.png``, ``2-median-...``, ``3-highest-...``)
 and their measured expression (the run's target units) of the run's four best-validated
 genes as JSON. ``compare``: read ``brst-train predict`` JSON lines on stdin and print each
 patch's predicted value beside the measured one for those genes.
@@ -41,9 +42,9 @@ def pick(checkpoint: str, data: str, out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     measured = {"genes": genes, "units": ckpt["target"]["kind"], "patches": {}}
-    for k in chosen:
+    for rank, k in zip(("1-lowest", "2-median", "3-highest"), chosen):
         row = int(idx[k])
-        name = f"{index.spots['section'][row]}_{index.spots['spot_id'][row]}.png"
+        name = f"{rank}-{genes[0]}_{index.spots['section'][row]}_{index.spots['spot_id'][row]}.png"
         Image.fromarray(index.patches([row])[0]).save(out / name)
         measured["patches"][name] = [round(float(v), 3) for v in values[k]]
     (out / MEASURED).write_text(json.dumps(measured, indent=1))
