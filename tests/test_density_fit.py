@@ -6,7 +6,10 @@ import pytest
 import torch
 from fit_helpers import TINY, one_thread, run_cli  # noqa: F401 (fixture)
 
+from click.testing import CliRunner
+
 from brst.train.checkpoint import load_checkpoint
+from brst.train.cli import cli
 from brst.train.density_fit import choose_penalty, inner_folds, ridge_fit
 from brst.train.models import build_model, model_from_checkpoint
 from brst.train.recipes import RECIPES, recipe_defaults
@@ -88,3 +91,28 @@ def test_small_cohort_run_fits_the_expert_and_round_trips(her2st_h5, tmp_path):
     model = model_from_checkpoint(ckpt)
     assert model.density is not None
     torch.testing.assert_close(model.density_head.weight, ckpt["model"]["density_head.weight"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_select_best_is_nested_inside_the_training_sections(her2st_h5, tmp_path):
+    """`evaluate --select best`: the held-out section is excluded from the fold's run, an inner
+    training section chooses the epoch, and the fold is scored with that best checkpoint."""
+    import json
+
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", "--holdout", "C6", "--split-by", "section", "--select", "best", "--data", her2st_h5,
+                     "--out", out, "--device", "cpu", "--arch", "test_efficientnet", "--epochs", 2, *TINY)
+    assert result.exit_code == 0, result.output
+    run = out / "folds" / "C6"
+    best = json.loads((run / "best.json").read_text())
+    ckpt = load_checkpoint(run / best[0]["file"])
+    assert ckpt["options"]["exclude"] == ["C6"] and ckpt["options"]["holdout"] == ["C5"]
+    assert "C6" not in ckpt["spots"]["train"] and "C6" not in ckpt["spots"]["val"]
+    assert set(ckpt["spots"]["val"]) == {"C5"}
+    assert json.loads((out / "summary.json").read_text())["select"] == "best"
+
+
+def test_select_best_is_refused_with_a_checkpoint(her2st_h5, tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(her2st_h5), "--select", "best",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--select" in result.output

@@ -85,6 +85,9 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
               help="Held-out patient(s) (or sections, with --split-by section): repeat or comma-separate.")
 @click.option("--split-by", type=click.Choice(["patient", "section"]),
               help="What --holdout names [default: patient; with --checkpoint and no --holdout, the run's split].")
+@click.option("--select", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="With --cv/--holdout: score each fold's last epoch, or its best epoch chosen on an inner "
+                   "validation group of the training data (the held-out groups are never seen).")
 @click.option("--tta", is_flag=True, help="Average over the 8 flips/rotations (dihedral test-time augmentation).")
 @click.option("--allow-training-spots", is_flag=True,
               help="With --checkpoint: score spots the model was trained on anyway (the report says so).")
@@ -95,7 +98,8 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
               help="The model's best genes drawn on the tissue.")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
-             holdout: tuple[str, ...], split_by: str | None, tta: bool, allow_training_spots: bool, device: str,
+             holdout: tuple[str, ...], split_by: str | None, select: str, tta: bool, allow_training_spots: bool,
+             device: str,
              eval_batch_size: int, top_genes: int) -> None:
     """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots.
 
@@ -117,6 +121,8 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
     if allow_training_spots and not checkpoint:
         raise BrstError("--allow-training-spots", "only applies with --checkpoint (folds trained here never "
                                                   "score their training spots)")
+    if checkpoint and select != "last":
+        raise BrstError("--select", "chooses among the checkpoints of models evaluate trains (--cv/--holdout)")
     if checkpoint and ctx.args:
         raise BrstError(" ".join(ctx.args), EVALUATE_ONLY.format("any fit option"))
     if not checkpoint and not cv and not holdout:
@@ -139,8 +145,10 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
         index = open_dataset(options.data)
         folds = make_folds(index, cv, holdout, split_by or "patient")
         features = spot_features(index, np.arange(len(index)))
-        results = run_crossval(options, index, folds, out, features, tta=tta, batch_size=eval_batch_size)
-        header = {"mode": cv or "holdout", "arch": options.arch, "fit_options": options.to_dict()}
+        results = run_crossval(options, index, folds, out, features, tta=tta, batch_size=eval_batch_size,
+                               select=select)
+        header = {"mode": cv or "holdout", "arch": options.arch, "fit_options": options.to_dict(),
+                  "select": select}
     header.update({"data": [str(path) for path in index.files], "tta": tta})
     summary = write_report(out, results, index, header, top_genes)
     click.echo(format_report(summary))

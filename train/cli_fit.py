@@ -31,7 +31,8 @@ def _checked_data(paths: list[str]) -> list[str]:
 
 def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict | None]:
     """Options of a fresh run, or (``--resume``) the run's own options plus runtime ones."""
-    params = {**params, "data": list(params["data"]) or [DEMO_DATASET], "holdout": list(params["holdout"])}
+    params = {**params, "data": list(params["data"]) or [DEMO_DATASET], "holdout": list(params["holdout"]),
+              "exclude": list(params["exclude"])}
     if params["resume"]:
         ckpt = load_checkpoint(params["resume"])
         given = {name: params[name] for name in params if ctx.get_parameter_source(name) in EXPLICIT}
@@ -83,6 +84,8 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--input-size", type=click.IntRange(16), help="Model input side in px [default: the arch's].")
 @click.option("--holdout", multiple=True, help="Validation patient(s)/section(s) [default: the last one].")
 @click.option("--split-by", type=click.Choice(["section", "patient"]), default="section", show_default=True)
+@click.option("--exclude", multiple=True,
+              help="Patient(s)/section(s) left out of the run entirely: neither trained nor validated on.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision [default: on for GPUs].")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")

@@ -4,7 +4,10 @@
 explicit holdout list is one fold (the paper's code held out two fixed patients). Each
 fold trains with :func:`brst.train.fit.fit` into ``OUT/folds/<fold>/``; the held-out
 spots are that run's validation set, which only *monitors* training: the fold is scored
-with ``last.pt``, so no choice is made on the held-out spots. A fold whose run directory
+with ``last.pt``, so no choice is made on the held-out spots. With ``select="best"``
+(``evaluate --select best``) the selection is nested instead: the held-out groups are excluded
+from the fold's run, an inner group of the training data validates, and the fold is scored
+with the best epoch on that inner group. A fold whose run directory
 already holds a finished run with the same options on the same data (the checkpoint's data
 fingerprint, :mod:`brst.train.data.fingerprint`) is reused, an unfinished one resumed.
 """
@@ -56,10 +59,27 @@ def make_folds(index, scheme: str | None = None, holdout: tuple[str, ...] = (), 
     return [Fold(by, (group,)) for group in groups]
 
 
-def fold_options(base: FitOptions, fold: Fold, out_dir: str | Path) -> FitOptions:
-    """The training options of one fold: the base options holding out the fold's groups."""
-    return replace(base, holdout=list(fold.holdout), split_by=fold.by,
-                   out=str(Path(out_dir) / "folds" / fold.name), resume=None)
+#: how a fold's model is chosen: its last epoch, or its best epoch on an inner validation group
+SELECT = ("last", "best")
+
+
+def fold_options(base: FitOptions, fold: Fold, out_dir: str | Path, index=None, select: str = "last") -> FitOptions:
+    """The training options of one fold.
+
+    ``last``: the fold's groups are the run's validation set (monitored only; the fold is scored
+    with ``last.pt``). ``best``: the fold's groups are excluded from the run altogether and the
+    last of the remaining groups (sorted) validates, so the best epoch is chosen on training
+    data only (nested); ``index`` is needed to know the groups.
+    """
+    out = str(Path(out_dir) / "folds" / fold.name)
+    if select == "last":
+        return replace(base, holdout=list(fold.holdout), exclude=[], split_by=fold.by, out=out, resume=None)
+    inner = sorted(set(index.spots[fold.by]) - set(fold.holdout))
+    if len(inner) < 2:
+        raise BrstError("--select best", f"needs at least two {fold.by}s besides the held-out {fold.name} "
+                                         f"(one to train on, one to choose the epoch on); the data have {inner}")
+    return replace(base, holdout=[inner[-1]], exclude=list(fold.holdout), split_by=fold.by, out=out, resume=None,
+                   keep_best=max(1, base.keep_best))
 
 
 def _same_options(stored: dict, options: FitOptions) -> bool:
@@ -101,15 +121,29 @@ def train_fold(options: FitOptions, fingerprint: dict | None = None) -> dict:
     return load_checkpoint(last)
 
 
+def selected_checkpoint(options: FitOptions, last: dict, select: str) -> dict:
+    """The checkpoint a fold is scored with: ``last.pt``, or the run's best (``best.json``)."""
+    if select == "last":
+        return last
+    best = last["metrics"]["best"]
+    if not best:
+        raise BrstError(options.out, "has no best checkpoint (no finite validation score)")
+    log.info("fold %s: scoring %s (chosen on %s)", "+".join(options.exclude), best[0]["file"],
+             "+".join(options.holdout))
+    return load_checkpoint(Path(options.out) / best[0]["file"])
+
+
 def run_crossval(base: FitOptions, index, folds: list[Fold], out_dir: str | Path,
-                 features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64) -> list[FoldResult]:
+                 features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64,
+                 select: str = "last") -> list[FoldResult]:
     """Train and score every fold; ``features`` are the baselines' scalars for all index rows."""
     device = resolve_device(base.device)
     fingerprint = data_fingerprint(index.files)
     results = []
     for number, fold in enumerate(folds, 1):
         log.info("fold %d of %d: holding out %s %s", number, len(folds), fold.by, fold.name)
-        ckpt = train_fold(fold_options(base, fold, out_dir), fingerprint)
+        options = fold_options(base, fold, out_dir, index, select)
+        ckpt = selected_checkpoint(options, train_fold(options, fingerprint), select)
         train_idx, test_idx = index.split(fold.by, list(fold.holdout))
         results.append(evaluate_checkpoint(ckpt, index, fold.name, train_idx, test_idx, features,
                                            tta=tta, batch_size=batch_size, device=device))

@@ -88,7 +88,7 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
     fingerprint = data_fingerprint(index.files)
     if ckpt is not None:
         check_resume_data(ckpt, fingerprint, options.data)
-    train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout)
+    train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout, options.exclude)
     spots = training_spots(index, train_idx, val_idx)
     if ckpt is not None:
         aux_target = TargetTransform.from_dict(ckpt["aux_target"]) if ckpt.get("aux_target") else None

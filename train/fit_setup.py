@@ -23,21 +23,30 @@ log = logging.getLogger(__name__)
 STAIN_FIT_PATCHES = 256
 
 
-def split_spots(index, by: str, holdout: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def split_spots(index, by: str, holdout: Sequence[str],
+                exclude: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Training and validation spots; without ``holdout``, the last ``by`` group (sorted) validates.
+
+    Spots of the ``exclude`` groups are neither trained nor validated on (``evaluate --cv
+    --select best`` puts each fold's test groups there and validates on an inner group).
 
     Returns:
         ``(train_idx, val_idx, holdout)``; ``val_idx`` is empty when there is only one group.
     """
-    holdout = list(holdout)
+    holdout, exclude = list(holdout), list(exclude)
+    if exclude:
+        index.split(by, exclude)  # raises BrstError naming unknown groups
+        if set(exclude) & set(holdout):
+            raise BrstError(f"--exclude {' '.join(exclude)}", f"overlaps --holdout {' '.join(holdout)}")
     if not holdout:
-        groups = sorted(set(index.spots[by]))
+        groups = sorted(set(index.spots[by]) - set(exclude))
         if len(groups) < 2:
             log.warning("only one %s (%s): training without validation", by, groups[0])
             return np.arange(len(index)), np.array([], dtype=np.int64), []
         holdout = [groups[-1]]
         log.info("validating on %s %s (choose with --holdout)", by, holdout[0])
     train_idx, val_idx = index.split(by, holdout)
+    train_idx = train_idx[~np.isin(index.spots[by][train_idx], exclude)]
     if train_idx.size == 0:
         raise BrstError(f"--holdout {' '.join(holdout)}", f"leaves no training spot (split by {by})")
     return train_idx, val_idx, holdout
