@@ -9,7 +9,7 @@ reference: samples/s of a bare loop over the *same* batches, already preprocesse
 Rounds alternate ours and reference (the machine's load drifts); rates are over all rounds.
 Also reported: ``data_wait_frac``, the share of our step time spent waiting for the DataLoader.
 
-    python benchmarks/bench_train_step.py [--data FILE.h5] [--arch efficientnet_b0] [--input-size 64]
+    python benchmarks/bench_train_step.py [--data FILE.h5] [--arch efficientnet_b0] [--input-size 64] [--stain-jitter 0.05]
         [--batch-size 32] [--steps 4] [--rounds 3] [--workers 2] [--threads N] [--device cpu]
 """
 from __future__ import annotations
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch intra-op threads [default: torch's]")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stain-jitter", type=float, default=0.0,
+                        help="ours with the small-cohort recipe's HED jitter (the bare loop has none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -124,7 +126,7 @@ def main() -> None:
 def run(args: argparse.Namespace, data: str) -> dict:
     device = resolve_device(args.device)
     options = FitOptions(arch=args.arch, data=[data], input_size=args.input_size, batch_size=args.batch_size,
-                         workers=args.workers, device=args.device)
+                         workers=args.workers, device=args.device, stain_jitter=args.stain_jitter)
     index = open_dataset(options.data)
     spec = derive_spec(options, index, device, None)
     model = make_model(options, spec, device)

@@ -26,10 +26,9 @@ def test_ridge_recovers_a_linear_map():
 
 
 def test_inner_folds_hold_out_each_group_or_fall_back():
-    groups = np.array(["C2", "C3", "C2", "C4"])
+    groups = np.array(["C2", "C3", "C2", "C4"] * 3)
     masks = inner_folds(groups)
-    assert [m.tolist() for m in masks] == [[True, False, True, False], [False, True, False, False],
-                                          [False, False, False, True]]
+    assert [np.flatnonzero(m).tolist() for m in masks] == [[0, 2, 4, 6, 8, 10], [1, 5, 9], [3, 7, 11]]
     single = inner_folds(np.array(["C2"] * 20))
     assert len(single) == 5 and np.sum(single, axis=0).tolist() == [1] * 20
 
@@ -116,3 +115,20 @@ def test_select_best_is_refused_with_a_checkpoint(her2st_h5, tmp_path):
     result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(her2st_h5), "--select", "best",
                                       "--out", str(tmp_path)])
     assert result.exit_code != 0 and "--select" in result.output
+
+
+def test_too_few_training_spots_for_the_inner_cv_is_a_clear_error():
+    from brst.train.errors import BrstError
+
+    with pytest.raises(BrstError, match="inner cross-validation needs at least"):
+        inner_folds(np.array(["C2"] * 20 + ["C3"]))
+    with pytest.raises(BrstError, match="inner cross-validation"):
+        inner_folds(np.array(["C2"] * 8))
+
+
+def test_recipe_field_warning(caplog):
+    from brst.train.recipes import warn_if_other_field
+
+    assert not warn_if_other_field("small-cohort", 384.0) and not warn_if_other_field("paper", 112.0)
+    assert warn_if_other_field("small-cohort", 112.0)
+    assert "measured on 384 um patches, these are 112 um" in caplog.text

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .errors import BrstError
 from .metrics import pearson_r
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 RIDGE_PENALTIES: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 #: inner folds when the training spots hold a single group
 FALLBACK_FOLDS = 5
+#: fewest spots an inner fold may validate on (and fit on): Pearson r needs a few
+MIN_SPOTS_PER_FOLD = 3
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray]:
@@ -39,12 +42,22 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray,
 
 
 def inner_folds(groups: np.ndarray, seed: int = 0) -> list[np.ndarray]:
-    """Boolean ``(N,)`` masks of inner validation spots: one per group, else ``FALLBACK_FOLDS`` random folds."""
+    """Boolean ``(N,)`` masks of inner validation spots: one per group, else ``FALLBACK_FOLDS`` random folds.
+
+    Raises:
+        BrstError: fewer than ``MIN_SPOTS_PER_FOLD`` spots to validate or to fit on in some fold.
+    """
     names = sorted(set(groups.tolist()))
     if len(names) >= 2:
-        return [groups == name for name in names]
-    fold_of = np.random.default_rng(seed).permutation(len(groups)) % FALLBACK_FOLDS
-    return [fold_of == k for k in range(FALLBACK_FOLDS)]
+        masks = [groups == name for name in names]
+    else:
+        fold_of = np.random.default_rng(seed).permutation(len(groups)) % FALLBACK_FOLDS
+        masks = [fold_of == k for k in range(FALLBACK_FOLDS)]
+    if any(min(mask.sum(), (~mask).sum()) < MIN_SPOTS_PER_FOLD for mask in masks):
+        raise BrstError("--density-expert", f"its inner cross-validation needs at least {MIN_SPOTS_PER_FOLD} "
+                                            f"training spots in and out of every fold; the {len(groups)} training "
+                                            f"spots fall into {', '.join(names)} ({[int(m.sum()) for m in masks]})")
+    return masks
 
 
 def choose_penalty(x: np.ndarray, y: np.ndarray, groups: np.ndarray,

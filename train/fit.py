@@ -34,6 +34,7 @@ from .loop import EpochProgress, StepParts, run_epoch, validate
 from .models import BrstNet, build_model
 from .optim import make_optimizer, make_scheduler
 from .provenance import check_resume_data, training_spots
+from .recipes import warn_if_other_field
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
 from .sampling import EpochSampler, epoch_augmentation
@@ -315,6 +316,8 @@ def fit(options: FitOptions, ckpt: dict | None = None) -> Path:
 def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch.device) -> Path:
     check_sync_bn(options.sync_bn, ctx, device)
     index = open_dataset(options.data)
+    if ckpt is None:
+        warn_if_other_field(options.recipe, float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)))
     run = open_run_dir(options, ctx, resuming=ckpt is not None)
     spec = derive_spec(options, index, device, ckpt)
     model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,

@@ -10,6 +10,10 @@ the network. Its field of view comes from the dataset: prepare patches of 384 µ
 """
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 #: recipe -> option defaults it sets (FitOptions field names)
 RECIPES: dict[str, dict[str, object]] = {
     "paper": {},
@@ -19,8 +23,24 @@ RECIPES: dict[str, dict[str, object]] = {
         "input_size": 112, "aux_weight": 1.0,
     },
 }
-#: the patch geometry a recipe expects from ``brst-train prepare`` (None: any)
+#: the patch side (µm) a recipe was measured with, from ``brst-train prepare --patch-um`` (None: any)
 RECIPE_PATCH_UM: dict[str, float | None] = {"paper": None, "small-cohort": 384.0}
+#: relative difference of the patch side that is still "the recipe's"
+PATCH_UM_RTOL = 0.05
+
+
+def warn_if_other_field(name: str, patch_um: float) -> bool:
+    """Log a warning (and return True) when the data's patches are not the field ``name`` was measured on.
+
+    Not an error: another field is a legitimate experiment, but the density expert's crops are
+    fractions of the patch, so on 112 µm patches they summarise 34-112 µm instead of 115-384 µm.
+    """
+    expected = RECIPE_PATCH_UM[name]
+    if expected is None or abs(patch_um - expected) <= PATCH_UM_RTOL * expected:
+        return False
+    log.warning("--recipe %s was measured on %g um patches, these are %g um (prepare --patch-um %g "
+                "--um-per-px 2 for the recipe's field)", name, expected, patch_um, expected)
+    return True
 
 
 def recipe_defaults(name: str, given: set[str]) -> dict[str, object]:
