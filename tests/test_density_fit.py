@@ -132,3 +132,17 @@ def test_recipe_field_warning(caplog):
     assert not warn_if_other_field("small-cohort", 384.0) and not warn_if_other_field("paper", 112.0)
     assert warn_if_other_field("small-cohort", 112.0)
     assert "measured on 384 um patches, these are 112 um" in caplog.text
+
+
+def test_exclude_names_unknown_and_overlapping_groups(her2st_h5):
+    from brst.train.data import open_dataset
+    from brst.train.errors import BrstError
+    from brst.train.fit_setup import split_spots
+
+    index = open_dataset(her2st_h5)
+    train_idx, val_idx, holdout = split_spots(index, "section", [], ["C6"])
+    assert holdout == ["C5"] and set(index.spots["section"][train_idx]) == {"C2", "C3", "C4"}
+    with pytest.raises(BrstError, match=r"--exclude C9: unknown section"):
+        split_spots(index, "section", [], ["C9"])
+    with pytest.raises(BrstError, match="overlaps --holdout"):
+        split_spots(index, "section", ["C6"], ["C6"])

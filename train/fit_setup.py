@@ -35,7 +35,10 @@ def split_spots(index, by: str, holdout: Sequence[str],
     """
     holdout, exclude = list(holdout), list(exclude)
     if exclude:
-        index.split(by, exclude)  # raises BrstError naming unknown groups
+        known = set(index.spots[by])
+        unknown = [name for name in exclude if name not in known]
+        if unknown:
+            raise BrstError(f"--exclude {' '.join(exclude)}", f"unknown {by}(s) {unknown} (known: {sorted(known)})")
         if set(exclude) & set(holdout):
             raise BrstError(f"--exclude {' '.join(exclude)}", f"overlaps --holdout {' '.join(holdout)}")
     if not holdout:
