@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from brst.train.data import PatchDataset, open_dataset
-from brst.train.prepare import prepare
+from brst.train.data.prepare import prepare
 
 ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
 

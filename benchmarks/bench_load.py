@@ -81,7 +81,7 @@ def proc_rss_bytes(pid: int) -> int:
 
 def worker_pids(management_url: str, model: str) -> list[int]:
     """Process ids of the model's workers, from TorchServe's management API."""
-    from brst.train.client import http_json
+    from brst.train.serve.client import http_json
 
     described = http_json(f"{management_url}/models/{model}")
     return sorted(int(w["pid"]) for entry in described for w in entry["workers"] if w.get("pid"))
@@ -93,7 +93,7 @@ def worker_rss_mib(management_url: str, model: str) -> float:
 
 def make_sender(transport: str, endpoints, model: str):
     """A thread-safe ``send(png) -> None`` that raises on anything but a prediction."""
-    from brst.train.client import GrpcClient, HttpClient
+    from brst.train.serve.client import GrpcClient, HttpClient
 
     if transport == "http":
         client = HttpClient(endpoints.inference, model)
@@ -148,16 +148,17 @@ def in_process_patches_per_s(archive: Path, pngs: list[bytes], batch_size: int, 
     """The reference: the archived model in this process on the same PNGs, as the handler runs it."""
     import torch
 
-    from brst.handlers.decode import PatchSpec, decode_request
+    from brst.handlers.archive_facts import load_archived_model
+    from brst.handlers.envelopes import decode_request
+    from brst.handlers.geometry import PatchGeometry
     from brst.handlers.transforms import ModelInput
-    from brst.train.archive import load_archived_model
 
     with tempfile.TemporaryDirectory(prefix="brst-bench-model-") as folder:
         with zipfile.ZipFile(archive) as packed:
             packed.extractall(folder)
         model, facts = load_archived_model(folder)
     model_input = ModelInput.from_config(facts["stain"], facts["data_config"])
-    spec = PatchSpec.from_data_config(facts["data_config"])
+    spec = PatchGeometry.from_data_config(facts["data_config"])
 
     def one_pass() -> None:
         for lo in range(0, len(pngs), batch_size):
@@ -184,9 +185,9 @@ def heldout_pngs(dataset: Path, n: int) -> list[bytes]:
 
 def build_archive_for_bench(dataset: Path, store: Path, batch_size: int) -> Path:
     """A short resnet18 fit at 64 px on ``dataset`` (held-out C6), archived into ``store``."""
-    from brst.train.archive import ServeSettings, build_archive
-    from brst.train.fit import fit
-    from brst.train.fit_options import FitOptions
+    from brst.train.fit.options import FitOptions
+    from brst.train.fit.runner import fit
+    from brst.train.serve.archiver import ServeSettings, build_archive
 
     run = fit(FitOptions(arch="resnet18", data=[str(dataset)], out=str(store.parent / "run"), epochs=1,
                          input_size=64, workers=0, max_steps=2, device="cpu", holdout=[HELDOUT_SECTION]))
@@ -203,8 +204,8 @@ def archive_batch_size(archive: Path) -> int:
 
 
 def run(args: argparse.Namespace, folder: Path) -> dict:
-    from brst.train.prepare import PrepareOptions, prepare
-    from brst.train.torchserve import TorchServe
+    from brst.train.data.prepare import PrepareOptions, prepare
+    from brst.train.serve.torchserve import TorchServe
 
     dataset = args.dataset
     if dataset is None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from brst.train.prepare import PrepareOptions, prepare
-from brst.train.readers import read_sections
+from brst.train.data.prepare import PrepareOptions, prepare
+from brst.train.data.readers import read_sections
 
 ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
 

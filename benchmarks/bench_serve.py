@@ -34,17 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brst.handlers.decode import PatchSpec, decode_batch
+from brst.handlers.envelopes import decode_batch
+from brst.handlers.geometry import PatchGeometry
+from brst.handlers.model import build_model, data_config, model_from_checkpoint
 from brst.handlers.stain import fit_stain
+from brst.handlers.targets import TargetTransform
 from brst.handlers.transforms import ModelInput
-from brst.train.archive import ServeSettings, build_archive
 from brst.train.checkpoint import load_checkpoint, save_checkpoint
-from brst.train.client import GrpcClient, HttpClient
-from brst.train.models import build_model, data_config, model_from_checkpoint
-from brst.train.patches import PatchGeometry, cut_patch
-from brst.train.readers.her2st import read_sections
-from brst.train.targets import TargetTransform
-from brst.train.torchserve import TorchServe
+from brst.train.data.patches import cut_patch
+from brst.train.data.readers.her2st import read_sections
+from brst.train.serve.archiver import ServeSettings, build_archive
+from brst.train.serve.client import GrpcClient, HttpClient
+from brst.train.serve.torchserve import TorchServe
 
 log = logging.getLogger("bench_serve")
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ N_GENES = 250
 def real_patches(n: int) -> tuple[np.ndarray, object]:
     """``n`` uint8 (n, 224, 224, 3) patches around spots of HER2ST section C3, and the section."""
     section = read_sections(ROOT, ["C3"])[0]
-    inside = GEOMETRY.inside(section.image, section.pixel_x, section.pixel_y, section.um_per_px)
+    inside = GEOMETRY.inside(section.image.width, section.image.height, section.pixel_x, section.pixel_y, section.um_per_px)
     rows = np.nonzero(inside)[0][:n]
     side_px = GEOMETRY.side_px(section.um_per_px)
     patches = np.stack([cut_patch(section.image, section.pixel_x[i], section.pixel_y[i], side_px, GEOMETRY.patch_px)
@@ -86,7 +87,7 @@ class InProcess:
         self.model = model_from_checkpoint(ckpt)
         self.model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"])
         self.target = TargetTransform.from_dict(ckpt["target"])
-        self.spec = PatchSpec.from_data_config(ckpt["data_config"])
+        self.spec = PatchGeometry.from_data_config(ckpt["data_config"])
 
     @torch.inference_mode()
     def predict(self, pngs: list[bytes]) -> np.ndarray:
@@ -166,7 +167,7 @@ def main() -> None:
         patches, section = real_patches(args.patches)
         checkpoint = args.checkpoint or random_weights_checkpoint(args.arch, patches, section, work)
         ckpt = load_checkpoint(checkpoint)
-        spec = PatchSpec.from_data_config(ckpt["data_config"])
+        spec = PatchGeometry.from_data_config(ckpt["data_config"])
         rows = [{"body": encode_png(p), "um_per_px": GEOMETRY.um_per_px} for p in patches]
         pngs = [encode_png(p) for p in decode_batch(rows, spec).patches]  # at the model's patch size
         store = work / "store"

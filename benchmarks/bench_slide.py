@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from bench_serve import BATCH, REPO, ROOT, random_weights_checkpoint, real_patches
 
-from brst.train.archive import ServeSettings, build_archive
 from brst.train.checkpoint import load_checkpoint
-from brst.train.readers.images import open_image
+from brst.train.data.readers.images import open_image
+from brst.train.serve.archiver import ServeSettings, build_archive
+from brst.train.serve.torchserve import TorchServe
 from brst.train.slide.endpoint import EndpointPredictor
 from brst.train.slide.predictors import LocalPredictor
 from brst.train.slide.run import THUMBNAIL_PX, SlideJob, predict_points, run_slide
+from brst.train.slide.tile_grid import find_tiles
 from brst.train.slide.tiles import read_patches
-from brst.train.slide.tissue import find_tiles
-from brst.train.torchserve import TorchServe
 
 log = logging.getLogger("bench_slide")
 SECTION = "C2"

@@ -28,7 +28,7 @@ import torch
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
 
 from brst.handlers.stain import Macenko, Reinhard
-from brst.train.readers import read_sections
+from brst.train.data.readers import read_sections
 
 ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
 PATCH_PX = 224

@@ -26,14 +26,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from brst.handlers.model import timm_kwargs
 from brst.train.data import open_dataset
-from brst.train.distributed import DistContext, resolve_device
-from brst.train.fit import derive_spec, make_loaders, make_model, make_parts
-from brst.train.fit_options import DEMO_DATASET, FitOptions
-from brst.train.loop import batch_tensors, train_step
-from brst.train.models import timm_kwargs
-from brst.train.prepare import PrepareOptions, prepare
-from brst.train.sampling import epoch_augmentation
+from brst.train.data.prepare import PrepareOptions, prepare
+from brst.train.fit.distributed import DistContext, resolve_device
+from brst.train.fit.loop import batch_tensors, train_step
+from brst.train.fit.options import DEMO_DATASET, FitOptions
+from brst.train.fit.runner import derive_spec, make_loaders, make_model, make_parts
+from brst.train.fit.sampling import epoch_augmentation
 
 ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from brst.train.models import BASELINE_ARCH, PAPER_ARCHS
+from brst.train.fit.recipes import BASELINE_ARCH, PAPER_ARCHS
 
 log = logging.getLogger("paper_table")
 TARGETS = ("log1p", "lognorm")

@@ -21,8 +21,8 @@ from PIL import Image
 
 from brst.train.checkpoint import load_checkpoint
 from brst.train.data import open_dataset
-from brst.train.evaluate import measured_expression
-from brst.train.slide.genes import checkpoint_validation_r
+from brst.train.evaluate.fold import measured_expression
+from brst.train.slide.drawn_genes import checkpoint_validation_r
 
 #: genes shown per patch
 N_GENES = 4

@@ -3,12 +3,12 @@
 A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the base
 ``handle`` and overrides only the four stages:
 
-- ``initialize``: reads ``brst-model.json`` (weights' sha256 checked), rebuilds the model
-  on the worker's GPU (``gpu_id``) or the CPU, builds the shared input pipeline
-  (:class:`~brst.handlers.transforms.ModelInput`: stain normalisation, resize, normalise)
-  and creates the metrics; one torch thread per worker when several workers share a CPU;
+- ``initialize``: reads ``brst-model.json`` (weights' sha256 checked) and builds the one
+  :class:`~brst.handlers.predictor.Predictor` (model, input pipeline: stain normalisation,
+  resize, normalise; target inverse; TTA; autocast) on the worker's GPU (``gpu_id``) or the
+  CPU, and creates the metrics; one torch thread per worker when several workers share a CPU;
 - ``preprocess``: decodes and validates every request of the batch
-  (:mod:`brst.handlers.decode`); a bad request is answered with HTTP 400 and a JSON
+  (:mod:`brst.handlers.envelopes`, :mod:`brst.handlers.images`); a bad request is answered with HTTP 400 and a JSON
   ``{"code", "type", "message"}`` while the batch's other requests go on;
 - ``inference``: stain-normalises the whole batch on the device and runs the model under
   ``torch.inference_mode`` (autocast on GPU), optionally averaging the eight dihedral
@@ -20,7 +20,7 @@ TorchServe 0.12's gRPC frontend ignores per-request status codes, so when *every
 of a batch fails with the same message the handler raises ``PredictionException(400)``,
 which TorchServe turns into HTTP 400 and gRPC ``INVALID_ARGUMENT`` for the whole batch
 (with batching off, always the case). In a mixed batch a rejected gRPC request gets
-status OK with the error JSON as its body; ``brst.train.client`` maps it back to an error.
+status OK with the error JSON as its body; ``brst.train.serve.client`` maps it back to an error.
 """
 from __future__ import annotations
 
@@ -31,12 +31,13 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from brst.handlers.decode import DecodedBatch, DecodeLimits, PatchSpec, decode_batch
+from brst.handlers.archive_facts import WEIGHTS_FILE
+from brst.handlers.envelopes import DecodedBatch, decode_batch
+from brst.handlers.geometry import PatchGeometry
 from brst.handlers.handler_metrics import DECODE_SECONDS, INFERENCE_SECONDS, STAIN_SECONDS, HandlerMetrics
+from brst.handlers.images import DecodeLimits
+from brst.handlers.predictor import Predictor
 from brst.handlers.stain import FUSED_CPU_REMIX
-from brst.handlers.transforms import N_DIHEDRAL, ModelInput, dihedral
-from brst.train.archive import WEIGHTS_FILE, load_archived_model
-from brst.train.targets import TargetTransform
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,10 @@ class BrstHandler(BaseHandler):
         if self.device.type == "cpu" and int(settings.get("maxWorkers", 1)) > 1:
             torch.set_num_threads(1)
         weights = context.manifest["model"].get("serializedFile", WEIGHTS_FILE)
-        self.model, self.facts = load_archived_model(properties["model_dir"], self.device, weights)
-        self.model_input = ModelInput.from_config(self.facts["stain"], self.facts["data_config"]).to(self.device)
-        self.target = TargetTransform.from_dict(self.facts["target"]).to(self.device)
-        self.spec = PatchSpec.from_data_config(self.facts["data_config"])
-        self.limits = DecodeLimits(**handler_settings.get("limits", {}))
         self.tta = bool(handler_settings.get("tta", False))
+        self.predictor, self.facts = Predictor.from_archive(properties["model_dir"], self.device, weights, tta=self.tta)
+        self.geometry = PatchGeometry.from_data_config(self.facts["data_config"])
+        self.limits = DecodeLimits(**handler_settings.get("limits", {}))
         self.brst_metrics = HandlerMetrics(context.metrics, context.model_name)
         self.initialized = True
         log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d, fused CPU stain kernels %s",
@@ -80,7 +79,7 @@ class BrstHandler(BaseHandler):
                  torch.get_num_threads(), "built" if FUSED_CPU_REMIX else "not built (eager torch)")
 
     def preprocess(self, data: list[dict]) -> DecodedBatch:
-        batch = decode_batch(data, self.spec, self.limits)
+        batch = decode_batch(data, self.geometry, self.limits)
         for seconds in batch.seconds:
             self.brst_metrics.observe(DECODE_SECONDS, seconds)
         for err in batch.errors.values():
@@ -102,21 +101,11 @@ class BrstHandler(BaseHandler):
         with torch.inference_mode():
             pixels = torch.from_numpy(batch.patches).to(self.device, non_blocking=True)
             with self.brst_metrics.timer(STAIN_SECONDS, self._synchronize):
-                x = self.model_input(pixels)
+                x = self.predictor.model_input(pixels)
             with self.brst_metrics.timer(INFERENCE_SECONDS, self._synchronize):
-                values, spread = self._expression(x)
+                values, spread = self.predictor.expression(x)
         self.brst_metrics.patches(len(batch.patches))
         return batch, values.cpu(), None if spread is None else spread.cpu()
-
-    def _expression(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Model input ``(B, 3, S, S)`` -> expression ``(B, G)`` and its TTA spread ``(B, G)`` or None."""
-        codes = range(N_DIHEDRAL) if self.tta else (0,)
-        on_gpu = self.device.type == "cuda"
-        half = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast(self.device.type, dtype=half, enabled=on_gpu):
-            outputs = torch.stack([self.model(dihedral(x, code))[0] for code in codes]).float()
-        expression = self.target.inverse(outputs)
-        return expression.mean(0), (expression.std(0, unbiased=False) if self.tta else None)
 
     def postprocess(self, prediction: tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None]) -> list[str]:
         """One JSON text per request: a patch's answer, a list of them, or an error."""

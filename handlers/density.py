@@ -9,7 +9,7 @@ sizes (the spot itself and its wider context): mean, std, the 10/50/90 % quantil
 share of background, of nuclear and of dense-nuclear pixels, and a texture figure (mean
 absolute vertical step of the optical density). They are parameter-free and run on any
 device; the model concatenates them, standardised with training statistics held as
-buffers, to its backbone's pooled features (``brst.train.models.BrstNet``).
+buffers, to its backbone's pooled features (``brst.handlers.model.BrstNet``).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Each metric is registered in the worker's metrics cache (``context.metrics``) in
 parses and exposes on its Prometheus endpoint (``/metrics``) next to its built-in
 ``ts_*`` metrics, provided ``model_metrics_auto_detect=true`` (deploy/config.properties).
 Every metric carries the ``ModelName`` label; rejections also carry ``reason``
-(:data:`brst.handlers.decode.REASONS`).
+(:data:`brst.handlers.errors.REASONS`).
 """
 from __future__ import annotations
 

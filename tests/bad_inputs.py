@@ -36,7 +36,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from brst.handlers.decode import SCALE_KEY, DecodeLimits
+from brst.handlers.images import SCALE_KEY, DecodeLimits
 
 #: gRPC input key and multipart field of the image (TorchServe's examples and brst's client use "data")
 GRPC_IMAGE_KEY = FORM_IMAGE_KEY = "data"
@@ -331,7 +331,7 @@ def corpus_ids(corpus: list[BadInput]) -> list[str]:
 def multipart(entry: BadInput) -> tuple[bytes, str]:
     """``entry`` as a multipart/form-data body (image part ``data``, field ``um_per_px``) and
     its Content-Type: how an HTTP client sends a scale that TorchServe hands to the handler."""
-    from brst.train.client import multipart_form
+    from brst.train.serve.client import multipart_form
 
     fields = {FORM_IMAGE_KEY: (entry.body, entry.content_type)}
     if entry.um_per_px is not None:

@@ -57,7 +57,7 @@ def her2st_h5(her2st_root: Path, tmp_path_factory) -> Path:
     Geometry: patch_um 112 at 2.0 um/px (patch_px 56); min_counts 1000; 890 spots;
     panel = top 250 genes by mean count. Session-scoped: built once (10-30 s on the shared 2-core box).
     """
-    from brst.train.prepare import PrepareOptions, prepare
+    from brst.train.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("her2st") / "her2st.h5"
     prepare("her2st", her2st_root, out=out, options=PrepareOptions(um_per_px=2.0))

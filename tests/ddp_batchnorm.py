@@ -20,10 +20,10 @@ STEPS, BATCH, SIZE, GENES = 3, 8, 32, 4
 
 def make_model(arch: str) -> torch.nn.Module:
     """The seeded BrstNet both sides start from (identical weights on the CPU)."""
-    from brst.train.models import build_model
+    from brst.handlers.model import build_model
 
     torch.manual_seed(0)
-    return build_model(arch, GENES, 0, None, SIZE)
+    return build_model(arch, GENES, 0, SIZE)
 
 
 def batches() -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def one_process_steps(arch: str, shares: int) -> dict[str, torch.Tensor]:
 
 
 def main(out: str, arch: str) -> None:
-    from brst.train.distributed import context_from_env, sync_batchnorm, wrap_ddp
+    from brst.train.fit.distributed import context_from_env, sync_batchnorm, wrap_ddp
 
     ctx = context_from_env()
     dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world_size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from brst.train.cli import cli
+from brst.train.cli.main import cli
 
 #: a tiny real architecture at a small input: one epoch in seconds
 TINY = ("--input-size", "32", "--workers", "0")

@@ -104,8 +104,8 @@ LOCAL_CONFIG = REPO_ROOT / "deploy" / "config.properties"
 @pytest.fixture(scope="session")
 def served_checkpoint(her2st_h5: Path, tmp_path_factory, device) -> Path:
     """``last.pt`` of a two-step fit (resnet18, input 64 px, Macenko stain, density expert) on real data."""
-    from brst.train.fit import fit
-    from brst.train.fit_options import FitOptions
+    from brst.train.fit.options import FitOptions
+    from brst.train.fit.runner import fit
 
     out = tmp_path_factory.mktemp("served-fit") / "run"
     run = fit(FitOptions(arch="resnet18", data=[str(her2st_h5)], out=str(out), epochs=1, input_size=64,
@@ -125,28 +125,22 @@ def heldout_patches(her2st_h5: Path) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def in_process(served_checkpoint: Path):
-    """The training code path on the checkpoint itself: a function from uint8 patches
-    ``(N, P, P, 3)`` (and ``tta``) to expression ``(N, G)`` in log1p units."""
+    """The checkpoint itself through the one inference path in this process: a function from uint8
+    patches ``(N, P, P, 3)`` (and ``tta``) to expression ``(N, G)`` in log1p units."""
     import torch
 
-    from brst.handlers.transforms import ModelInput
+    from brst.handlers.predictor import Predictor
     from brst.train.checkpoint import load_checkpoint
-    from brst.train.models import model_from_checkpoint
-    from brst.train.predict import predict_batch
-    from brst.train.targets import TargetTransform
 
     ckpt = load_checkpoint(served_checkpoint)
-    model = model_from_checkpoint(ckpt)
-    model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"])
-    target = TargetTransform.from_dict(ckpt["target"])
-    return lambda patches, tta=False: target.inverse(
-        predict_batch(model, model_input, torch.from_numpy(np.array(patches)), tta)).numpy()
+    predictors = {False: Predictor.from_checkpoint(ckpt), True: Predictor.from_checkpoint(ckpt, tta=True)}
+    return lambda patches, tta=False: predictors[bool(tta)](torch.from_numpy(np.array(patches))).numpy()
 
 
 @pytest.fixture(scope="session")
 def served_archive(served_checkpoint: Path, tmp_path_factory) -> Path:
     """``<store>/brst.mar`` with batching (4 requests, 20 ms)."""
-    from brst.train.archive import ServeSettings, build_archive
+    from brst.train.serve.archiver import ServeSettings, build_archive
 
     store = tmp_path_factory.mktemp("model_store")
     return build_archive(served_checkpoint, SERVED_MODEL, store,
@@ -184,7 +178,7 @@ def served_model(served_archive: Path, served_checkpoint: Path, tmp_path_factory
     """
     import psutil
 
-    from brst.train.torchserve import Endpoints
+    from brst.train.serve.torchserve import Endpoints
 
     run_dir = tmp_path_factory.mktemp("torchserve")
     command = [str(Path(sys.executable).with_name("brst-train")), "serve", "--model-store", str(served_archive.parent),
@@ -225,7 +219,7 @@ def scrape_metrics(metrics_url: str, wanted: str, timeout_s: float = 30) -> str:
 @pytest.fixture(scope="session")
 def served_metrics_text(served_model: ServedModel, heldout_patches: np.ndarray) -> str:
     """A real ``/metrics`` scrape after good and bad requests over HTTP and gRPC."""
-    from brst.train.client import GrpcClient, HttpClient
+    from brst.train.serve.client import GrpcClient, HttpClient
 
     http = HttpClient(served_model.endpoints.inference, served_model.name)
     grpc_client = GrpcClient(served_model.endpoints.grpc_inference, served_model.name)

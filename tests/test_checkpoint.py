@@ -6,10 +6,10 @@ import collections
 import pytest
 import torch
 
+from brst.handlers.errors import BrstError
+from brst.handlers.model import build_model, model_from_checkpoint
+from brst.handlers.targets import TargetTransform
 from brst.train.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from brst.train.errors import BrstError
-from brst.train.models import build_model, model_from_checkpoint
-from brst.train.targets import TargetTransform
 
 
 def _checkpoint(model) -> dict:

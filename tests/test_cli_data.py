@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from brst.train.cli import cli
+from brst.train.cli.main import cli
 
 SECTION = "C6"
 FAST = ["--um-per-px", "4", "--sections", SECTION]
@@ -150,7 +150,7 @@ def test_missing_genes_option(her2st_root, tmp_path, caplog):
     result = run(*args, "--missing-genes", "error", "--out", str(out / "strict.h5"))
     assert_one_line_error(result, str(plan), "1 plan gene(s) not measured in section C6: ['NOT_IN_C6']")
     assert_no_output(out)
-    with caplog.at_level("WARNING", logger="brst.train.prepare"):
+    with caplog.at_level("WARNING", logger="brst.train.data.prepare"):
         result = run(*args, "--out", str(out / "zero.h5"))
     assert result.exit_code == 0, result.output
     assert "section C6 does not measure 1 of the 3 plan genes" in caplog.text

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from brst.handlers.stain import Macenko, stain_from_json
-from brst.train.cli import cli
+from brst.train.cli.main import cli
 from brst.train.data import open_dataset
 
 

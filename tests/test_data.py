@@ -10,10 +10,10 @@ import pytest
 import scipy.sparse
 import torch
 
+from brst.handlers.errors import BrstError
 from brst.train.atomic import atomic_path
 from brst.train.data import DatasetWriter, PatchDataset, open_dataset
-from brst.train.errors import BrstError
-from brst.train.readers.base import Section
+from brst.train.data.readers.base import Section
 
 PATCH_PX = 8
 

@@ -13,16 +13,10 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from serve_fixtures import encode, png_declaring
 
-from brst.handlers.decode import (
-    DecodeLimits,
-    PatchSpec,
-    RejectedInput,
-    decode_image,
-    decode_request,
-    parse_um_per_px,
-    to_patch,
-)
-from brst.train.errors import InputError
+from brst.handlers.envelopes import decode_request, parse_um_per_px
+from brst.handlers.errors import InputError, RejectedInput
+from brst.handlers.geometry import PatchGeometry
+from brst.handlers.images import DecodeLimits, decode_image, to_patch
 
 fixtures_settings = settings(max_examples=40, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -33,9 +27,9 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def native(he_patches) -> PatchSpec:
+def native(he_patches) -> PatchGeometry:
     """The patches' own size and scale: decoding them must change nothing."""
-    return PatchSpec(he_patches.pixels.shape[1], he_patches.um_per_px)
+    return PatchGeometry.from_pixels(he_patches.pixels.shape[1], he_patches.um_per_px)
 
 
 def reject_reason(row, spec, limits=DecodeLimits()) -> str:
@@ -97,7 +91,7 @@ def test_list_forms_keep_order_and_say_many(he_patches, native):
 def test_um_per_px_resamples_to_the_models_field(he_patches):
     """The same tissue sent at two scales (with their um_per_px) gives nearly the same patch;
     a wrong um_per_px (claiming twice the true scale) does not."""
-    spec = PatchSpec(patch_px=24, um_per_px=4.0)  # a 96 um field, smaller than the 177 um patches
+    spec = PatchGeometry.from_pixels(24, 4.0)  # a 96 um field, smaller than the 177 um patches
     for full in he_patches.pixels:
         half = np.asarray(Image.fromarray(full).resize((full.shape[1] // 2,) * 2, Image.Resampling.BOX))
         at_full = to_patch(full, he_patches.um_per_px, spec)
@@ -172,7 +166,7 @@ def test_parse_um_per_px():
 @fixtures_settings
 @given(data=st.binary(max_size=2048))
 def test_any_bytes_decode_or_are_rejected(data):
-    spec = PatchSpec(32, 1.0)
+    spec = PatchGeometry.from_pixels(32, 1.0)
     try:
         decoded = decode_request({"body": data}, spec)
     except RejectedInput:
@@ -198,14 +192,14 @@ def test_truncation_never_returns_wrong_pixels(he_patches, native, cut):
 def test_lossless_roundtrip_any_rgb(pixels, fmt):
     side = min(pixels.shape[:2])
     square = np.ascontiguousarray(pixels[:side, :side])
-    patch = decode_request({"body": encode(square, fmt)}, PatchSpec(side, 1.0)).patches[0]
+    patch = decode_request({"body": encode(square, fmt)}, PatchGeometry.from_pixels(side, 1.0)).patches[0]
     np.testing.assert_array_equal(patch, square)
 
 
 @fixtures_settings
 @given(um_per_px=st.floats(0.01, 100, allow_nan=False), side=st.integers(16, 128))
 def test_any_scale_gives_the_models_patch_or_bad_scale(um_per_px, side):
-    spec = PatchSpec(32, 1.0)
+    spec = PatchGeometry.from_pixels(32, 1.0)
     pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
     try:
         patch = to_patch(pixels, um_per_px, spec)
@@ -213,7 +207,7 @@ def test_any_scale_gives_the_models_patch_or_bad_scale(um_per_px, side):
         assert err.reason in ("bad_scale", "bad_shape")
         return
     assert patch.shape == (32, 32, 3) and patch.dtype == np.uint8
-    assert side * um_per_px >= spec.patch_um * 0.95 and um_per_px <= 2.0 * spec.um_per_px
+    assert side * um_per_px >= spec.side_um * 0.95 and um_per_px <= 2.0 * spec.um_per_px
 
 
 @fixtures_settings

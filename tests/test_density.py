@@ -6,8 +6,14 @@ import pytest
 import torch
 from stain_patches import cut_patches
 
-from brst.handlers.density import (PER_CROP, DensityStatistics, density_statistics, hed_jitter, optical_density,
-                                   rgb_to_hed)
+from brst.handlers.density import (
+    PER_CROP,
+    DensityStatistics,
+    density_statistics,
+    hed_jitter,
+    optical_density,
+    rgb_to_hed,
+)
 
 RUIFROK = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 RUIFROK = RUIFROK / np.linalg.norm(RUIFROK, axis=1, keepdims=True)

@@ -4,15 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from fit_helpers import TINY, one_thread, run_cli  # noqa: F401 (fixture)
 
-from click.testing import CliRunner
-
+from brst.handlers.model import build_model, model_from_checkpoint
 from brst.train.checkpoint import load_checkpoint
-from brst.train.cli import cli
-from brst.train.density_fit import choose_penalty, inner_folds, ridge_fit
-from brst.train.models import build_model, model_from_checkpoint
-from brst.train.recipes import RECIPES, recipe_defaults
+from brst.train.cli.main import cli
+from brst.train.fit.density_expert import choose_penalty, inner_folds, ridge_fit
+from brst.train.fit.recipes import RECIPES, recipe_defaults
 
 
 def test_ridge_recovers_a_linear_map():
@@ -118,7 +117,7 @@ def test_select_best_is_refused_with_a_checkpoint(her2st_h5, tmp_path):
 
 
 def test_too_few_training_spots_for_the_inner_cv_is_a_clear_error():
-    from brst.train.errors import BrstError
+    from brst.handlers.errors import BrstError
 
     with pytest.raises(BrstError, match="inner cross-validation needs at least"):
         inner_folds(np.array(["C2"] * 20 + ["C3"]))
@@ -127,7 +126,7 @@ def test_too_few_training_spots_for_the_inner_cv_is_a_clear_error():
 
 
 def test_recipe_field_warning(caplog):
-    from brst.train.recipes import warn_if_other_field
+    from brst.train.fit.recipes import warn_if_other_field
 
     assert not warn_if_other_field("small-cohort", 384.0) and not warn_if_other_field("paper", 112.0)
     assert warn_if_other_field("small-cohort", 112.0)
@@ -135,9 +134,9 @@ def test_recipe_field_warning(caplog):
 
 
 def test_exclude_names_unknown_and_overlapping_groups(her2st_h5):
+    from brst.handlers.errors import BrstError
     from brst.train.data import open_dataset
-    from brst.train.errors import BrstError
-    from brst.train.fit_setup import split_spots
+    from brst.train.fit.setup import split_spots
 
     index = open_dataset(her2st_h5)
     train_idx, val_idx, holdout = split_spots(index, "section", [], ["C6"])

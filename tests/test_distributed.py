@@ -22,15 +22,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from fit_helpers import TINY, computed, free_port, max_weight_difference, metrics_rows, one_thread, run_cli  # noqa: F401
-
 import torch
 from ddp_batchnorm import one_process_steps
+from fit_helpers import TINY, computed, free_port, max_weight_difference, metrics_rows, one_thread, run_cli  # noqa: F401
 
+from brst.handlers.errors import BrstError
+from brst.handlers.model import build_model
 from brst.train.checkpoint import load_checkpoint
-from brst.train.distributed import DistContext, check_sync_bn, has_batchnorm, sync_batchnorm
-from brst.train.errors import BrstError
-from brst.train.models import build_model
+from brst.train.fit.distributed import DistContext, check_sync_bn, has_batchnorm, sync_batchnorm
 
 log = logging.getLogger(__name__)
 RUN = ("--arch", "test_vit", "--epochs", 1, *TINY)
@@ -78,7 +77,7 @@ def _batchnorm_types(model: torch.nn.Module) -> set[str]:
 
 
 def test_sync_bn_conversion_keeps_parameters_and_checkpoints():
-    model = build_model("test_resnet", 4, 2, None, 32)
+    model = build_model("test_resnet", 4, 2, 32)
     parameters = {name: id(value) for name, value in model.named_parameters()}
     before = {name: value.clone() for name, value in model.state_dict().items()}
     converted = sync_batchnorm(model, None, TWO, GPU)  # the default for several GPUs
@@ -86,7 +85,7 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoints():
     assert {name: id(value) for name, value in model.named_parameters()} == parameters  # the optimiser's tensors
     state = model.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
-    plain = build_model("test_resnet", 4, 2, None, 32)
+    plain = build_model("test_resnet", 4, 2, 32)
     plain.load_state_dict(state)  # a checkpoint of a SyncBatchNorm run loads into plain BatchNorm
     assert _batchnorm_types(plain) == {"BatchNorm2d"}
 
@@ -95,9 +94,9 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoints():
     (False, TWO, GPU), (True, DistContext(), GPU), (None, DistContext(), CPU), (None, TWO, CPU)],
     ids=["no-sync-bn", "one-process", "one-cpu-process", "cpu-processes-default"])
 def test_sync_bn_leaves_batchnorm_alone(requested, ctx, device):
-    model = build_model("test_resnet", 4, 0, None, 32)
+    model = build_model("test_resnet", 4, 0, 32)
     assert sync_batchnorm(model, requested, ctx, device) is model and _batchnorm_types(model) == {"BatchNorm2d"}
-    vit = build_model("test_vit", 4, 0, None, 32)
+    vit = build_model("test_vit", 4, 0, 32)
     assert not has_batchnorm(vit) and sync_batchnorm(vit, True, TWO, GPU) is vit
 
 
@@ -106,8 +105,8 @@ def test_sync_bn_on_cpu_processes_is_refused_at_setup(caplog):
         check_sync_bn(True, TWO, CPU)
     check_sync_bn(True, DistContext(), CPU)  # one process: nothing to synchronise, not an error
     check_sync_bn(None, TWO, CPU)
-    with caplog.at_level("WARNING", logger="brst.train.distributed"):
-        sync_batchnorm(build_model("test_efficientnet", 4, 0, None, 32), None, TWO, CPU)
+    with caplog.at_level("WARNING", logger="brst.train.fit.distributed"):
+        sync_batchnorm(build_model("test_efficientnet", 4, 0, 32), None, TWO, CPU)
     assert "BatchNorm on 2 CPU processes: each normalises with its own share of the batch (1/2)" in caplog.text
 
 

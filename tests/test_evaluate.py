@@ -15,18 +15,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from brst.handlers.transforms import ModelInput
-from brst.train import baselines
-from brst.train.checkpoint import load_checkpoint
-from brst.train.cli import cli
-from brst.train.checkpoint import save_checkpoint
+from brst.handlers.predictor import Predictor
+from brst.train.checkpoint import load_checkpoint, save_checkpoint
+from brst.train.cli.main import cli
 from brst.train.data import open_dataset
 from brst.train.data.fingerprint import data_fingerprint
-from brst.train.evaluate import measured_expression, score_fold
-from brst.train.metrics import pearson_r
-from brst.train.models import model_from_checkpoint
-from brst.train.predict import predict_batch, predict_expression
-from brst.train.prepare import PrepareOptions, prepare
+from brst.train.data.prepare import PrepareOptions, prepare
+from brst.train.evaluate import baselines
+from brst.train.evaluate.fold import measured_expression, score_fold
+from brst.train.evaluate.metrics import pearson_r
+from brst.train.evaluate.predict import predict_expression
 
 TINY_FIT = ["--arch", "test_resnet", "--epochs", "1", "--input-size", "32", "--stain", "none",
             "--aux-weight", "0", "--workers", "0", "--batch-size", "64", "--device", "cpu"]
@@ -108,14 +106,11 @@ def test_checkpoint_mode_with_tta(holdout_run, her2st_h5, tmp_path):
 def test_tta_is_invariant_to_flips_and_rotations(holdout_run, index):
     out, _ = holdout_run
     ckpt = load_checkpoint(out / "folds" / "C2")
-    model = model_from_checkpoint(ckpt)
-    model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"])
+    plain, tta = Predictor.from_checkpoint(ckpt), Predictor.from_checkpoint(ckpt, tta=True)
     patches = torch.from_numpy(index.patches(np.arange(6)))
     turned = torch.rot90(patches, 1, dims=(1, 2)).flip(1)
-    np.testing.assert_allclose(predict_batch(model, model_input, turned, tta=True),
-                               predict_batch(model, model_input, patches, tta=True), atol=1e-4)
-    assert not torch.allclose(predict_batch(model, model_input, turned), predict_batch(model, model_input, patches),
-                              atol=1e-4)
+    np.testing.assert_allclose(tta.z_scores(turned), tta.z_scores(patches), atol=1e-4)
+    assert not torch.allclose(plain.z_scores(turned), plain.z_scores(patches), atol=1e-4)
 
 
 def test_baselines_fitted_in_sample_when_no_training_spot(index):
@@ -165,7 +160,7 @@ def test_rerun_reuses_the_finished_fold(holdout_run, her2st_h5):
 
 def test_report_over_several_folds(index, tmp_path):
     """Two folds scored with a noisy 'model': the across-fold medians, CSVs and pictures."""
-    from brst.train.report import format_report, write_report
+    from brst.train.evaluate.report import format_report, write_report
 
     features = baselines.spot_features(index, np.arange(len(index)))
     genes = list(index.panel[:30])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from brst.train.cli import cli
-from brst.train.errors import BrstError
-from brst.train.fetch import MANIFEST, fetch_her2st
+from brst.handlers.errors import BrstError
+from brst.train.cli.main import cli
+from brst.train.data.fetch import MANIFEST, fetch_her2st
 
 IMAGE = "ST-imgs/C/C3/5714_HE_BT_D1.jpg"
 

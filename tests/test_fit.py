@@ -12,9 +12,9 @@ from fit_helpers import TINY, free_port, metrics_rows, one_thread, run_cli  # no
 
 from brst.train.checkpoint import load_checkpoint
 from brst.train.data import open_dataset
-from brst.train.predict import predict_expression
-from brst.train.slide.genes import checkpoint_validation_r
-from brst.train.train_metrics import TrainingMetrics
+from brst.train.evaluate.predict import predict_expression
+from brst.train.fit.gauges import TrainingMetrics
+from brst.train.slide.drawn_genes import checkpoint_validation_r
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

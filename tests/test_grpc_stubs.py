@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from brst.train import grpc_stubs
+from brst.train.serve import grpc_stubs
 
 pytest.importorskip("grpc_tools")
 
@@ -40,7 +40,7 @@ def test_stubs_speak_torchserves_protocol(tmp_path, monkeypatch):
 #: request, and print where `google.rpc.status_pb2` came from
 _LOAD_SCRIPT = """
 import importlib.util
-from brst.train import grpc_stubs
+from brst.train.serve import grpc_stubs
 stubs = grpc_stubs.load_stubs()
 request = stubs.inference_pb2.PredictionsRequest(model_name="brst")
 print(request.DESCRIPTOR.full_name, importlib.util.find_spec("google.rpc.status_pb2").origin)

@@ -3,8 +3,8 @@
 The model is a real (two-step) fit on HER2ST, archived by ``brst-train archive`` and unpacked
 as TorchServe unpacks a .mar; the context is ``ts.context.Context`` with TorchServe's
 metrics cache — only the Java frontend is missing (it is exercised in
-test_serve_integration.py). The reference is the training code path
-(``brst.train.predict.predict_batch``) on the checkpoint itself.
+test_serve_integration.py). The reference is the checkpoint itself
+through :class:`brst.handlers.predictor.Predictor` in this process.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import torch
 import yaml
 from serve_fixtures import encode
 
-from brst.train.archive import ARCHIVE_JSON, MODEL_CONFIG, WEIGHTS_FILE, build_archive
+from brst.handlers.archive_facts import ARCHIVE_JSON, WEIGHTS_FILE
+from brst.handlers.errors import BrstError
 from brst.train.checkpoint import load_checkpoint
-from brst.train.errors import BrstError
+from brst.train.serve.archiver import MODEL_CONFIG, build_archive
 
 pytest.importorskip("ts")
 pytestmark = pytest.mark.slow  # the session's fit + archive take ~1-2 min on 2 CPU cores
@@ -43,7 +44,7 @@ def model_dir(served_checkpoint, tmp_path_factory) -> Path:
     """``brst-train archive`` (through click's CliRunner), unpacked."""
     from click.testing import CliRunner
 
-    from brst.train.cli import cli
+    from brst.train.cli.main import cli
 
     store = tmp_path_factory.mktemp("store")
     result = CliRunner().invoke(cli, ["archive", "--checkpoint", str(served_checkpoint.parent), "--name", "brst",
@@ -148,7 +149,7 @@ def test_tampered_weights_fail_to_load(model_dir, tmp_path):
 
 def test_handler_loads_on_cpu_with_one_thread_per_worker(handler):
     assert handler.device.type == "cpu" and torch.get_num_threads() == 1  # maxWorkers 2 in the archive
-    assert not handler.model.training
+    assert not handler.predictor.model.training
 
 
 def test_served_values_equal_in_process(handler, model_dir, heldout_patches, reference, served_checkpoint):
@@ -205,9 +206,9 @@ def test_um_per_px_is_resampled_before_the_model(handler, model_dir, heldout_pat
     """A finer scan sent with its um_per_px is served as its resampled patch would be in-process."""
     from PIL import Image
 
-    from brst.handlers.decode import to_patch
+    from brst.handlers.images import to_patch
 
-    spec = handler.spec
+    spec = handler.geometry
     finer = np.asarray(Image.fromarray(heldout_patches[2]).resize((2 * spec.patch_px,) * 2, Image.Resampling.BICUBIC))
     (answer,), statuses = handle(handler, [{"body": encode(finer, "PNG"), "um_per_px": str(spec.um_per_px / 2)}],
                                  model_dir)

@@ -13,10 +13,9 @@ import re
 import shlex
 
 import click
+import k8s_checks as k8s
 import kubernetes_validate
 import pytest
-
-import k8s_checks as k8s
 
 SERVING = ("base", "hospital", "cpu")
 
@@ -327,7 +326,7 @@ def options_in(text: str) -> set[str]:
 
 
 def test_prepare_job_runs_one_section_per_index_with_real_cli_options():
-    from brst.train.cli_data import prepare
+    from brst.train.cli.data import prepare
 
     job = the("prepare", "Job")
     pod = job["spec"]["template"]["spec"]
@@ -347,7 +346,7 @@ def training_containers() -> list[tuple[str, dict]]:
 
 
 def test_training_jobs_pass_real_fit_options_and_expose_their_metrics():
-    from brst.train.cli_fit import fit
+    from brst.train.cli.fit import fit
 
     script = (k8s.DEPLOY_DIR / "train-or-resume.sh").read_text(encoding="utf-8")
     envvars = {param.envvar for param in fit.params if param.envvar}

@@ -21,10 +21,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import k8s_checks as k8s
 import psutil
 import pytest
-
-import k8s_checks as k8s
 
 ENTRYPOINT = k8s.DEPLOY_DIR / "entrypoint-serve.sh"
 MODEL_READY = k8s.DEPLOY_DIR / "model_ready.py"
@@ -50,7 +49,7 @@ class SlowToLoad(BaseHandler):
 
 
 def free_ports(count: int) -> list[int]:
-    from brst.train.torchserve import free_ports as pick
+    from brst.train.serve.torchserve import free_ports as pick
 
     return pick(count)
 

@@ -3,16 +3,15 @@
 Expressions are parsed with promql-parser (a port of Prometheus' parser; promtool is not
 available offline) and every metric name they select must be exported by one of: the served
 model (a real TorchServe ``/metrics`` scrape, fixture ``served_metrics_text``), the training
-process (brst.train.train_metrics, exposed with prometheus-client) or a named cluster exporter
+process (brst.train.fit.gauges, exposed with prometheus-client) or a named cluster exporter
 (k8s_checks.EXTERNAL_METRICS).
 """
 from __future__ import annotations
 
+import k8s_checks as k8s
 import promql_parser
 import pytest
 from prometheus_client import generate_latest
-
-import k8s_checks as k8s
 
 
 def rules() -> list[dict]:
@@ -29,7 +28,7 @@ def all_queries() -> list[tuple[str, str]]:
 
 def training_exposition() -> str:
     """What a training process serves on --metrics-port, from the real TrainingMetrics."""
-    from brst.train.train_metrics import TrainingMetrics
+    from brst.train.fit.gauges import TrainingMetrics
 
     return generate_latest(TrainingMetrics().registry).decode()
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from brst.train import metrics
+from brst.train.evaluate import metrics
 
 
 def _pair(seed: int, n: int = 50, g: int = 7) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from fit_helpers import one_thread  # noqa: F401 (fixture)
 
-from brst.train.errors import BrstError
-from brst.train.models import BASELINE_ARCH, PAPER_ARCHS, build_model, data_config
+from brst.handlers.errors import BrstError
+from brst.handlers.model import build_model, data_config
+from brst.train.fit.recipes import BASELINE_ARCH, PAPER_ARCHS
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +53,6 @@ def test_unknown_arch_and_empty_panel():
         build_model("resnet_does_not_exist", 3, 0)
     with pytest.raises(BrstError, match="empty"):
         build_model("resnet18", 0, 0)
-
-
-def test_local_pretrained_weights(tmp_path):
-    torch.manual_seed(1)
-    source = build_model("resnet18", 3, 0)
-    weights = tmp_path / "resnet18.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}}, weights)
-    torch.manual_seed(2)
-    model = build_model("resnet18", 3, 0, pretrained=weights)
-    for name, tensor in source.backbone.state_dict().items():
-        assert torch.equal(tensor, model.backbone.state_dict()[name]), name
-
-
-def test_pretrained_errors(tmp_path):
-    with pytest.raises(BrstError, match="never downloaded"):
-        build_model("resnet18", 3, 0, pretrained=tmp_path / "absent.pth")
-    foreign = tmp_path / "foreign.pth"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, foreign)
-    with pytest.raises(BrstError, match="no tensor matches"):
-        build_model("resnet18", 3, 0, pretrained=foreign)
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brst.train.optim import WARMUP_START, make_optimizer, make_scheduler
-from brst.train.sampling import epoch_augmentation
+from brst.train.fit.optim import WARMUP_START, make_optimizer, make_scheduler
+from brst.train.fit.sampling import epoch_augmentation
 
 
 def _lrs(scheduler, optimizer, steps: int) -> list[float]:

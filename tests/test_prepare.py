@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from brst.handlers.errors import BrstError
 from brst.train.data import open_dataset
-from brst.train.errors import BrstError
-from brst.train.genes import GenePlan
-from brst.train.prepare import PrepareOptions, prepare
-from brst.train.readers import read_sections
-from brst.train.tissue import otsu_threshold, tissue_fraction, to_grey
+from brst.train.data.genes import GenePlan
+from brst.train.data.prepare import PrepareOptions, prepare
+from brst.train.data.readers import read_sections
+from brst.train.data.tissue import otsu_threshold, tissue_fraction, to_grey
 
 SMALL = PrepareOptions(um_per_px=2.0)
 
@@ -137,7 +137,7 @@ def test_plan_genes_a_section_does_not_measure_are_zero(her2st_root, tmp_path, c
     counts, spots = raw_section(her2st_root, "C3")
     unmeasured = [gene for gene in plan.genes if gene not in set(counts.columns)]
     assert len(unmeasured) > 100  # the cross-patient case: the plan names genes C3 never measured
-    with caplog.at_level("WARNING", logger="brst.train.prepare"):
+    with caplog.at_level("WARNING", logger="brst.train.data.prepare"):
         files, _, _ = prepare("her2st", her2st_root, out=tmp_path / "c3.h5", sections=["C3"], options=options,
                               plan_path=plan_path)
     assert f"section C3 does not measure {len(unmeasured)} of the {len(plan.genes)} plan genes" in caplog.text
@@ -192,7 +192,7 @@ def test_otsu_threshold_of_a_constant_image_is_its_value():
     """A blank (constant) image has one class: no 'All-NaN slice' error, nothing counted as darker."""
     import numpy as np
 
-    from brst.train.tissue import otsu_threshold
+    from brst.train.data.tissue import otsu_threshold
 
     blank = np.full((32, 32), 243, np.uint8)
     assert otsu_threshold(blank) == 243.0

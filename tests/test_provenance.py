@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from brst.handlers.errors import BrstError
 from brst.train.data import open_dataset
-from brst.train.data.fingerprint import SAMPLED_ROWS, data_fingerprint, sampled_rows, same_data
-from brst.train.errors import BrstError
-from brst.train.provenance import check_resume_data, recorded, scoring_integrity, training_spots
+from brst.train.data.fingerprint import SAMPLED_ROWS, data_fingerprint, same_data, sampled_rows
+from brst.train.fit.provenance import check_resume_data, recorded, scoring_integrity, training_spots
 
 
 def _copy(source, target):

@@ -12,10 +12,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from brst.train.errors import BrstError
-from brst.train.readers import read_sections
-from brst.train.readers.images import DecodedImage, TiffImage, open_image
-from brst.train.tissue import to_grey
+from brst.handlers.errors import BrstError
+from brst.train.data.readers import read_sections
+from brst.train.data.readers.images import DecodedImage, TiffImage, open_image
+from brst.train.data.tissue import to_grey
 
 HER2ST_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 

@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 import pytest
 
+from brst.handlers.errors import BrstError
 from brst.train.data import open_dataset
-from brst.train.errors import BrstError
 
 BRST_TRAIN = Path(sys.executable).with_name("brst-train")
 #: no test here may hang: a damaged file must fail fast
@@ -158,7 +158,7 @@ _SAVE_CHILD = textwrap.dedent("""
     import os, sys, time
     import torch
     from brst.train import atomic, checkpoint
-    from brst.train.models import build_model
+    from brst.handlers.model import build_model
 
     path, moment = sys.argv[1], sys.argv[2]
 
@@ -365,7 +365,7 @@ def test_flipped_byte_in_checkpoint_is_detected(ckpt_copy, member):
 def test_resume_from_a_damaged_checkpoint_is_one_clear_line(reference_run, tmp_path):
     from click.testing import CliRunner
 
-    from brst.train.cli import cli
+    from brst.train.cli.main import cli
 
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)

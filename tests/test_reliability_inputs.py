@@ -19,13 +19,26 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from bad_inputs import (GRPC_IMAGE_KEY, JSON, OCTET, BadInput, Expect, build_corpus, corpus_ids, encode_pil,
-                        multipart, torchserve_row)
+from bad_inputs import (
+    GRPC_IMAGE_KEY,
+    JSON,
+    OCTET,
+    BadInput,
+    Expect,
+    build_corpus,
+    corpus_ids,
+    encode_pil,
+    multipart,
+    torchserve_row,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from brst.handlers.decode import SCALE_KEY, DecodeLimits, PatchSpec, RejectedInput, decode_request, parse_um_per_px
+from brst.handlers.envelopes import decode_request, parse_um_per_px
+from brst.handlers.errors import RejectedInput
+from brst.handlers.geometry import PatchGeometry
+from brst.handlers.images import SCALE_KEY, DecodeLimits
 
 #: TorchServe's default max_request_size; the served fixture's own value is read from its config
 DEFAULT_MAX_REQUEST_BYTES = 6_553_500
@@ -51,8 +64,8 @@ def base_patch(he_patches) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def native_spec(he_patches) -> PatchSpec:
-    return PatchSpec(he_patches.pixels.shape[1], he_patches.um_per_px)
+def native_spec(he_patches) -> PatchGeometry:
+    return PatchGeometry.from_pixels(he_patches.pixels.shape[1], he_patches.um_per_px)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +81,7 @@ def test_corpus_covers_the_required_kinds(corpus):
     assert all(entry.reason or entry.expect is Expect.NOT_FOUND for entry in refused)
 
 
-def expect_decoded(entry: BadInput, transport: str, spec: PatchSpec) -> None:
+def expect_decoded(entry: BadInput, transport: str, spec: PatchGeometry) -> None:
     """Assert the decoder's verdict on ``entry`` as TorchServe's worker would pass it."""
     row = torchserve_row(entry, transport)
     if entry.expect is Expect.ACCEPT:
@@ -109,7 +122,7 @@ def test_accepted_conversions_keep_the_pixels(base_patch, native_spec, corpus):
 # ---------------------------------------------------------------------------------------------
 # 2. property tests
 # ---------------------------------------------------------------------------------------------
-def decoded_or_rejected(row: dict, spec: PatchSpec) -> None:
+def decoded_or_rejected(row: dict, spec: PatchGeometry) -> None:
     """The property: model-ready patches, or RejectedInput (an InputError) with a message."""
     try:
         decoded = decode_request(row, spec, DecodeLimits(max_body_bytes=2**20, max_pixels=512 * 512))
@@ -120,7 +133,7 @@ def decoded_or_rejected(row: dict, spec: PatchSpec) -> None:
     assert all(p.dtype == np.uint8 and p.shape == (spec.patch_px, spec.patch_px, 3) for p in decoded.patches)
 
 
-SPEC = PatchSpec(32, 2.0)
+SPEC = PatchGeometry.from_pixels(32, 2.0)
 SMALL_PNG = encode_pil(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)), "PNG")
 SMALL_B64 = base64.b64encode(SMALL_PNG).decode()
 KEYS = ["image", "data", "b64", "instances", "inputs", "parameters", SCALE_KEY, "shape", "datatype", "name"]
@@ -182,8 +195,8 @@ class Served:
     """The served model, clients for both transports, the reference answer and the workers."""
 
     def __init__(self, served_model, valid_png: bytes) -> None:
-        from brst.train.client import GrpcClient, HttpClient
-        from brst.train.torchserve import read_properties
+        from brst.train.serve.client import GrpcClient, HttpClient
+        from brst.train.serve.torchserve import read_properties
 
         self.model = served_model
         self.http = HttpClient(served_model.endpoints.inference, served_model.name)
@@ -196,7 +209,7 @@ class Served:
 
     def workers(self) -> list[tuple]:
         """(id, pid, startTime, status) of each worker, from the management API."""
-        from brst.train.client import http_json
+        from brst.train.serve.client import http_json
 
         described = http_json(f"{self.model.endpoints.management}/models/{self.model.name}")
         return sorted((w["id"], w.get("pid"), w.get("startTime"), w["status"])
@@ -235,7 +248,7 @@ def send_http(served: Served, entry: BadInput) -> tuple[int, bytes]:
 def send_grpc(served: Served, entry: BadInput) -> tuple[str, bytes]:
     import grpc
 
-    from brst.train.client import GrpcClient
+    from brst.train.serve.client import GrpcClient
 
     inputs = {GRPC_IMAGE_KEY: entry.body}
     if entry.um_per_px is not None:
@@ -304,7 +317,7 @@ def test_corpus_against_torchserve(served, served_corpus, transport):
 def test_um_per_px_reaches_the_handler_over_http(served, he_patches):
     """brst's HTTP client sends the scale of a non-square patch; the model must use it (crop to
     its field) - not refuse the patch as "not square", nor ignore the scale on a square one."""
-    from brst.train.client import RequestRejected
+    from brst.train.serve.client import RequestRejected
 
     wide = encode_pil(Image.fromarray(np.concatenate([he_patches.pixels[3], he_patches.pixels[4]], axis=1)), "PNG")
     for client in (served.grpc, served.http):

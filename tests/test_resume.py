@@ -7,17 +7,16 @@ import random
 import shutil
 
 import h5py
-
 import numpy as np
 import pytest
 import torch
 from fit_helpers import TINY, computed, max_weight_difference, metrics_rows, one_thread, run_cli  # noqa: F401
 
+from brst.handlers.errors import BrstError
 from brst.train.checkpoint import load_checkpoint
-from brst.train.errors import BrstError
-from brst.train.fit_options import FitOptions, resume_options
-from brst.train.rng import rng_state, set_rng_state
-from brst.train.sampling import EpochSampler, augmentation_codes
+from brst.train.fit.options import FitOptions, resume_options
+from brst.train.fit.rng import rng_state, set_rng_state
+from brst.train.fit.sampling import EpochSampler, augmentation_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from brst.train.errors import BrstError
+from brst.handlers.errors import BrstError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: folders holding the project's Python code (tests included: a test may not model unsafe use)
@@ -104,7 +104,7 @@ def unpacked_archive(served_archive: Path, tmp_path: Path) -> Path:
 
 
 def test_archived_weights_load_when_intact(unpacked_archive):
-    from brst.train.archive import WEIGHTS_FILE, load_archived_model, sha256_file
+    from brst.handlers.archive_facts import WEIGHTS_FILE, load_archived_model, sha256_file
 
     model, facts = load_archived_model(unpacked_archive)
     assert sha256_file(unpacked_archive / WEIGHTS_FILE) == facts["weights_sha256"] and not model.training
@@ -112,7 +112,7 @@ def test_archived_weights_load_when_intact(unpacked_archive):
 
 @pytest.mark.parametrize("damage", ["flip one byte", "append one byte", "replace by another model"])
 def test_tampered_archive_weights_are_refused_at_load(unpacked_archive, served_checkpoint, damage):
-    from brst.train.archive import WEIGHTS_FILE, load_archived_model
+    from brst.handlers.archive_facts import WEIGHTS_FILE, load_archived_model
 
     weights = unpacked_archive / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
@@ -144,7 +144,7 @@ def _send_sensitive_requests(served_model, png: bytes) -> list[str]:
     import grpc
     from bad_inputs import BadInput, Expect, multipart
 
-    from brst.train.client import GrpcClient, HttpClient
+    from brst.train.serve.client import GrpcClient, HttpClient
 
     b64 = base64.b64encode(png).decode()
     http = HttpClient(served_model.endpoints.inference, served_model.name)
@@ -226,7 +226,7 @@ def test_no_unauthenticated_route_to_the_model_in_production():
     """
     import k8s_checks as k8s
 
-    from brst.train.torchserve import read_properties
+    from brst.train.serve.torchserve import read_properties
 
     props = read_properties(PRODUCTION_CONFIG)
     if props.get("disable_token_authorization", "false").lower() != "true":
@@ -245,7 +245,7 @@ def test_no_unauthenticated_route_to_the_model_in_production():
 
 def test_single_server_production_config_keeps_token_auth_and_internal_management():
     """deploy/config.production.properties: TorchServe's token authorization on, management on loopback."""
-    from brst.train.torchserve import read_properties
+    from brst.train.serve.torchserve import read_properties
 
     props = read_properties(REPO_ROOT / "deploy" / "config.production.properties")
     assert props["disable_token_authorization"] == "false"

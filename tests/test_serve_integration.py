@@ -32,14 +32,14 @@ def expected(in_process, heldout_patches) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def http(served_model):
-    from brst.train.client import HttpClient
+    from brst.train.serve.client import HttpClient
 
     return HttpClient(served_model.endpoints.inference, served_model.name)
 
 
 @pytest.fixture(scope="module")
 def grpc_client(served_model):
-    from brst.train.client import GrpcClient
+    from brst.train.serve.client import GrpcClient
 
     client = GrpcClient(served_model.endpoints.grpc_inference, served_model.name)
     yield client
@@ -55,8 +55,8 @@ def test_endpoints_are_loopback_only(served_model):
 def test_workers_run_with_the_cpu_allocator_defaults(served_model):
     import psutil
 
-    from brst.train.client import http_json
-    from brst.train.torchserve import CPU_ALLOCATOR_ENV
+    from brst.train.serve.client import http_json
+    from brst.train.serve.torchserve import CPU_ALLOCATOR_ENV
 
     described = http_json(f"{served_model.endpoints.management}/models/{served_model.name}")
     pids = [int(worker["pid"]) for entry in described for worker in entry["workers"]]
@@ -91,10 +91,11 @@ def test_um_per_px_is_used_over_both_protocols(served_model, http, grpc_client, 
     served as the in-process model answers for its cropped, resampled patch."""
     from PIL import Image
 
-    from brst.handlers.decode import PatchSpec, to_patch
+    from brst.handlers.geometry import PatchGeometry
+    from brst.handlers.images import to_patch
     from brst.train.checkpoint import load_checkpoint
 
-    spec = PatchSpec.from_data_config(load_checkpoint(served_model.checkpoint)["data_config"])
+    spec = PatchGeometry.from_data_config(load_checkpoint(served_model.checkpoint)["data_config"])
     wide = np.concatenate([heldout_patches[3], heldout_patches[4]], axis=1)
     finer = np.asarray(Image.fromarray(wide).resize((wide.shape[1] * 2, wide.shape[0] * 2), Image.Resampling.BICUBIC))
     finer_um_per_px = spec.um_per_px / 2
@@ -167,8 +168,8 @@ def test_bad_requests_do_not_fail_the_good_ones_beside_them(http, heldout_patche
 
 
 def test_client_errors_are_input_errors(served_model, http, grpc_client):
-    from brst.train.client import RequestRejected, make_client
-    from brst.train.errors import BrstError, InputError
+    from brst.handlers.errors import BrstError, InputError
+    from brst.train.serve.client import RequestRejected, make_client
 
     for client in (http, grpc_client):
         with pytest.raises(RequestRejected) as info:
@@ -181,7 +182,7 @@ def test_client_errors_are_input_errors(served_model, http, grpc_client):
 def test_predict_command_over_both_protocols(served_model, heldout_patches, expected, tmp_path):
     from click.testing import CliRunner
 
-    from brst.train.cli import cli
+    from brst.train.cli.main import cli
 
     images = []
     for i in (0, 1):
@@ -208,8 +209,8 @@ def test_token_authorization_as_in_production(served_archive, heldout_patches, e
     the inference key from key_file.json; readiness polling uses the management key."""
     import grpc
 
-    from brst.train.client import GrpcClient, HttpClient
-    from brst.train.torchserve import TorchServe
+    from brst.train.serve.client import GrpcClient, HttpClient
+    from brst.train.serve.torchserve import TorchServe
 
     png = encode(heldout_patches[0], "PNG")
     with TorchServe(served_archive.parent, {"brst": served_archive.name}, tmp_path, LOCAL_CONFIG,

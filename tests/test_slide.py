@@ -20,13 +20,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from brst.train.cli import cli
-from brst.train.readers.images import open_image
+from brst.train.cli.main import cli
+from brst.train.data.readers.images import open_image
+from brst.train.data.tissue import tissue_fraction
 from brst.train.slide.measured import grid_origin
 from brst.train.slide.run import THUMBNAIL_PX
+from brst.train.slide.tile_grid import find_tiles
 from brst.train.slide.tiles import iter_patch_batches, metadata_um_per_px, read_patches
-from brst.train.slide.tissue import find_tiles
-from brst.train.tissue import tissue_fraction
 
 HER2ST_UM_PER_PX = 0.69  # the dataset README's figure
 ST_PITCH_UM = 200.0
@@ -63,7 +63,7 @@ def checkpoint(served_checkpoint: Path) -> Path:
 @pytest.fixture(scope="module")
 def c2_um_per_px(her2st_root: Path) -> float:
     """C2's resolution as the HER2ST reader fits it from the spot grid (what prepare cut with)."""
-    from brst.train.readers.her2st import read_sections
+    from brst.train.data.readers.her2st import read_sections
 
     return read_sections(her2st_root, ["C2"])[0].um_per_px
 
@@ -145,7 +145,7 @@ def c2_tiff(her2st_root: Path, tmp_path_factory) -> tuple[Path, tuple[int, int]]
 
 def test_tiles_are_read_at_the_models_scale_whatever_the_slides(her2st_root: Path, c2_tiff):
     """The same physical tiles from the full-resolution JPEG and from a half-resolution pyramidal TIFF agree."""
-    from brst.train.patches import PatchGeometry
+    from brst.handlers.geometry import PatchGeometry
 
     path, (x0, y0) = c2_tiff
     tiff = open_image(path)
@@ -186,7 +186,7 @@ def test_pyramidal_tiff_slide_with_its_own_resolution(c2_tiff, c2_local: Path, c
 @pytest.mark.parametrize("source", ["jpeg", "pyramidal_tiff"])
 def test_batches_stream_in_order(source: str, her2st_root: Path, c2_tiff):
     """Tiles read on worker threads, a few batches ahead, equal tiles read one by one in order."""
-    from brst.train.patches import PatchGeometry
+    from brst.handlers.geometry import PatchGeometry
 
     spots = selected_spots(her2st_root, "C2")[:23]
     if source == "jpeg":
@@ -251,7 +251,7 @@ def test_local_values_are_the_models_on_those_tiles(c2_local: Path, checkpoint: 
 
 
 def test_default_genes_are_the_best_validated(tmp_path: Path):
-    from brst.train.slide.genes import checkpoint_validation_r, choose_genes, table_validation_r
+    from brst.train.slide.drawn_genes import checkpoint_validation_r, choose_genes, table_validation_r
 
     genes = ["A", "B", "C", "D"]
     ckpt = {"genes": genes, "metrics": {"history": [{"val_mean_r": 0.1},
@@ -275,9 +275,9 @@ def test_measured_section_next_to_predicted(c2_local: Path, her2st_h5: Path, che
     """At the measured spots the slide path gives exactly the model's predictions on the dataset's patches."""
     from brst.train.checkpoint import load_checkpoint
     from brst.train.data import open_dataset
-    from brst.train.evaluate import measured_expression
-    from brst.train.metrics import pearson_r
-    from brst.train.predict import predict_expression
+    from brst.train.evaluate.fold import measured_expression
+    from brst.train.evaluate.metrics import pearson_r
+    from brst.train.evaluate.predict import predict_expression
 
     ckpt = load_checkpoint(checkpoint)
     index = open_dataset([her2st_h5])
@@ -359,7 +359,7 @@ def test_bad_options_fail_cleanly(tmp_path: Path, checkpoint: Path, her2st_root:
 
 
 def test_endpoint_down_is_one_clear_error(tmp_path: Path, her2st_root: Path):
-    from brst.train.torchserve import free_ports
+    from brst.train.serve.torchserve import free_ports
 
     out = tmp_path / "out"
     (port,) = free_ports(1)
@@ -383,7 +383,7 @@ def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, served_m
     per-gene r over the tiles >= 0.98 (0.997 there).
     """
     from brst.train.checkpoint import load_checkpoint
-    from brst.train.metrics import pearson_r
+    from brst.train.evaluate.metrics import pearson_r
     from brst.train.slide.predictors import LocalPredictor
 
     ckpt = load_checkpoint(served_model.checkpoint)
@@ -473,7 +473,7 @@ def test_large_pyramidal_slide_in_bounded_memory(her2st_root: Path, checkpoint: 
     # the CLI in a fresh interpreter that reports its own high-water RSS (VmHWM) as it exits
     # (the child's ru_maxrss would include the forking pytest process's pages)
     report_peak = ("import atexit, sys; atexit.register(lambda: print('VmHWM_kB', open('/proc/self/status').read()"
-                   ".split('VmHWM:')[1].split()[0])); from brst.train.cli import main; main(sys.argv[1:])")
+                   ".split('VmHWM:')[1].split()[0])); from brst.train.cli.main import main; main(sys.argv[1:])")
     result = subprocess.run([sys.executable, "-c", report_peak, "--log-level", "WARNING", "predict-slide",
                              "--checkpoint", str(checkpoint), "--slide", str(slide), "--out", str(out),
                              "--genes", ",".join(GENES_DRAWN), "--device", "cpu"],

@@ -14,11 +14,21 @@ from stain_patches import cut_patches
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
 
+from brst.handlers.errors import BrstError
+from brst.handlers.stain import (
+    METHODS,
+    Macenko,
+    MacenkoReference,
+    NoStain,
+    Reinhard,
+    fit_stain,
+    macenko_normalize,
+    macenko_normalize_flagged,
+    make_stain,
+    reinhard_normalize,
+    stain_from_json,
+)
 from brst.handlers.stain import tensor as stain_tensor
-from brst.handlers.stain import (METHODS, Macenko, MacenkoReference, NoStain, Reinhard, fit_stain,
-                                 macenko_normalize, macenko_normalize_flagged, make_stain, reinhard_normalize,
-                                 stain_from_json)
-from brst.train.errors import BrstError
 
 #: one uint8 level: torchstain truncates its output to integers (up to 1 level), float32
 #: arithmetic and percentile interpolation add well under one more

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from brst.train.errors import BrstError
-from brst.train.targets import KINDS, TargetTransform, expression
+from brst.handlers.errors import BrstError
+from brst.handlers.targets import KINDS, TargetTransform, expression
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from brst.handlers.transforms import (ModelInput, RandomDihedral, dihedral, normalize, resize,
-                                      to_float_bchw)
+from brst.handlers.transforms import ModelInput, RandomDihedral, dihedral, normalize, resize, to_float_bchw
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from brst.handlers.errors import BrstError
+
 from .atomic import atomic_path
-from .errors import BrstError
 
 FORMAT = "brst-checkpoint"
 VERSION = 1

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from brst.train.errors import BrstError
+from brst.handlers.errors import BrstError
 
 from .tensor import check_image, to_float_image
 

@@ -31,8 +31,16 @@ import torch
 
 from .base import StainNormalizer, reference_tensor
 from .fused import fused_remix, fused_remix_applies
-from .tensor import (check_image, enough_tissue, log_intensity, masked_quantile, pass_through, patch_chunks,
-                     sampled_optical_density, tissue_mask)
+from .tensor import (
+    check_image,
+    enough_tissue,
+    log_intensity,
+    masked_quantile,
+    pass_through,
+    patch_chunks,
+    sampled_optical_density,
+    tissue_mask,
+)
 
 #: Macenko's reference (from the original code, also torchstain's default): columns H, E
 DEFAULT_STAIN_MATRIX = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))

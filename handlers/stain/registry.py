@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from brst.train.errors import BrstError
+from brst.handlers.errors import BrstError
 
 from .base import JSON_VERSION, NoStain, PatchSource, StainNormalizer
 from .macenko import Macenko

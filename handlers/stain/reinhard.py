@@ -18,8 +18,16 @@ import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
 from .base import StainNormalizer, reference_tensor
-from .tensor import (check_image, enough_tissue, pass_through, patch_chunks, sample_grid, sampled_optical_density,
-                     tissue_mask, to_float_image)
+from .tensor import (
+    check_image,
+    enough_tissue,
+    pass_through,
+    patch_chunks,
+    sample_grid,
+    sampled_optical_density,
+    tissue_mask,
+    to_float_image,
+)
 
 #: used until a normaliser is fitted: ``fit`` on 320 HER2ST spot patches (64 from each of
 #: sections C2-C6, 224 px at 0.69 um/px), rounded (L, a, b)

@@ -15,7 +15,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from ..errors import BrstError
+from brst.handlers.errors import BrstError
+
 from .schema import SPOT_FIELDS, STR, open_checked, read_strings
 
 PathLike = str | os.PathLike

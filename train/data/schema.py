@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import BrstError
+from brst.handlers.errors import BrstError
 
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")

@@ -18,8 +18,9 @@ import h5py
 import numpy as np
 import scipy.sparse
 
-from ..errors import BrstError
-from ..readers.base import Section
+from brst.handlers.errors import BrstError
+
+from .readers.base import Section
 from .schema import SCHEMA_VERSION, SPOT_FIELDS, STR, brst_version
 
 

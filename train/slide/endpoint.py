@@ -9,7 +9,7 @@ from the centre and resamples it. When ``tile_um``/``tile_px`` are the model's o
 0.5 µm/px) the served model sees exactly the pixels the local model would.
 
 An unreachable or failing server is retried with exponential back-off; after the last
-attempt it is one clear :class:`~brst.train.errors.BrstError`. A request the model refuses
+attempt it is one clear :class:`~brst.handlers.errors.BrstError`. A request the model refuses
 (HTTP 4xx, gRPC INVALID_ARGUMENT) is not retried: its message names the problem (for
 example a field of view smaller than the model's).
 """
@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from ..client import HttpClient, RequestRejected, make_client
-from ..errors import BrstError
-from ..patches import PatchGeometry
+from brst.handlers.errors import BrstError
+from brst.handlers.geometry import PatchGeometry
+from brst.train.serve.client import HttpClient, RequestRejected, make_client
 
 log = logging.getLogger(__name__)
 

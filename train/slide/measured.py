@@ -2,7 +2,7 @@
 
 With ``--measured FILE.h5 --section S`` the slide is section S's own image: the model is
 also run at S's measured spot centres, both are put on the model's expression scale
-(:func:`brst.train.evaluate.measured_expression`), and each gene gets Pearson r, MAE and
+(:func:`brst.train.evaluate.fold.measured_expression`), and each gene gets Pearson r, MAE and
 RMSE over those spots. The slide's grid is laid through the measured spots, so the map's
 tiles sit on the real spot grid.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import BrstError
-from ..evaluate import measured_expression
-from ..metrics import gene_metrics
-from ..targets import KINDS
+from brst.handlers.errors import BrstError
+from brst.handlers.targets import KINDS
+from brst.train.evaluate.fold import measured_expression
+from brst.train.evaluate.metrics import gene_metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def kind_of_units(units: str) -> str:
 
 def load_measured(path: str, section: str, genes: list[str], units: str) -> MeasuredSection:
     """Section ``section`` of the prepared dataset ``path``, for the predicted ``genes``."""
-    from ..data import open_dataset
+    from brst.train.data import open_dataset
 
     index = open_dataset([path])
     idx = np.flatnonzero(index.spots["section"].astype(str) == section)

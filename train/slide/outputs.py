@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..atomic import atomic_path
-from ..plots import save_png
-from .tissue import TileGrid
+from brst.train.atomic import atomic_path
+from brst.train.evaluate.plots import save_png
+
+from .tile_grid import TileGrid
 
 #: colour map of every heatmap
 CMAP = "viridis"

@@ -1,9 +1,10 @@
-"""Turn batches of tiles into expression: the :class:`Predictor` protocol and the local model.
+"""Turn batches of tiles into expression: the :class:`SlidePredictor` protocol and the local model.
 
-The served endpoint's predictor is :class:`brst.train.slide.endpoint.EndpointPredictor`. Both
-take uint8 tiles already cut at the model's geometry (``patch_px`` pixels
-at ``um_per_px``) and return expression on the model's target scale (``units``), so the
-two modes give the same numbers up to floating point.
+The served endpoint's predictor is :class:`brst.train.slide.endpoint.EndpointPredictor`; the
+local one wraps the one inference path, :class:`brst.handlers.predictor.Predictor`. Both take
+uint8 tiles already cut at the model's geometry (``patch_px`` pixels at ``um_per_px``) and
+return expression on the model's target scale (``units``), so the two modes give the same
+numbers up to floating point.
 """
 from __future__ import annotations
 
@@ -12,16 +13,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from brst.handlers.transforms import ModelInput
-
-from ..models import model_from_checkpoint
-from ..patches import PatchGeometry
-from ..predict import predict_batch
-from ..targets import TargetTransform
-from .tiles import geometry_of
+from brst.handlers.geometry import PatchGeometry
+from brst.handlers.predictor import Predictor
 
 
-class Predictor(Protocol):
+class SlidePredictor(Protocol):
     """Expression of ``genes`` (in ``units``) for tiles of ``geometry``."""
 
     genes: list[str]
@@ -45,21 +41,15 @@ class LocalPredictor:
     """
 
     def __init__(self, ckpt: dict, device: torch.device) -> None:
-        self.device = device
-        self.model = model_from_checkpoint(ckpt, device)
-        self.model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"]).to(device)
-        self.target = TargetTransform.from_dict(ckpt["target"]).to(device)
+        self.predictor = Predictor.from_checkpoint(ckpt, device)
         self.genes = [str(g) for g in ckpt["genes"]]
-        self.units = self.target.units
-        self.geometry = geometry_of(ckpt["data_config"])
+        self.units = self.predictor.target.units
+        self.geometry = PatchGeometry.from_data_config(ckpt["data_config"])
         self.description = {"mode": "local", "arch": str(ckpt["arch"]), "device": str(device),
                             "brst_version": str(ckpt.get("brst_version", "")), "epoch": int(ckpt.get("epoch", -1))}
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(patches).to(self.device)
-        z = predict_batch(self.model, self.model_input, batch)
-        return self.target.inverse(z).float().cpu().numpy()
-
+        return self.predictor(torch.from_numpy(patches).to(self.predictor.device)).float().cpu().numpy()
 
     def close(self) -> None:
         """Nothing to release: the model goes with the object."""

@@ -17,17 +17,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..atomic import atomic_path, write_json_atomic
-from ..errors import BrstError
-from ..plots import save_png, tissue_figure
-from ..readers.base import SlideImage
-from ..readers.images import open_image
-from .genes import choose_genes
+from brst.handlers.errors import BrstError
+from brst.train.atomic import atomic_path, write_json_atomic
+from brst.train.data.readers.base import SlideImage
+from brst.train.data.readers.images import open_image
+from brst.train.evaluate.plots import save_png, tissue_figure
+
+from .drawn_genes import choose_genes
 from .measured import MeasuredSection, check_inside, gene_table, grid_origin, load_measured, spot_table
 from .outputs import SlideMap, write_h5ad, write_heatmaps, write_table
-from .predictors import Predictor
+from .predictors import SlidePredictor
+from .tile_grid import TileGrid, TissueMask, find_tiles
 from .tiles import iter_patch_batches, slide_um_per_px
-from .tissue import TileGrid, TissueMask, find_tiles
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class SlideJob:
     read_workers: int = 2
 
 
-def predict_points(predictor: Predictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+def predict_points(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
                    slide_um_per_px: float, batch_size: int, desc: str, read_workers: int = 2) -> np.ndarray:
     """Expression at tile centres, streamed in batches under a progress bar.
 
@@ -107,7 +108,7 @@ class SlidePlan:
     measured: MeasuredSection | None
 
 
-def plan_slide(job: SlideJob, predictor: Predictor, validation_r: dict[str, float]) -> SlidePlan:
+def plan_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float]) -> SlidePlan:
     """Open the slide, read its resolution and thumbnail, choose genes, find tissue and tiles."""
     if not job.slide.is_file():
         raise BrstError(job.slide, "no such slide file")
@@ -127,7 +128,7 @@ def plan_slide(job: SlideJob, predictor: Predictor, validation_r: dict[str, floa
     return SlidePlan(image, um_per_px, tissue, grid, draw, measured)
 
 
-def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: Predictor) -> np.ndarray:
+def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor) -> np.ndarray:
     """Predictions at the measured spots, in ``plan.measured.genes`` order. Shape: (n, K) float64."""
     measured = plan.measured
     values = predict_points(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
@@ -164,7 +165,7 @@ def _write_map(job: SlideJob, slide_map: SlideMap, draw: list[str], validation_r
     write_heatmaps(slide_map, draw, job.out_dir / HEATMAPS, notes)
 
 
-def run_slide(job: SlideJob, predictor: Predictor, validation_r: dict[str, float] | None = None) -> dict:
+def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float] | None = None) -> dict:
     """Predict one slide and write its outputs into ``job.out_dir``; returns the summary."""
     started = time.perf_counter()
     validation_r = validation_r or {}

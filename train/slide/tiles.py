@@ -3,7 +3,7 @@
 A tile is the model's patch: a square of ``patch_um`` micrometres centred on a grid point,
 resampled to ``patch_px`` pixels (``um_per_px`` of the training patches), whatever the
 slide's own resolution. Tiles are read by region through the slide's image handle
-(:mod:`brst.train.readers.images`), a few batches ahead on worker threads, so at most
+(:mod:`brst.train.data.readers.images`), a few batches ahead on worker threads, so at most
 ``prefetch`` batches are in memory besides what the handle itself keeps (a JPEG/PNG is
 decoded once; a pyramidal TIFF is only ever read tile by tile).
 """
@@ -17,21 +17,17 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import BrstError
-from ..patches import PatchGeometry, cut_patch
-from ..readers.base import SlideImage
-from ..readers.images import TIFF_SUFFIXES, no_pixel_limit
+from brst.handlers.errors import BrstError
+from brst.handlers.geometry import PatchGeometry
+from brst.train.data.patches import cut_patch
+from brst.train.data.readers.base import SlideImage
+from brst.train.data.readers.images import TIFF_SUFFIXES, no_pixel_limit
 
 #: A resolution read from metadata is believed only inside this range (µm per pixel):
 #: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.
 PLAUSIBLE_UM_PER_PX = (0.05, 20.0)
 _UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: inch, centimetre
 _UM_PER_OME_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}  # OME PhysicalSizeXUnit (default µm)
-
-
-def geometry_of(data_config: dict) -> PatchGeometry:
-    """The patch geometry of a checkpoint's (or archive's) ``data_config``."""
-    return PatchGeometry(patch_um=float(data_config["patch_um"]), um_per_px=float(data_config["um_per_px"]))
 
 
 def _tiff_um_per_px(path: Path) -> float | None:

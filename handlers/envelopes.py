@@ -1,0 +1,280 @@
+"""Request envelopes -> validated uint8 patches at the model's geometry.
+
+One TorchServe request (a dict of parameter name -> value) may carry its patch as
+
+- raw image bytes (PNG, JPEG or TIFF; HTTP body, a multipart file field or a gRPC
+  ``input`` entry), with an optional ``um_per_px`` parameter (a multipart form field or a
+  gRPC ``input`` entry; TorchServe 0.12 drops query parameters on ``/predictions``);
+- JSON ``{"image": <base64>, "um_per_px": 0.5}`` (``"data"`` or ``"b64"`` also name the
+  image), or ``{"instances": [<that>, ...]}`` for several patches;
+- the KServe v2 envelope ``{"inputs": [{"name", "shape", "datatype", "data"}],
+  "parameters": {"um_per_px": 0.5}}`` with ``datatype`` ``BYTES`` (base64 images) or
+  ``UINT8`` (pixels, shape ``[H, W, 3]`` or ``[N, H, W, 3]``).
+
+Everything is checked before it costs memory or time: body size, the declared pixel
+count in the image header (decompression-bomb guard), format, truncation, colour mode
+(H&E is RGB: grayscale, CMYK and transparent images are refused) and patch scale. A patch
+sent with ``um_per_px`` is centre-cropped to the model's field of view (``patch_um``) and
+resampled to the model's ``patch_px``; without it the patch must be square and is taken
+to cover the model's field of view. Bad input raises :class:`~brst.handlers.errors.RejectedInput`,
+an :class:`~brst.handlers.errors.InputError` that names a ``reason`` for the metrics; its message
+quotes at most a few characters of the request (it is logged) and never decoder internals.
+Decoding and cropping one image is :mod:`brst.handlers.images`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import RejectedInput, shown
+from .geometry import PatchGeometry
+from .images import SCALE_KEY, DecodeLimits, check_pixels, decode_image, to_patch
+
+#: parameter names that may hold the image, in order of preference
+IMAGE_KEYS = ("data", "body", "image", "file", "b64")
+
+
+@dataclass
+class DecodedRequest:
+    """The patches of one request, uint8 ``(patch_px, patch_px, 3)`` each.
+
+    ``many`` is True when the request used a list form (``instances``, KServe ``[N, ...]``),
+    so the response is a list even for one patch.
+    """
+
+    patches: list[np.ndarray]
+    many: bool
+
+
+@dataclass
+class DecodedBatch:
+    """The patches of a TorchServe batch of requests, and the requests that were rejected.
+
+    Attributes:
+        patches: uint8 ``(N, patch_px, patch_px, 3)``, the accepted requests' patches in order.
+        owner: ``(N,)`` index of the request each patch came from.
+        many: per request, whether its response is a list (see :class:`DecodedRequest`).
+        errors: request index -> why it was rejected.
+        seconds: per request, the time spent decoding it.
+    """
+
+    patches: np.ndarray
+    owner: np.ndarray
+    many: list[bool]
+    errors: dict[int, RejectedInput]
+    seconds: list[float]
+
+
+def decode_batch(rows: list[Mapping[str, Any]], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits()
+                 ) -> DecodedBatch:
+    """Decode every request of a batch; a bad request is recorded, never raised."""
+    patches, owner, many, errors, seconds = [], [], [], {}, []
+    for idx, row in enumerate(rows):
+        start = time.perf_counter()
+        try:
+            decoded = decode_request(row, geometry, limits)
+        except RejectedInput as err:
+            errors[idx] = err
+            decoded = DecodedRequest([], False)
+        seconds.append(time.perf_counter() - start)
+        patches += decoded.patches
+        owner += [idx] * len(decoded.patches)
+        many.append(decoded.many)
+    pixels = np.stack(patches) if patches else np.zeros((0, geometry.patch_px, geometry.patch_px, 3), np.uint8)
+    return DecodedBatch(pixels, np.asarray(owner, dtype=np.int64), many, errors, seconds)
+
+
+def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits()
+                   ) -> DecodedRequest:
+    """Decode one TorchServe request (parameter name -> value) into model-ready patches.
+
+    Raises:
+        RejectedInput: anything wrong with the content.
+    """
+    scale = parse_um_per_px(row.get(SCALE_KEY))
+    payload = _image_payload(row)
+    if isinstance(payload, (bytes, bytearray)) and not _looks_like_json(payload):
+        return DecodedRequest([to_patch(decode_image(bytes(payload), limits), scale, geometry, limits)], False)
+    items, many = _json_items(_as_json(payload, limits), scale, limits)
+    return DecodedRequest([to_patch(image, item_scale, geometry, limits) for image, item_scale in items], many)
+
+
+def _image_payload(row: Mapping[str, Any]) -> Any:
+    """The one parameter that holds the image (or the JSON document)."""
+    names = [name for name in row if name != SCALE_KEY]
+    preferred = [name for name in IMAGE_KEYS if name in row]
+    if not names:
+        raise RejectedInput("empty", "request", "carries no image")
+    if len(names) > 1 and not preferred:
+        raise RejectedInput("bad_shape", "request", f"has several fields {shown(sorted(names))} and none of "
+                                                    f"{list(IMAGE_KEYS)}")
+    payload = row[preferred[0] if preferred else names[0]]
+    if payload is None or (isinstance(payload, (bytes, bytearray, str, list, dict)) and len(payload) == 0):
+        raise RejectedInput("empty", "request", "body is empty")
+    return payload
+
+
+def _looks_like_json(data: bytes | bytearray) -> bool:
+    head = bytes(data[:64]).lstrip()
+    return head[:1] in (b"{", b"[")
+
+
+def _as_json(payload: Any, limits: DecodeLimits) -> Any:
+    """Parsed JSON from a value TorchServe may or may not have decoded already."""
+    if isinstance(payload, (dict, list)):
+        return payload
+    if not isinstance(payload, (bytes, bytearray, str)):
+        raise RejectedInput("bad_json", "request", f"JSON {type(payload).__name__} is not an object or a list")
+    if len(payload) > limits.max_body_bytes:
+        raise RejectedInput("too_large", "request", f"body of {len(payload)} bytes exceeds "
+                                                    f"{limits.max_body_bytes}")
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        if isinstance(payload, str):
+            raise RejectedInput("bad_json", "request", "text body is neither JSON nor an image; send "
+                                                       "image bytes or JSON with base64") from err
+        raise RejectedInput("bad_json", "request", f"body is not valid JSON: {err}") from err
+
+
+def _json_items(doc: Any, scale: float | None, limits: DecodeLimits
+                ) -> tuple[list[tuple[np.ndarray, float | None]], bool]:
+    """(image, um_per_px) pairs from a JSON document, and whether it was a list form."""
+    if isinstance(doc, list):
+        doc = {"instances": doc}
+    if not isinstance(doc, dict):
+        raise RejectedInput("bad_json", "request", "JSON must be an object")
+    scale = parse_um_per_px(doc.get(SCALE_KEY, _parameters(doc, "parameters").get(SCALE_KEY)), scale)
+    if "inputs" in doc:
+        return _kserve_items(doc["inputs"], scale, limits), True
+    if "instances" in doc:
+        instances = doc["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise RejectedInput("bad_json", "instances", "must be a non-empty list")
+        _check_count(len(instances), limits)
+        return [_json_item(item, scale, limits) for item in instances], True
+    return [_json_item(doc, scale, limits)], False
+
+
+def _json_item(item: Any, scale: float | None, limits: DecodeLimits) -> tuple[np.ndarray, float | None]:
+    if isinstance(item, str):
+        return decode_image(b64decode(item, "image", limits), limits), scale
+    if not isinstance(item, dict):
+        raise RejectedInput("bad_json", "instance", "must be a base64 string or an object")
+    key = next((k for k in ("image", "data", "b64") if k in item), None)
+    if key is None:
+        raise RejectedInput("bad_json", "request", 'JSON names no image: use "image": <base64>')
+    value = item[key]
+    if isinstance(value, dict) and "b64" in value:
+        value = value["b64"]
+    image = decode_image(b64decode(value, key, limits), limits)
+    return image, parse_um_per_px(item.get(SCALE_KEY), scale)
+
+
+def _kserve_items(inputs: Any, scale: float | None, limits: DecodeLimits
+                  ) -> list[tuple[np.ndarray, float | None]]:
+    """Images from KServe v2 ``inputs``: BYTES (base64 images) or UINT8 (pixels)."""
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RejectedInput("bad_json", "inputs", "must be a list holding one tensor object")
+    tensor = inputs[0]
+    scale = parse_um_per_px(_parameters(tensor, "inputs[0].parameters").get(SCALE_KEY), scale)
+    datatype = str(tensor.get("datatype", "")).upper()
+    data = tensor.get("data")
+    if not isinstance(data, list) or not data:
+        raise RejectedInput("bad_json", "inputs[0].data", "must be a non-empty list")
+    if datatype == "BYTES":
+        flat = _flatten(data)
+        _check_count(len(flat), limits)
+        return [(decode_image(b64decode(item, "inputs[0].data", limits), limits), scale) for item in flat]
+    if datatype == "UINT8":
+        return [(image, scale) for image in _kserve_pixels(tensor.get("shape"), data, limits)]
+    raise RejectedInput("bad_json", "inputs[0].datatype", f"{shown(datatype or 'missing')}: use BYTES or UINT8")
+
+
+def _parameters(doc: dict, subject: str) -> dict:
+    """The optional ``parameters`` object of a JSON document or tensor."""
+    params = doc.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RejectedInput("bad_json", subject, "must be an object")
+    return params
+
+
+def _flatten(data: list) -> list:
+    """Nested lists -> flat list, without recursion (any nesting depth is safe)."""
+    flat, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _kserve_pixels(shape: Any, data: list, limits: DecodeLimits) -> list[np.ndarray]:
+    """UINT8 pixels ``[H, W, 3]`` or ``[N, H, W, 3]`` -> N images."""
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise RejectedInput("bad_shape", "inputs[0].shape", f"{shown(shape)} is not a list of positive ints")
+    if len(shape) not in (2, 3, 4):
+        raise RejectedInput("bad_shape", "inputs[0].shape", f"{shown(shape)} is not [H, W, 3] or [N, H, W, 3]")
+    dims = [1, *shape] if len(shape) < 4 else shape
+    if len(shape) == 2 or dims[-1] != 3:
+        raise RejectedInput("colour_mode", "inputs[0].shape", f"{shown(shape)} is not RGB: H&E patches need "
+                                                              "3 channels, last")
+    _check_count(dims[0], limits)
+    check_pixels(dims[1], dims[2], limits)
+    try:
+        pixels = np.asarray(_flatten(data), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise RejectedInput("bad_json", "inputs[0].data", "holds non-integer values") from err
+    if pixels.size != math.prod(dims):
+        raise RejectedInput("bad_shape", "inputs[0].data", f"has {pixels.size} values, shape {shown(shape)} "
+                                                           f"needs {math.prod(dims)}")
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise RejectedInput("bad_json", "inputs[0].data", "values must be 0..255 for UINT8")
+    return list(pixels.astype(np.uint8).reshape(dims))
+
+
+def _check_count(n: int, limits: DecodeLimits) -> None:
+    if n > limits.max_patches:
+        raise RejectedInput("too_large", "request", f"{n} patches exceed the limit of {limits.max_patches}")
+
+
+def b64decode(value: Any, subject: str, limits: DecodeLimits) -> bytes:
+    """Strict base64 (standard alphabet, padding required; whitespace ignored)."""
+    if not isinstance(value, str) or not value:
+        raise RejectedInput("bad_encoding", subject, "must be a non-empty base64 string")
+    if len(value) > limits.max_body_bytes * 4 // 3 + 4:
+        raise RejectedInput("too_large", subject, f"base64 of {len(value)} chars exceeds the limit")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RejectedInput("bad_encoding", subject, f"is not valid base64: {err}") from err
+
+
+def parse_um_per_px(value: Any, default: float | None = None) -> float | None:
+    """A positive finite ``um_per_px`` from a number, str or bytes; ``None`` -> ``default``."""
+    if value is None:
+        return default
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, bool):
+        raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} is not a number")
+    try:
+        scale = float(value)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} is not a number") from err
+    if not math.isfinite(scale) or scale <= 0:
+        raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} must be a positive number")
+    return scale

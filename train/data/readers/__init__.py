@@ -1,0 +1,64 @@
+"""Readers of spatial-transcriptomics formats, one module per format, one registry.
+
+Each module exposes ``READER_VERSION``, ``list_sections(root) -> list[str]`` and
+``read_sections(root, sections=None, **options) -> list[Section]``. :func:`read_sections`
+here picks the module by name and checks what every reader must deliver.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+import numpy as np
+
+from brst.handlers.errors import BrstError
+
+from .base import Section, SlideImage
+
+#: format name -> module (relative to this package)
+FORMATS: dict[str, str] = {"her2st": "her2st", "stnet": "stnet", "visium": "visium"}
+
+__all__ = ["FORMATS", "Section", "SlideImage", "reader", "read_sections", "check_section"]
+
+
+def reader(format_name: str) -> ModuleType:
+    """The reader module of ``format_name``."""
+    if format_name not in FORMATS:
+        raise BrstError(format_name, f"unknown format; choose one of {sorted(FORMATS)}")
+    return importlib.import_module(f"{__name__}.{FORMATS[format_name]}")
+
+
+def check_section(section: Section) -> Section:
+    """Raise :class:`BrstError` unless spots, counts and image agree; return ``section``."""
+    n = section.n_spots
+    subject = f"{section.source_format} section {section.section}"
+    if n == 0:
+        raise BrstError(subject, "no spots")
+    if section.counts.shape != (n, len(section.genes)):
+        raise BrstError(subject, f"counts are {section.counts.shape}, expected ({n}, {len(section.genes)})")
+    if len(set(section.spot_id)) != n:
+        raise BrstError(subject, "duplicate spot ids")
+    image = section.image
+    outside = ((section.pixel_x < 0) | (section.pixel_x >= image.width)
+               | (section.pixel_y < 0) | (section.pixel_y >= image.height) | ~np.isfinite(section.pixel_x)
+               | ~np.isfinite(section.pixel_y))
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise BrstError(image.path, f"{int(outside.sum())} spot centre(s) outside the {image.width} x {image.height} "
+                        f"image, e.g. {section.spot_id[first]} at ({section.pixel_x[first]:.0f}, "
+                        f"{section.pixel_y[first]:.0f})")
+    if not section.um_per_px > 0:
+        raise BrstError(subject, f"invalid pixel size {section.um_per_px} um/px")
+    return section
+
+
+def read_sections(format_name: str, root: str | Path, sections: Sequence[str] | None = None,
+                  **options) -> list[Section]:
+    """Read ``sections`` (default: all) of ``root`` in ``format_name``, each checked."""
+    root = Path(root)
+    if not root.exists():
+        raise BrstError(root, "data folder not found")
+    module = reader(format_name)
+    return [check_section(s) for s in module.read_sections(root, list(sections) if sections else None, **options)]

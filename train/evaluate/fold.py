@@ -1,0 +1,170 @@
+"""Score one held-out set (a fold): the model and the two baselines on the same spots.
+
+A fold is a set of training spots (the baselines' lines are fitted there) and a set of
+held-out spots; the model's predictions for the held-out spots come from
+:mod:`brst.train.evaluate.predict`. Everything is compared on the expression scale of the
+model's target (``log1p(count)`` or ``log1p(count per 10k)``), gene by gene; the margin
+is the model's figure minus the image-only baseline's (darkness) on the same genes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brst.handlers.targets import KINDS, expression
+from brst.train.atomic import write_bytes_atomic
+
+from .baselines import baseline_predictions
+from .metrics import gene_metrics, summarize
+from .predict import predict_expression
+
+log = logging.getLogger(__name__)
+
+#: the image-only baseline the model's margin is measured against
+IMAGE_BASELINE = "darkness"
+#: columns of the per-fold table (one row per fold and predictor)
+FOLD_COLUMNS = ("fold", "predictor", "n_spots", "n_genes", "n_positive", "n_good",
+                "mean_r", "median_r", "amae", "armse")
+
+
+def measured_expression(index, idx: np.ndarray, genes: list[str], kind: str) -> np.ndarray:
+    """Measured expression of ``genes`` at the spots ``idx`` on the target's scale.
+
+    Shape: idx (n,) -> (n, K) float64, K = len(genes).
+    """
+    idx = np.asarray(idx)
+    counts = torch.from_numpy(np.asarray(index.counts(idx, genes), dtype=np.float64))
+    library_size = torch.from_numpy(np.asarray(index.spots["library_size"][idx], dtype=np.float64))
+    return expression(counts, library_size, kind).numpy()
+
+
+@dataclass
+class FoldResult:
+    """One fold's predictions and scores.
+
+    Attributes:
+        name: the fold (held-out patient(s) or section(s)).
+        genes: the K scored genes (the model's panel), column order of every array.
+        kind: target definition (``log1p`` or ``lognorm``).
+        test_idx: (n,) rows of the PatchIndex that were held out.
+        n_train: how many training spots the baselines were fitted on (0: none in the data, so
+            they were fitted in-sample on the held-out spots).
+        measured: (n, K) measured expression.
+        predicted: predictor name -> (n, K) predicted expression.
+        per_gene: predictor name -> ``{"r", "mae", "rmse"}`` arrays of shape (K,).
+    """
+
+    name: str
+    genes: list[str]
+    kind: str
+    test_idx: np.ndarray
+    n_train: int
+    measured: np.ndarray
+    predicted: dict[str, np.ndarray]
+    per_gene: dict[str, dict[str, np.ndarray]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.per_gene = {name: gene_metrics(pred, self.measured) for name, pred in self.predicted.items()}
+
+    @property
+    def units(self) -> str:
+        return KINDS[self.kind]
+
+    def summary(self, top: int = 10) -> dict:
+        """Plain-type summary: every predictor's statistics and the margin over darkness."""
+        predictors = {name: summarize(scores, self.genes, top) for name, scores in self.per_gene.items()}
+        return {
+            "fold": self.name, "kind": self.kind, "units": self.units,
+            "n_spots": int(len(self.test_idx)), "n_train_spots": int(self.n_train),
+            "baselines_in_sample": self.n_train == 0,
+            "predictors": predictors,
+            "margin_over_darkness": margin(predictors["model"], predictors[IMAGE_BASELINE],
+                                           self.per_gene["model"]["r"], self.per_gene[IMAGE_BASELINE]["r"]),
+        }
+
+
+def margin(model: dict, baseline: dict, model_r: np.ndarray, baseline_r: np.ndarray) -> dict:
+    """The model's figures minus a baseline's, and how many genes the model predicts better.
+
+    Shape: model_r (K,), baseline_r (K,).
+    """
+    return {
+        "mean_r": model["mean_r"] - baseline["mean_r"],
+        "median_r": model["median_r"] - baseline["median_r"],
+        "n_positive": model["n_positive"] - baseline["n_positive"],
+        "n_genes_better": int(np.sum(model_r > baseline_r)),
+    }
+
+
+def score_fold(name: str, index, train_idx: np.ndarray, test_idx: np.ndarray, genes: list[str],
+               kind: str, model_prediction: np.ndarray, features: dict[str, np.ndarray]) -> FoldResult:
+    """Fit the baselines on ``train_idx``, score them and the model on ``test_idx``.
+
+    Args:
+        index: the PatchIndex.
+        train_idx, test_idx: rows of the index, shapes (n_train,) and (n,).
+        genes: the K genes the model predicts (its panel).
+        kind: target definition of the model.
+        model_prediction: (n, K) the model's expression for ``test_idx`` (same scale).
+        features: baseline name -> (N,) scalar for every row of the index
+            (:func:`brst.train.evaluate.baselines.spot_features` over ``arange(N)``).
+    """
+    train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+    fit_idx = train_idx if train_idx.size else test_idx
+    if not train_idx.size:
+        log.warning("fold %s: no training spots in the data, so the baselines are fitted on the held-out "
+                    "spots themselves (in-sample: this favours them)", name)
+    baselines = baseline_predictions(
+        {key: value[fit_idx] for key, value in features.items()},
+        measured_expression(index, fit_idx, genes, kind),
+        {key: value[test_idx] for key, value in features.items()},
+    )
+    return FoldResult(name=name, genes=list(genes), kind=kind, test_idx=test_idx, n_train=len(train_idx),
+                      measured=measured_expression(index, test_idx, genes, kind),
+                      predicted={"model": np.asarray(model_prediction, dtype=np.float64), **baselines})
+
+
+def fold_rows(summary: dict) -> list[dict]:
+    """One table row per predictor of a fold summary (columns :data:`FOLD_COLUMNS`)."""
+    return [
+        {"fold": summary["fold"], "predictor": name, "n_spots": summary["n_spots"],
+         **{key: stats[key] for key in FOLD_COLUMNS[3:]}}
+        for name, stats in summary["predictors"].items()
+    ]
+
+
+def gene_rows(result: FoldResult) -> list[dict]:
+    """One row per gene: r, MAE and RMSE of every predictor, and the model's margin in r."""
+    rows = []
+    for k, gene in enumerate(result.genes):
+        row = {"fold": result.name, "gene": gene}
+        for metric in ("r", "mae", "rmse"):
+            row.update({f"{metric}_{name}": float(result.per_gene[name][metric][k]) for name in result.per_gene})
+        row["margin_r"] = row["r_model"] - row[f"r_{IMAGE_BASELINE}"]
+        rows.append(row)
+    return rows
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Write dict rows (same keys) as CSV atomically; floats with 6 significant digits."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()}
+                     for row in rows)
+    write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+def evaluate_checkpoint(ckpt: dict, index, name: str, train_idx: np.ndarray, test_idx: np.ndarray,
+                        features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64,
+                        device: torch.device | str = "cpu") -> FoldResult:
+    """Predict ``test_idx`` with the checkpoint and score it beside the baselines (see :func:`score_fold`)."""
+    prediction = predict_expression(ckpt, index, test_idx, tta=tta, batch_size=batch_size, device=device)
+    return score_fold(name, index, train_idx, test_idx, list(ckpt["genes"]), ckpt["target"]["kind"],
+                      prediction, features)

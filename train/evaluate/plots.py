@@ -1,0 +1,108 @@
+"""Evaluation pictures: ranked per-gene r (model vs baselines) and expression on the tissue.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no
+display needed) and written atomically as PNG.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from brst.train.atomic import atomic_path
+
+from .baselines import BASELINES
+
+#: line colour of each predictor
+COLOURS = {"model": "tab:blue", "darkness": "tab:orange", "library_size": "tab:gray"}
+DPI = 110
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` to ``path`` (PNG) atomically."""
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
+
+
+def _label(name: str) -> str:
+    return f"{name}: {BASELINES[name]}" if name in BASELINES else name
+
+
+def ranked_r_figure(r_by_predictor: dict[str, np.ndarray], title: str) -> Figure:
+    """Left: each predictor's per-gene r sorted from best to worst; right: model r vs darkness r per gene.
+
+    Shape: each value of ``r_by_predictor`` is (K,), same gene order.
+    """
+    fig = Figure(figsize=(11, 4.2))
+    ranked, versus = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+    for name, r in r_by_predictor.items():
+        values = np.sort(r[~np.isnan(r)])[::-1]
+        ranked.plot(np.arange(1, values.size + 1), values, color=COLOURS.get(name), label=_label(name))
+    ranked.axhline(0.0, color="black", linewidth=0.6)
+    ranked.axhline(0.5, color="black", linewidth=0.6, linestyle=":")
+    ranked.set(xlabel="gene rank", ylabel="Pearson r", title=title, ylim=(-1, 1))
+    ranked.legend(fontsize=7, loc="lower left")
+    model, dark = r_by_predictor["model"], r_by_predictor["darkness"]
+    versus.scatter(dark, model, s=6, color=COLOURS["model"])
+    versus.plot([-1, 1], [-1, 1], color="black", linewidth=0.6)
+    versus.set(xlabel="r of darkness baseline", ylabel="r of model", xlim=(-1, 1), ylim=(-1, 1),
+               title=f"model better on {int(np.sum(model > dark))} of {model.size} genes")
+    fig.tight_layout()
+    return fig
+
+
+def tissue_figure(pixel_x: np.ndarray, pixel_y: np.ndarray, measured: np.ndarray, predicted: np.ndarray,
+                  genes: list[str], r: np.ndarray, title: str) -> Figure:
+    """Measured next to predicted expression at the spots of one section, one row per gene.
+
+    Shape: pixel_x, pixel_y (n,) spot centres in source-image pixels; measured and
+    predicted (n, k) for the k ``genes``; r (k,). Each panel has its own colour scale
+    (a model's predictions span a narrower range than the measurements).
+    """
+    fig = Figure(figsize=(7.5, 3.2 * len(genes)))
+    axes = np.atleast_2d(fig.subplots(len(genes), 2))
+    for row, gene in enumerate(genes):
+        for ax, values, what in ((axes[row, 0], measured[:, row], "measured"),
+                                 (axes[row, 1], predicted[:, row], f"predicted (r = {r[row]:.2f})")):
+            points = ax.scatter(pixel_x, pixel_y, c=values, s=14, cmap="viridis")
+            ax.set_title(f"{gene}: {what}", fontsize=9)
+            ax.set_aspect("equal")
+            ax.invert_yaxis()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(points, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fold(result, index, out_dir: str | Path, top_genes: int = 4) -> list[Path]:
+    """The ranked-r figure of a fold and one tissue figure per held-out section.
+
+    Args:
+        result: a :class:`brst.train.evaluate.fold.FoldResult`.
+        index: the PatchIndex the result's ``test_idx`` refers to.
+        out_dir: folder for ``ranked_r_<fold>.png`` and ``tissue_<fold>[_<section>].png``.
+        top_genes: how many of the model's best genes to draw on the tissue.
+    """
+    out_dir = Path(out_dir)
+    r_model = result.per_gene["model"]["r"]
+    paths = [save_png(ranked_r_figure({name: s["r"] for name, s in result.per_gene.items()},
+                                      f"held out: {result.name} ({result.units})"),
+                      out_dir / f"ranked_r_{result.name}.png")]
+    best = np.argsort(np.where(np.isnan(r_model), -np.inf, r_model))[::-1][:top_genes]
+    sections = index.spots["section"][result.test_idx]
+    for section in np.unique(sections):
+        rows = sections == section
+        spots = result.test_idx[rows]
+        fig = tissue_figure(index.spots["pixel_x"][spots], index.spots["pixel_y"][spots],
+                            result.measured[rows][:, best], result.predicted["model"][rows][:, best],
+                            [result.genes[k] for k in best], r_model[best],
+                            f"section {section}, {result.units}")
+        name = result.name if section == result.name else f"{result.name}_{section}"
+        paths.append(save_png(fig, out_dir / f"tissue_{name}.png"))
+    return paths

@@ -1,0 +1,350 @@
+"""Train a BrST-Net model: data -> targets, stain, model -> epochs -> run directory.
+
+:func:`fit` is what ``brst-train fit`` runs, in one process or in each ``torchrun``
+process. A run is exactly reproducible and exactly resumable: the data order and the
+augmentation depend only on (seed, epoch), and a checkpoint holds the model, optimiser,
+scheduler, scaler, every RNG state, the epoch, the step and the running epoch totals.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from brst.handlers.density import DEFAULT_CROPS
+from brst.handlers.errors import BrstError
+from brst.handlers.model import BrstNet, build_model
+from brst.handlers.stain import stain_from_json
+from brst.handlers.targets import TargetTransform
+from brst.handlers.transforms import ModelInput
+from brst.train.checkpoint import resolve_checkpoint
+from brst.train.data import PatchDataset, open_dataset
+from brst.train.data.fingerprint import data_fingerprint
+
+from .density_expert import fit_density_expert
+from .distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    check_sync_bn,
+    init_distributed,
+    shutdown,
+    sync_batchnorm,
+    wrap_ddp,
+)
+from .gauges import TrainingMetrics
+from .loop import EpochProgress, StepParts, run_epoch, validate
+from .optim import make_optimizer, make_scheduler
+from .options import FitOptions
+from .pretrained import load_backbone_weights
+from .provenance import check_resume_data, training_spots
+from .recipes import warn_if_other_field
+from .rng import rng_state, seed_everything, set_rng_state
+from .run_dir import BEST_METRIC, RunDir, default_run_dir
+from .sampling import EpochSampler, epoch_augmentation
+from .setup import fit_stain_reference, fit_targets, run_data_config, split_spots
+
+log = logging.getLogger(__name__)
+
+#: update the progress bar's loss and rate every this many steps
+POSTFIX_EVERY = 5
+
+
+@dataclass
+class RunSpec:
+    """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input.
+
+    ``data`` is the training data's fingerprint and ``spots`` the training and validation
+    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint.
+    """
+
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    holdout: list[str]
+    panel: list[str]
+    aux: list[str]
+    main_target: TargetTransform
+    aux_target: TargetTransform | None
+    stain: torch.nn.Module
+    data_config: dict
+    data: dict = field(default_factory=dict)
+    spots: dict = field(default_factory=dict)
+    density: dict | None = None
+
+
+@dataclass
+class RunState:
+    """Where the run is: completed epochs, optimiser steps, metrics so far, best checkpoints."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: list[dict] = field(default_factory=list)
+    partial: dict | None = None
+
+
+def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | None) -> RunSpec:
+    """A fresh run fits targets and stain on its training spots; a resumed one reads them.
+
+    Raises:
+        BrstError: resuming on data other than the run's own (its fingerprint differs).
+    """
+    fingerprint = data_fingerprint(index.files)
+    if ckpt is not None:
+        check_resume_data(ckpt, fingerprint, options.data)
+    train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout, options.exclude)
+    spots = training_spots(index, train_idx, val_idx)
+    if ckpt is not None:
+        aux_target = TargetTransform.from_dict(ckpt["aux_target"]) if ckpt.get("aux_target") else None
+        index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])  # raises BrstError if the data lacks any
+        return RunSpec(train_idx, val_idx, holdout, ckpt["genes"], ckpt["aux_genes"],
+                       TargetTransform.from_dict(ckpt["target"]), aux_target, stain_from_json(ckpt["stain"]),
+                       ckpt["data_config"], fingerprint, spots, ckpt.get("density"))
+    panel = [str(g) for g in index.panel]
+    aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
+    return RunSpec(train_idx, val_idx, holdout, panel, aux,
+                   fit_targets(index, train_idx, panel, options.target), fit_targets(index, train_idx, aux, options.target),
+                   fit_stain_reference(index, train_idx, options.stain, options.stain_reference, device),
+                   run_data_config(options.arch, options.input_size, index), fingerprint, spots,
+                   {"crops": list(DEFAULT_CROPS)} if options.density_expert else None)
+
+
+def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pretrained: bool = True) -> BrstNet:
+    """The seeded model; head biases start at the mean training target (0: targets are z-scores)."""
+    seed_everything(options.seed)
+    density = spec.density and {**spec.density, "data_config": spec.data_config}
+    model = build_model(options.arch, len(spec.panel), len(spec.aux), spec.data_config["input_size"][-1], density)
+    if load_pretrained and options.pretrained is not None:
+        load_backbone_weights(model.backbone, options.pretrained)
+    model.init_head_bias(torch.zeros(len(spec.panel)), torch.zeros(len(spec.aux)))
+    log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
+             options.arch, len(spec.panel), len(spec.aux))
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if options.channels_last else model
+
+
+def amp_dtype(options: FitOptions, device: torch.device) -> torch.dtype | None:
+    """float16 on GPUs, bfloat16 on CPUs; ``--amp`` defaults to on for GPUs only."""
+    enabled = options.amp if options.amp is not None else device.type == "cuda"
+    if not enabled:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def make_loaders(options: FitOptions, index, spec: RunSpec, ctx: DistContext, device: torch.device):
+    """Training loader (this process's share) and, on rank 0, the validation loader."""
+    if options.batch_size % ctx.world_size:
+        raise BrstError(f"--batch-size {options.batch_size}",
+                        f"must be a multiple of the {ctx.world_size} processes (it is the global batch)")
+    sampler = EpochSampler(len(spec.train_idx), options.batch_size, options.seed, ctx.rank, ctx.world_size)
+    if sampler.batches_per_epoch == 0:
+        raise BrstError(f"--batch-size {options.batch_size}", f"exceeds the {len(spec.train_idx)} training spots")
+    common = {"num_workers": options.workers, "pin_memory": device.type == "cuda",
+              "persistent_workers": options.workers > 0, "generator": torch.Generator().manual_seed(options.seed)}
+    train = DataLoader(PatchDataset(index, spec.train_idx), batch_size=options.batch_size // ctx.world_size,
+                       sampler=sampler, drop_last=True, **common)
+    val = None
+    if ctx.is_main and spec.val_idx.size > 1:
+        val = DataLoader(PatchDataset(index, spec.val_idx), batch_size=options.batch_size, shuffle=False, **common)
+    return sampler, train, val
+
+
+def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: DistContext,
+               device: torch.device, total_steps: int, steps_per_epoch: int = 1) -> StepParts:
+    """The model as stepped (DDP, compiled), optimiser, schedule, scaler and input pipeline."""
+    warmup_steps = round(options.warmup_epochs * steps_per_epoch)
+    stepped = wrap_ddp(model, ctx, device)
+    stepped = torch.compile(stepped) if options.compile else stepped
+    optimizer = make_optimizer(model, options.lr, options.momentum, options.weight_decay, options.optimizer)
+    dtype = amp_dtype(options, device)
+    aux_cols = torch.from_numpy(index.gene_columns(spec.aux)).to(device) if spec.aux else None
+    return StepParts(
+        model=stepped, model_input=ModelInput(spec.stain, spec.data_config["input_size"], spec.data_config["mean"],
+                                              spec.data_config["std"]).to(device),
+        main_target=spec.main_target.to(device), aux_target=spec.aux_target.to(device) if spec.aux_target else None,
+        main_cols=torch.from_numpy(index.gene_columns(spec.panel)).to(device), aux_cols=aux_cols,
+        aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps, warmup_steps),
+        device=device, amp_dtype=dtype,
+        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, channels_last=options.channels_last)
+
+
+def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
+    """Fit a fresh run's density expert on its training spots (every process computes the same)."""
+    counts = torch.from_numpy(index.counts(spec.train_idx, spec.panel).astype(np.float64))
+    library_size = torch.from_numpy(index.spots["library_size"][spec.train_idx].astype(np.float64))
+    targets = parts.main_target(counts.to(parts.device), library_size.to(parts.device)).double().cpu().numpy()
+    groups = np.asarray(index.spots[split_by][spec.train_idx]).astype(str)
+    return fit_density_expert(model, parts.model_input, index, spec.train_idx, groups, targets, parts.device)
+
+
+def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, state: RunState) -> dict:
+    """Plain-typed checkpoint (docs/CONTRACTS.md) of the run as it stands."""
+    return {
+        "arch": options.arch, "model": model.state_dict(), "genes": spec.panel, "aux_genes": spec.aux,
+        "n_main": len(spec.panel), "n_aux": len(spec.aux), "target": spec.main_target.to_dict(),
+        "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
+        "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
+        "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density,
+        "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
+        "rng": rng_state(), "metrics": {"history": state.history, "best": state.best, "partial": state.partial},
+        "options": options.to_dict(), "brst_version": importlib.metadata.version("brst"),
+    }
+
+
+def restore(ckpt: dict, model: BrstNet, parts: StepParts) -> RunState:
+    """Load weights, optimiser, schedule and scaler from ``ckpt``; the RNG is restored last."""
+    model.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if parts.scaler is not None and ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    metrics = ckpt["metrics"]
+    return RunState(ckpt["epoch"], ckpt["step"], list(metrics["history"]), list(metrics["best"]), metrics["partial"])
+
+
+def open_run_dir(options: FitOptions, ctx: DistContext, resuming: bool) -> RunDir:
+    """Rank 0 picks and creates the run directory; every process learns its path."""
+    path = None
+    if ctx.is_main:
+        path = Path(options.out) if options.out else (
+            resolve_checkpoint(options.resume).parent if resuming else default_run_dir(options.arch))
+        run = RunDir(path, options.keep_best)
+        if not resuming:
+            run.create()
+    return RunDir(broadcast_object(path, ctx), options.keep_best)
+
+
+class Trainer:
+    """The epoch loop of one process: progress bar, metrics, checkpoints (rank 0 writes)."""
+
+    def __init__(self, options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, run: RunDir,
+                 ctx: DistContext, state: RunState, n_spots: int) -> None:
+        self.options, self.spec, self.model, self.parts = options, spec, model, parts
+        self.run, self.ctx, self.state, self.n_spots = run, ctx, state, n_spots
+        self.metrics = TrainingMetrics()
+        self.bar: tqdm | None = None
+
+    def should_stop(self) -> bool:
+        return self.options.max_steps is not None and self.state.step >= self.options.max_steps
+
+    def on_step(self, progress: EpochProgress) -> None:
+        self.state.step += 1
+        self.bar.update(1)
+        if self.state.step % POSTFIX_EVERY == 0:
+            loss = progress.losses()["train_loss"]
+            rate = progress.samples_seen * self.ctx.world_size / max(progress.seconds, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
+            self.metrics.update(loss=loss, samples_per_second=rate, device=self.parts.device)
+
+    def progress_for(self, epoch: int) -> EpochProgress:
+        """Fresh totals, or (rank 0) the saved totals of an interrupted epoch."""
+        progress = EpochProgress.start(self.parts.device)
+        partial = self.state.partial
+        if partial is not None and partial["epoch"] == epoch:
+            progress.batches, progress.samples_seen = partial["batches"], partial["samples_seen"]
+            progress.seconds, progress.data_seconds = partial["seconds"], partial["data_seconds"]
+            if self.ctx.is_main:
+                progress.sums = torch.tensor(partial["sums"], dtype=torch.float64, device=self.parts.device)
+        self.state.partial = None
+        return progress
+
+    def epoch_row(self, epoch: int, progress: EpochProgress, val_loader) -> dict:
+        sums = all_reduce_sum(progress.sums, self.ctx)
+        seconds = max(progress.seconds, 1e-9)
+        row = {"epoch": epoch + 1, "step": self.state.step, "lr": self.parts.scheduler.get_last_lr()[0],
+               **progress.losses(sums), "seconds": progress.seconds,
+               "samples_per_s": progress.samples_seen * self.ctx.world_size / seconds,
+               "data_wait_frac": progress.data_seconds / seconds}
+        if val_loader is not None:
+            row.update(validate(self.model, self.parts, val_loader, self.spec.panel))
+        return row
+
+    def save(self, score: float | None = None) -> None:
+        """Write last.pt (and a best checkpoint when ``score`` ranks) and metrics.jsonl (rank 0)."""
+        if not self.ctx.is_main:
+            return
+        ckpt = make_checkpoint(self.options, self.spec, self.model, self.parts, self.state)
+        if score is not None:
+            self.state.best = self.run.update_best(ckpt, self.state.best, self.state.epoch, score)
+            ckpt["metrics"]["best"] = self.state.best
+        self.run.save_last(ckpt)
+        self.run.write_metrics(self.state.history)
+
+    def train(self, sampler: EpochSampler, loader: DataLoader, val_loader) -> None:
+        if self.ctx.is_main and self.options.metrics_port:
+            self.metrics.serve(self.options.metrics_port, self.options.metrics_host)
+        try:
+            while self.state.epoch < self.options.epochs and not self.should_stop():
+                self.train_epoch(sampler, loader, val_loader)
+        finally:
+            self.metrics.close()
+
+    def train_epoch(self, sampler: EpochSampler, loader: DataLoader, val_loader) -> None:
+        epoch, per_epoch = self.state.epoch, sampler.batches_per_epoch
+        progress = self.progress_for(epoch)
+        sampler.set_epoch(epoch, start_batch=self.state.step - epoch * per_epoch)
+        augmentation = epoch_augmentation(self.n_spots, self.options.seed, epoch, self.options.stain_jitter)
+        desc = f"epoch {epoch + 1}/{self.options.epochs}"
+        with tqdm(total=per_epoch, initial=progress.batches, desc=desc, unit="batch", dynamic_ncols=True,
+                  disable=not self.ctx.is_main) as self.bar:
+            finished = run_epoch(self.parts, loader, augmentation, progress, self.should_stop, self.on_step)
+        if not finished:
+            sums = all_reduce_sum(progress.sums, self.ctx)
+            self.state.partial = {"epoch": epoch, "batches": progress.batches, "sums": sums.tolist(),
+                                  "samples_seen": progress.samples_seen, "seconds": progress.seconds,
+                                  "data_seconds": progress.data_seconds}
+            log.info("stopped after step %d (--max-steps), in epoch %d", self.state.step, epoch + 1)
+            self.save()
+            return
+        row = self.epoch_row(epoch, progress, val_loader)
+        self.state.epoch += 1
+        self.state.history.append(row)
+        self.metrics.update(loss=row["train_loss"], samples_per_second=row["samples_per_s"],
+                            device=self.parts.device, epoch=self.state.epoch)
+        log.info("epoch %d: %s", self.state.epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                             if isinstance(v, float)))
+        self.save(row.get(BEST_METRIC))
+        barrier(self.ctx)
+
+
+def fit(options: FitOptions, ckpt: dict | None = None) -> Path:
+    """Train (or, with ``ckpt``, resume) as ``options`` say; returns the run directory."""
+    ctx, device = init_distributed(options.device)
+    try:
+        return _fit(options, ckpt, ctx, device)
+    finally:
+        shutdown()
+
+
+def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch.device) -> Path:
+    check_sync_bn(options.sync_bn, ctx, device)
+    index = open_dataset(options.data)
+    if ckpt is None:
+        warn_if_other_field(options.recipe, float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)))
+    run = open_run_dir(options, ctx, resuming=ckpt is not None)
+    spec = derive_spec(options, index, device, ckpt)
+    model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
+                           device)
+    sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
+    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
+                       sampler.batches_per_epoch)
+    state = restore(ckpt, model, parts) if ckpt is not None else RunState()
+    if ckpt is None and spec.density is not None:
+        spec.density["fit"] = fit_density(spec, model, parts, index, options.split_by)
+    if ctx.is_main:
+        run.write_options(options.to_dict())
+        run.write_genes(spec.panel, spec.aux, spec.main_target.to_dict())
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+        log.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.step)
+    Trainer(options, spec, model, parts, run, ctx, state, len(index)).train(sampler, loader, val_loader)
+    barrier(ctx)
+    return run.path
