@@ -34,19 +34,6 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
 
 
-def to_float_bchw(x: torch.Tensor) -> torch.Tensor:
-    """uint8 or float images, channels last or first -> float ``(B, 3, H, W)`` in [0, 1].
-
-    Shape:
-        - Input: ``(B, H, W, 3)`` or ``(B, 3, H, W)``; uint8 (0..255) or float (0..1).
-        - Output: ``(B, 3, H, W)`` float32 (or the input's float dtype).
-    """
-    x = channels_first(x)
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    return x if x.is_floating_point() else x.float()
-
-
 def dihedral(x: torch.Tensor, codes: torch.Tensor | int) -> torch.Tensor:
     """Apply dihedral transform ``codes`` (0..7, one per image or one for all) to square images.
 
@@ -71,18 +58,6 @@ def random_dihedral_codes(batch: int, device: torch.device | str = "cpu",
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """``(batch,)`` int64 codes drawn uniformly from the eight dihedral transforms."""
     return torch.randint(0, N_DIHEDRAL, (batch,), device=device, generator=generator)
-
-
-class RandomDihedral(nn.Module):
-    """Random flips and 90-degree rotations, independently per image, on the batch's device.
-
-    Shape:
-        - Input: ``(B, C, S, S)``.
-        - Output: ``(B, C, S, S)``.
-    """
-
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return dihedral(x, random_dihedral_codes(x.shape[0], x.device, generator))
 
 
 def resize(x: torch.Tensor, size_px: int) -> torch.Tensor:

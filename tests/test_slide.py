@@ -251,23 +251,23 @@ def test_local_values_are_the_models_on_those_tiles(c2_local: Path, checkpoint: 
 
 
 def test_default_genes_are_the_best_validated(tmp_path: Path):
-    from brst.train.slide.drawn_genes import checkpoint_validation_r, choose_genes, table_validation_r
+    from brst.train.slide.drawn_genes import checkpoint_validation_r, genes_to_draw, table_validation_r
 
     genes = ["A", "B", "C", "D"]
     ckpt = {"genes": genes, "metrics": {"history": [{"val_mean_r": 0.1},
                                                     {"val_r_per_gene": [0.1, 0.7, None, 0.4]}]}}
     validated = checkpoint_validation_r(ckpt)
     assert validated == {"A": 0.1, "B": 0.7, "D": 0.4}
-    assert choose_genes(None, genes, validated, 2) == ["B", "D"]
-    assert choose_genes(None, genes, {}, 3) == ["A", "B", "C"]  # no validation figures: the panel's order
-    assert choose_genes(("C",), genes, validated, 3) == ["C"]
+    assert genes_to_draw(None, genes, validated, 2) == ["B", "D"]
+    assert genes_to_draw(None, genes, {}, 3) == ["A", "B", "C"]  # no validation figures: the panel's order
+    assert genes_to_draw(("C",), genes, validated, 3) == ["C"]
     assert checkpoint_validation_r({"genes": genes, "metrics": {"history": [{"val_mean_r": 0.1}]}}) == {}
 
     folds = pd.DataFrame({"fold": ["C2", "C2", "C3", "C3"], "gene": ["A", "D", "A", "D"],
                           "r_model": [0.9, 0.2, 0.7, 0.4], "r_darkness": [0.0] * 4})
     folds.to_csv(tmp_path / "genes.csv", index=False)
     assert table_validation_r(tmp_path / "genes.csv") == pytest.approx({"A": 0.8, "D": 0.3})
-    assert choose_genes(None, genes, table_validation_r(tmp_path / "genes.csv"), 1) == ["A"]
+    assert genes_to_draw(None, genes, table_validation_r(tmp_path / "genes.csv"), 1) == ["A"]
 
 
 def test_measured_section_next_to_predicted(c2_local: Path, her2st_h5: Path, checkpoint: Path,

@@ -9,22 +9,15 @@ import click
 from brst.handlers.errors import BrstError
 from brst.train.data.readers import FORMATS
 
-log = logging.getLogger(__name__)
+from .params import PATH, split_names
 
-# Paths are checked by the library (BrstError: one line naming the path), not by click.
-PATH = click.Path(path_type=Path)
+log = logging.getLogger(__name__)
 
 
 def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value not in FORMATS:
         raise BrstError(f"--format {value}", f"unknown format; choose one of {sorted(FORMATS)}")
     return value
-
-
-def split_names(values: tuple[str, ...]) -> list[str] | None:
-    """``--sections C2,C3 --sections C4`` -> ``["C2", "C3", "C4"]`` (``None`` when not given)."""
-    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
-    return names or None
 
 
 @click.command()

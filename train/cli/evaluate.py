@@ -27,14 +27,11 @@ import numpy as np
 from brst.handlers.errors import BrstError
 from brst.train.fit.options import DEMO_DATASET
 
+from .params import split_names
+
 log = logging.getLogger(__name__)
 
 EVALUATE_ONLY = "training options ({}) only apply when evaluate trains (--cv or --holdout without --checkpoint)"
-
-
-def _holdout(values: tuple[str, ...]) -> tuple[str, ...]:
-    """``--holdout A --holdout B`` or ``--holdout A,B``."""
-    return tuple(name for value in values for name in value.split(",") if name)
 
 
 def _training_options(ctx: click.Context, data: tuple[str, ...], device: str):
@@ -115,7 +112,7 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
     from brst.train.fit.distributed import resolve_device
     from brst.train.fit.provenance import check_panel_genes, check_patch_geometry, scoring_integrity
 
-    holdout = _holdout(holdout)
+    holdout = tuple(split_names(holdout) or ())
     if checkpoint and cv:
         raise BrstError("--cv", "trains new models; it cannot be combined with --checkpoint")
     if allow_training_spots and not checkpoint:

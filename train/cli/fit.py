@@ -6,6 +6,7 @@ runs start the same command under ``torchrun``.
 """
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
@@ -17,7 +18,11 @@ from brst.train.fit.optim import OPTIMIZERS
 from brst.train.fit.options import DEMO_DATASET, FitOptions, resume_options
 from brst.train.fit.recipes import RECIPES, recipe_defaults
 
+from .params import stain_choice, target_choice
+
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+#: each option's default is FitOptions' own (written once, in brst.train.fit.options)
+DEFAULTS = {f.name: f.default for f in fields(FitOptions) if f.default is not MISSING}
 
 
 def _checked_data(paths: list[str]) -> list[str]:
@@ -49,7 +54,7 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 
 
 @click.command("fit")
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default="paper", show_default=True,
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULTS["recipe"], show_default=True,
               help="Option defaults: 'paper' (BrST-Net's) or 'small-cohort' (resnet18, AdamW, no stain "
                    "normalisation but stain jitter, density expert; prepare --patch-um 384 --um-per-px 2). "
                    "Options given explicitly win.")
@@ -59,45 +64,48 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/<arch>-<time>].")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False, resolve_path=True),
               help="Local backbone weights (.pth/.safetensors); nothing is downloaded.")
-@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+@click.option("--epochs", type=click.IntRange(1), default=DEFAULTS["epochs"], show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS["batch_size"], show_default=True,
               help="Global batch (split evenly over torchrun processes).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=1e-6, show_default=True)
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=DEFAULTS["lr"], show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1), default=DEFAULTS["momentum"], show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=DEFAULTS["weight_decay"], show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=DEFAULTS["seed"], show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True,
               help="sgd (with --momentum) or adamw (decoupled --weight-decay).")
-@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=DEFAULTS["warmup_epochs"], show_default=True,
               help="Linear learning-rate warmup before the cosine, in epochs.")
-@click.option("--stain-jitter", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+@click.option("--stain-jitter", type=click.FloatRange(0, 1), default=DEFAULTS["stain_jitter"], show_default=True,
               help="HED stain augmentation: each patch's H, E, D densities scaled by 1 + s*N(0,1) and shifted.")
-@click.option("--density-expert/--no-density-expert", default=False, show_default=True,
+@click.option("--density-expert/--no-density-expert", default=DEFAULTS["density_expert"], show_default=True,
               help="Average the network with a ridge model of stain-density statistics (fitted on the "
                    "training spots, penalty by inner cross-validation).")
-@click.option("--aux-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--aux-weight", type=click.FloatRange(0), default=DEFAULTS["aux_weight"], show_default=True,
               help="Weight of the auxiliary head's loss; 0 builds no auxiliary head.")
-@click.option("--target", type=click.Choice(["log1p", "lognorm"]), default="log1p", show_default=True,
+@click.option("--target", type=target_choice(), default=DEFAULTS["target"], show_default=True,
               help="log1p(count) (the paper's) or log1p(count per 10k); z-scored per gene.")
-@click.option("--stain", type=click.Choice(["macenko", "reinhard", "none"]), default="macenko", show_default=True)
+@click.option("--stain", type=stain_choice(), default=DEFAULTS["stain"], show_default=True)
 @click.option("--stain-reference", help="Training section the stain reference is fitted on [default: first].")
 @click.option("--input-size", type=click.IntRange(16), help="Model input side in px [default: the arch's].")
 @click.option("--holdout", multiple=True, help="Validation patient(s)/section(s) [default: the last one].")
-@click.option("--split-by", type=click.Choice(["section", "patient"]), default="section", show_default=True)
+@click.option("--split-by", type=click.Choice(["section", "patient"]), default=DEFAULTS["split_by"],
+              show_default=True)
 @click.option("--exclude", multiple=True,
               help="Patient(s)/section(s) left out of the run entirely: neither trained nor validated on.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision [default: on for GPUs].")
+@click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp/--no-amp", default=DEFAULTS["amp"], help="Mixed precision [default: on for GPUs].")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--compile", "compile", is_flag=True, help="torch.compile the model.")
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="DataLoader workers.")
+@click.option("--workers", type=click.IntRange(0), default=DEFAULTS["workers"], show_default=True,
+              help="DataLoader workers.")
 @click.option("--resume", type=click.Path(exists=True), help="Continue a run: its directory or a checkpoint.")
-@click.option("--keep-best", type=click.IntRange(0), default=1, show_default=True,
+@click.option("--keep-best", type=click.IntRange(0), default=DEFAULTS["keep_best"], show_default=True,
               help="Checkpoints kept by validation mean Pearson r.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
+@click.option("--metrics-host", default=DEFAULTS["metrics_host"], show_default=True,
+              help="Address for --metrics-port.")
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimiser steps in all.")
-@click.option("--sync-bn/--no-sync-bn", default=None,
+@click.option("--sync-bn/--no-sync-bn", default=DEFAULTS["sync_bn"],
               help="SyncBatchNorm over torchrun processes [default: on for several GPUs]; GPU-only in PyTorch, "
                    "so refused with several CPU processes.")
 @click.pass_context

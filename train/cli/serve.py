@@ -17,34 +17,42 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from brst.train.serve.archiver import ServeSettings
+
+from .params import DEFAULT_MODEL_NAME, model_name_option
+
 log = logging.getLogger(__name__)
+#: ``archive``'s defaults are the settings' own (written once, in brst.train.serve.archiver)
+SETTINGS = ServeSettings()
 
 
 @click.command()
 @click.option("--checkpoint", required=True, envvar="BRST_CHECKPOINT",
               type=click.Path(exists=True, path_type=Path), help="Checkpoint file, or a run directory (its last.pt).")
-@click.option("--name", default="brst", show_default=True, help="Model name (URL path /predictions/NAME).")
+@model_name_option("--name", help="Model name (URL path /predictions/NAME).")
 @click.option("--model-store", default="model_store", show_default=True, envvar="BRST_MODEL_STORE",
               type=click.Path(file_okay=False, path_type=Path), help="Folder the .mar is written to.")
 @click.option("--version", "model_version", default=None,
               help="Model version (default: ARCH-eEPOCH-<sha256 of the weights, 8 hex>).")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=SETTINGS.batch_size, show_default=True,
               help="Requests TorchServe batches into one handler call.")
-@click.option("--max-batch-delay-ms", type=click.IntRange(0, 60_000), default=20, show_default=True,
+@click.option("--max-batch-delay-ms", type=click.IntRange(0, 60_000), default=SETTINGS.max_batch_delay_ms,
+              show_default=True,
               help="How long TorchServe waits to fill a batch.")
-@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(1, 256), default=SETTINGS.workers, show_default=True,
               help="Worker processes (each with one torch thread on a shared CPU when several).")
-@click.option("--response-timeout-s", type=click.IntRange(1, 3600), default=120, show_default=True)
-@click.option("--tta/--no-tta", default=False, show_default=True,
+@click.option("--response-timeout-s", type=click.IntRange(1, 3600), default=SETTINGS.response_timeout_s,
+              show_default=True)
+@click.option("--tta/--no-tta", default=SETTINGS.tta, show_default=True,
               help="Average the 8 flips/rotations and return a per-gene spread.")
 @click.option("--force", is_flag=True, help="Replace an existing archive of that name.")
-def archive(checkpoint: Path, name: str, model_store: Path, model_version: str | None, batch_size: int,
+def archive(checkpoint: Path, model_name: str, model_store: Path, model_version: str | None, batch_size: int,
             max_batch_delay_ms: int, workers: int, response_timeout_s: int, tta: bool, force: bool) -> None:
     """Archive a checkpoint for TorchServe: MODEL_STORE/NAME.mar."""
-    from brst.train.serve.archiver import ServeSettings, build_archive
+    from brst.train.serve.archiver import build_archive
 
     settings = ServeSettings(batch_size, max_batch_delay_ms, workers, response_timeout_s, tta)
-    click.echo(str(build_archive(checkpoint, name, model_store, model_version, settings, force)))
+    click.echo(str(build_archive(checkpoint, model_name, model_store, model_version, settings, force)))
 
 
 def _model_files(models: tuple[str, ...]) -> dict[str, str]:
@@ -62,7 +70,7 @@ def _stop_on_sigterm() -> None:
 @click.command()
 @click.option("--model-store", default="model_store", show_default=True, envvar="BRST_MODEL_STORE",
               type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", "models", multiple=True, default=("brst",), show_default=True,
+@click.option("--model-name", "--model", "models", multiple=True, default=(DEFAULT_MODEL_NAME,), show_default=True,
               help="NAME (serves MODEL_STORE/NAME.mar) or NAME=FILE.mar; repeat for several.")
 @click.option("--config", default="deploy/config.properties", show_default=True, envvar="BRST_TS_CONFIG",
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="TorchServe config.properties.")
@@ -101,19 +109,19 @@ def serve(model_store: Path, models: tuple[str, ...], config: Path, run_dir: Pat
 @click.command()
 @click.option("--endpoint", required=True, envvar="BRST_ENDPOINT",
               help="http://HOST:PORT (inference API) or grpc://HOST:PORT (gRPC inference API).")
-@click.option("--model", default="brst", show_default=True, help="Served model name.")
+@model_name_option("--model", help="Served model name.")
 @click.option("--um-per-px", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Scale of the images (µm per pixel); they are resampled to the model's.")
 @click.option("--token", envvar="BRST_TS_TOKEN", default=None,
               help="Inference key of a TorchServe with token authorization (key_file.json).")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def predict(endpoint: str, model: str, um_per_px: float | None, token: str | None, timeout_s: float,
+def predict(endpoint: str, model_name: str, um_per_px: float | None, token: str | None, timeout_s: float,
             images: tuple[Path, ...]) -> None:
     """Predict gene expression for IMAGES (PNG/JPEG/TIFF patches): one JSON line each."""
     from brst.train.serve.client import make_client
 
-    client = make_client(endpoint, model, token, timeout_s)
+    client = make_client(endpoint, model_name, token, timeout_s)
     for image in tqdm(images, desc="predict", unit="image", disable=len(images) < 2):
         answer = client.predict(image.read_bytes(), um_per_px, subject=str(image))
         click.echo(json.dumps({"image": str(image), "prediction": answer}))

@@ -12,10 +12,7 @@ import click
 
 from brst.handlers.errors import BrstError
 
-
-def _gene_list(value: str | None) -> tuple[str, ...] | None:
-    genes = tuple(g.strip() for g in (value or "").split(",") if g.strip())
-    return genes or None
+from .params import model_name_option, split_names
 
 
 def _check_sources(checkpoint: Path | None, endpoint: str | None, measured: Path | None,
@@ -45,7 +42,7 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
 @click.option("--checkpoint", type=click.Path(path_type=Path), envvar="BRST_CHECKPOINT",
               help="Checkpoint file or run directory (its last.pt): run the model here.")
 @click.option("--endpoint", help="Served model instead: http://HOST:PORT or grpc://HOST:PORT.")
-@click.option("--model-name", default="brst", show_default=True, help="Model name on the endpoint.")
+@model_name_option(help="Model name on the endpoint.")
 @click.option("--slide", required=True, type=click.Path(path_type=Path),
               help="H&E image: JPEG, PNG, TIFF or pyramidal TIFF/SVS/NDPI.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
@@ -101,8 +98,8 @@ def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str
     if gene_r is not None:
         validation = table_validation_r(gene_r)
     job = SlideJob(slide=slide, out_dir=out_dir, um_per_px=um_per_px, step_um=step_um, batch_size=batch_size,
-                   genes=_gene_list(genes), top_genes=top_genes, measured=measured, section=section,
-                   read_workers=read_workers)
+                   genes=tuple(split_names(genes) or ()) or None, top_genes=top_genes, measured=measured,
+                   section=section, read_workers=read_workers)
     try:
         summary = run_slide(job, predictor, validation)
     finally:

@@ -7,56 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import click
 import numpy as np
 
 from brst.handlers.errors import BrstError
+from brst.train.data.subsets import IndexPatches, spread_over_sections
 
-from .data import PATH, split_names
-
-
-def spread_over_sections(sections: np.ndarray, wanted: Sequence[str] | None, n_patches: int,
-                         seed: int) -> dict[str, np.ndarray]:
-    """Up to ``n_patches`` spot indices, split evenly over the sections, drawn at random (sorted).
-
-    Args:
-        sections: ``(N,)`` section of every spot.
-        wanted: sections to use (``None``: all).
-        n_patches: total patches.
-        seed: random seed.
-
-    Raises:
-        BrstError: a wanted section is not in the dataset.
-    """
-    names = sorted(set(sections)) if not wanted else list(wanted)
-    unknown = sorted(set(names) - set(sections))
-    if unknown:
-        raise BrstError("--sections", f"not in the dataset: {unknown} (it has {sorted(set(sections))})")
-    rng = np.random.default_rng(seed)
-    per_section = max(1, n_patches // len(names))
-    chosen = {}
-    for name in names:
-        spots = np.flatnonzero(sections == name)
-        chosen[name] = np.sort(rng.choice(spots, size=min(per_section, len(spots)), replace=False))
-    return chosen
-
-
-class IndexPatches:
-    """The patches of spots ``idx`` as a sliceable sequence, read from HDF5 one slice at a time.
-
-    Lets :meth:`~brst.handlers.stain.StainNormalizer.fit` stream a large sample.
-    """
-
-    def __init__(self, index, idx: np.ndarray) -> None:
-        self.index, self.idx = index, idx
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def __getitem__(self, item: slice) -> np.ndarray:
-        return self.index.patches(self.idx[item])
+from .params import PATH, split_names, stain_choice
 
 
 def read_reference(path: Path):
@@ -89,7 +47,7 @@ def stain() -> None:
 
 @stain.command("fit")
 @DATA_OPTION
-@click.option("--method", type=click.Choice(["macenko", "reinhard", "none"]), default="macenko", show_default=True,
+@click.option("--method", type=stain_choice(), default="macenko", show_default=True,
               help="Normalisation method.")
 @click.option("--out", required=True, type=PATH, help="Reference JSON to write.")
 @SECTIONS_OPTION

@@ -125,7 +125,7 @@ def build_archive(checkpoint: str | os.PathLike, name: str, model_store: str | o
     import yaml
 
     if not MODEL_NAME_PATTERN.match(name):
-        raise BrstError(f"--name {name}", "must start with a letter and hold only letters, digits, _ . -")
+        raise BrstError(f"--model-name {name}", "must start with a letter and hold only letters, digits, _ . -")
     target = Path(model_store) / f"{name}.mar"
     if target.exists() and not force:
         raise BrstError(target, "exists; pass --force to replace it")

@@ -45,7 +45,7 @@ def table_validation_r(path: str | Path) -> dict[str, float]:
     return {str(g): float(r) for g, r in means.items()}
 
 
-def choose_genes(requested: tuple[str, ...] | None, genes: list[str], validation_r: dict[str, float],
+def genes_to_draw(requested: tuple[str, ...] | None, genes: list[str], validation_r: dict[str, float],
                  top: int) -> list[str]:
     """Genes to draw: the requested ones (all must be predicted), else the ``top`` best validated."""
     if requested:

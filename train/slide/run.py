@@ -23,7 +23,7 @@ from brst.train.data.readers.base import SlideImage
 from brst.train.data.readers.images import open_image
 from brst.train.evaluate.plots import save_png, tissue_figure
 
-from .drawn_genes import choose_genes
+from .drawn_genes import genes_to_draw
 from .measured import MeasuredSection, check_inside, gene_table, grid_origin, load_measured, spot_table
 from .outputs import SlideMap, write_h5ad, write_heatmaps, write_table
 from .predictors import SlidePredictor
@@ -115,7 +115,7 @@ def plan_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str,
     image = open_image(job.slide)
     um_per_px = slide_um_per_px(job.slide, job.um_per_px)
     thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
-    draw = choose_genes(job.genes, predictor.genes, validation_r, job.top_genes)
+    draw = genes_to_draw(job.genes, predictor.genes, validation_r, job.top_genes)
     measured, origin = None, None
     if job.measured is not None:
         measured = load_measured(str(job.measured), job.section, predictor.genes, predictor.units)
