@@ -18,12 +18,17 @@ fail() {
     exit 2
 }
 compgen -G "${model_store}/*.mar" > /dev/null || fail "${model_store}: no .mar archive in the model store"
-for model in "${models[@]}"; do
-    archive="${model#*=}"
-    if [ "${model}" != "all" ] && [ ! -f "${model_store}/${archive}" ]; then
-        fail "${model_store}/${archive}: no such archive (BRST_MODELS=${BRST_MODELS:-})"
-    fi
-done
+archives=("${model_store}"/*.mar)
+if [ "${models[0]}" != "all" ]; then
+    archives=()
+    for model in "${models[@]}"; do
+        archive="${model#*=}"
+        [ -f "${model_store}/${archive}" ] || fail "${model_store}/${archive}: no such archive (BRST_MODELS=${BRST_MODELS:-})"
+        archives+=("${model_store}/${archive}")
+    done
+fi
+# An archive this image's brst cannot load fails here with one line, not as a worker crash loop.
+python -m brst.handlers.runtime_check "${archives[@]}" || exit 2
 
 stopping=0
 stop() {

@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from handler_context import handle, make_context, unpack
 from serve_fixtures import encode
 
 from brst.handlers.archive_facts import ARCHIVE_JSON, WEIGHTS_FILE
@@ -30,13 +30,6 @@ pytestmark = pytest.mark.slow  # the session's fit + archive take ~1-2 min on 2 
 
 #: served and in-process values agree to this (log1p units; same float32 ops, same device)
 ATOL = 1e-5
-
-
-def unpack(mar: Path, dest: Path) -> Path:
-    """Unpack a .mar as TorchServe does (a zip file)."""
-    with zipfile.ZipFile(mar) as archive:
-        archive.extractall(dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -60,31 +53,6 @@ def reference(in_process, heldout_patches):
     return {tta: in_process(heldout_patches, tta) for tta in (False, True)}
 
 
-def make_context(model_dir: Path, n_requests: int, yaml_overrides: dict | None = None, gpu_id: int | None = None):
-    """TorchServe's Context for a batch of ``n_requests``, as the worker builds it (on GPU ``gpu_id``)."""
-    import ts
-    from ts.context import Context
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    settings = {**yaml.safe_load((model_dir / MODEL_CONFIG).read_text()), **(yaml_overrides or {})}
-    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
-    metrics.initialize_cache()
-    metrics.model_name = "brst"
-    context = Context("brst", str(model_dir), manifest, settings["batchSize"], gpu_id, "0.12.0",
-                      metrics=metrics, model_yaml_config=settings)
-    set_batch(context, n_requests)
-    return context
-
-
-def set_batch(context, n_requests: int) -> None:
-    from ts.context import RequestProcessor
-
-    context.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
-    context.request_ids = {i: f"request-{i}" for i in range(n_requests)}
-    context.metrics.set_request_ids(context.request_ids)
-
-
 @pytest.fixture(scope="module")
 def handler(model_dir):
     from brst.handlers.brst_handler import BrstHandler
@@ -94,13 +62,6 @@ def handler(model_dir):
     instance.initialize(make_context(model_dir, 1))
     yield instance
     torch.set_num_threads(threads)
-
-
-def handle(handler, rows: list[dict], model_dir: Path) -> tuple[list, list[int]]:
-    """``handle()`` one batch; the parsed answers and each request's status code."""
-    context = make_context(model_dir, len(rows))
-    answers = handler.handle(rows, context)
-    return [json.loads(a) for a in answers], [context.get_response_status(i)[0] for i in range(len(rows))]
 
 
 # ---- archive ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from brst.handlers.errors import BrstError
+from brst.handlers.runtime_check import check_archives
 from brst.train.atomic import write_bytes_atomic, write_json_atomic
 
 from .client import http_json
@@ -162,6 +163,7 @@ class TorchServe:
         missing = [mar for mar in self.models.values() if not (self.model_store / mar).is_file()]
         if missing:
             raise BrstError(self.model_store, f"lacks {', '.join(missing)} (run brst-train archive)")
+        check_archives(self.model_store / mar for mar in self.models.values())
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "config.properties"
         write_properties(config_path, self.props, "written by brst.train.serve.torchserve; edit the template instead")

@@ -1,0 +1,89 @@
+"""Can this brst runtime serve these archives? Checked before TorchServe starts, never in a crash loop.
+
+A ``.mar`` carries its own copy of ``brst_handler.py``, which imports the installed
+:mod:`brst.handlers`. An archive built by another brst version may import names this one does
+not have (archives of brst 0.1 import ``brst.train.archive``); TorchServe would then restart
+the worker forever. :func:`check_archives` reads each archive's handler (without running it)
+and raises one clear error that names the archive, the missing import and the rebuild command.
+
+``python -m brst.handlers.runtime_check ARCHIVE.mar ...`` does the same for the serving
+container's entrypoint (exit status 2 and one line on stderr).
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import json
+import sys
+import zipfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Iterable
+
+from .errors import BrstError
+
+MANIFEST = "MAR-INF/MANIFEST.json"
+REBUILD = "rebuild it from its checkpoint: brst-train archive --checkpoint CKPT --model-name NAME --force"
+
+
+def _installed(module: str, names: list[str]) -> bool:
+    """Whether ``from module import names`` would work here (brst modules only are imported)."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return False
+    is_package = hasattr(found, "__path__")
+    return all(hasattr(found, name) or (is_package and importlib.util.find_spec(f"{module}.{name}") is not None)
+               for name in names)
+
+
+def handler_source(archive: Path) -> str:
+    """The text of the handler file an archive's manifest names."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            handler = json.loads(mar.read(MANIFEST))["model"]["handler"]
+            return mar.read(handler.split(":")[0]).decode("utf-8")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise BrstError(archive, f"is not a readable TorchServe archive ({type(err).__name__}: {err})") from err
+
+
+def missing_imports(source: str) -> list[str]:
+    """The ``brst.*`` imports of a handler's source that this installation cannot satisfy."""
+    missing = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("brst."):
+            names = [alias.name for alias in node.names]
+            if not _installed(node.module, names):
+                missing.append(f"{node.module} ({', '.join(names)})")
+        elif isinstance(node, ast.Import):
+            missing += [alias.name for alias in node.names
+                        if alias.name.startswith("brst.") and not _installed(alias.name, [])]
+    return missing
+
+
+def check_archives(archives: Iterable[str | Path]) -> None:
+    """Raise :class:`BrstError` for the first archive whose handler this runtime cannot load."""
+    try:
+        here = version("brst")
+    except PackageNotFoundError:
+        here = "unknown"
+    for archive in archives:
+        missing = missing_imports(handler_source(Path(archive)))
+        if missing:
+            raise BrstError(archive, f"was built by another brst version: its handler imports {missing[0]}, "
+                                     f"which brst {here} does not have; {REBUILD}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the archives named on the command line; exit status 2 with one line when one fails."""
+    try:
+        check_archives(argv if argv is not None else sys.argv[1:])
+    except BrstError as err:
+        print(f"brst: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
