@@ -27,9 +27,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $python -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
     | tee -a "$out/gpu.txt"
 step tests_cuda $python -m pytest -q -p no:cacheprovider --log-level=INFO -o log_cli=false \
-    tests/test_stain.py tests/test_stain_fused.py tests/test_transforms.py tests/test_targets.py tests/test_models.py \
-    tests/test_fit.py tests/test_resume.py tests/test_handler.py
-BRST_TEST_DTYPE=float64 step tests_cuda_float64 $python -m pytest -q -p no:cacheprovider tests/test_stain.py
+    tests/handlers/test_stain.py tests/handlers/test_stain_fused.py tests/handlers/test_transforms.py tests/handlers/test_targets.py tests/handlers/test_models.py \
+    tests/train/fit/test_fit.py tests/train/fit/test_resume.py tests/handlers/test_handler.py
+BRST_TEST_DTYPE=float64 step tests_cuda_float64 $python -m pytest -q -p no:cacheprovider tests/handlers/test_stain.py
 step bench_stain_b64 $python benchmarks/bench_stain.py --device cuda --rounds 5
 step bench_stain_b256 $python benchmarks/bench_stain.py --device cuda --rounds 5 --per-section 128 --batch 256
 step bench_train_step $python benchmarks/bench_train_step.py --device cuda --rounds 3 --workers 4

@@ -32,11 +32,11 @@ step "3. evaluate on the held-out section, with the trivial baselines beside the
 $BIN/brst-train evaluate --checkpoint "$DEMO/run/last.pt" --data "$DEMO/her2st.h5" --out "$DEMO/eval"
 
 step "4. archive -> $DEMO/model_store/brst.mar"
-$BIN/brst-train archive --checkpoint "$DEMO/run/last.pt" --name brst --model-store "$DEMO/model_store" --force
+$BIN/brst-train archive --checkpoint "$DEMO/run/last.pt" --model-name brst --model-store "$DEMO/model_store" --force
 
 step "5. serve with TorchServe on free loopback ports"
 rm -f "$DEMO/serve/endpoints.json"
-$BIN/brst-train serve --model-store "$DEMO/model_store" --model brst --run-dir "$DEMO/serve" --free-ports &
+$BIN/brst-train serve --model-store "$DEMO/model_store" --model-name brst --run-dir "$DEMO/serve" --free-ports &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
@@ -52,9 +52,9 @@ step "6. predict three held-out patches over HTTP ($HTTP) and gRPC ($GRPC), meas
 # validated best; the four best-validated genes are shown
 rm -rf "$DEMO/patches"
 $BIN/python deploy/demo_patches.py pick "$DEMO/run/last.pt" "$DEMO/her2st.h5" "$DEMO/patches"
-$BIN/brst-train predict --endpoint "$HTTP" --model brst "$DEMO"/patches/*.png \
+$BIN/brst-train predict --endpoint "$HTTP" --model-name brst "$DEMO"/patches/*.png \
   | $BIN/python deploy/demo_patches.py compare "$DEMO/patches"
-$BIN/brst-train predict --endpoint "grpc://$GRPC" --model brst "$DEMO"/patches/*.png \
+$BIN/brst-train predict --endpoint "grpc://$GRPC" --model-name brst "$DEMO"/patches/*.png \
   | $BIN/python deploy/demo_patches.py compare "$DEMO/patches"
 
 step "7. a few Prometheus metrics from $METRICS/metrics"

@@ -1,7 +1,7 @@
 """A corpus of bad (and borderline) requests for the served model, generated in code.
 
 Each :class:`BadInput` is one request body plus how it is sent, and the class of answer a
-correct server gives (:class:`Expect`). The decisions follow ``brst.handlers.decode``:
+correct server gives (:class:`Expect`). The decisions follow ``brst.handlers.envelopes and brst.handlers.images``:
 
 - **accepted after conversion** (the pixels are exactly the RGB a scanner produced):
   palette PNG (expanded to RGB), opaque RGBA PNG (alpha 255 everywhere is dropped),

@@ -1,6 +1,6 @@
 """Offline checks of brst's Kubernetes manifests, container files and monitoring rules.
 
-Used by tests/test_k8s.py and tests/test_k8s_metrics.py. Nothing here needs a cluster:
+Used by tests/deploy/test_k8s.py and tests/deploy/test_k8s_metrics.py. Nothing here needs a cluster:
 
 - :func:`build` renders a kustomization with ``kubectl kustomize`` (client side only);
 - :func:`crd_validator` validates custom resources against the published CRD schemas in

@@ -13,7 +13,7 @@ from brst.handlers.errors import BrstError
 from brst.handlers.runtime_check import MANIFEST, check_archives, main, missing_imports
 from brst.train.cli.main import cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the imports of the handler that brst 0.1 put into its archives
 OLD_HANDLER = '''from brst.handlers.decode import DecodedBatch, DecodeLimits, PatchSpec, decode_batch
 from brst.handlers.transforms import N_DIHEDRAL, ModelInput, dihedral

@@ -123,7 +123,7 @@ def test_cpu_processes_refuse_sync_bn_before_training(her2st_h5, tmp_path):
 @pytest.mark.slow
 def test_batchnorm_two_processes_equal_ghost_batches_not_the_whole_batch(tmp_path):
     """BatchNorm without sync on two CPU processes: what a step equals (see the module docstring)."""
-    done = _torchrun_script(Path(__file__).with_name("ddp_batchnorm.py"), tmp_path / "two.pt", "test_resnet")
+    done = _torchrun_script(Path(__file__).resolve().parents[2] / "ddp_batchnorm.py", tmp_path / "two.pt", "test_resnet")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "each normalises with its own share of the batch" in done.stderr  # brst's default warned
     two = torch.load(tmp_path / "two.pt", weights_only=True)

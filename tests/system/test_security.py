@@ -1,7 +1,7 @@
 """Security rules: safe deserialisation, verified weights, quiet logs, a closed production config.
 
 The Pod Security "restricted" profile of the Kubernetes objects is tested in
-tests/test_k8s.py (the manifests' owner); it is not repeated here.
+tests/deploy/test_k8s.py (the manifests' owner); it is not repeated here.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from brst.handlers.errors import BrstError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: folders holding the project's Python code (tests included: a test may not model unsafe use)
 CODE_DIRS = ("train", "handlers", "tests", "benchmarks", "deploy")
 #: code that ships and reads files it did not write (tests may pickle their own objects)
@@ -222,7 +222,7 @@ def test_no_unauthenticated_route_to_the_model_in_production():
 
     Which peers the pods admit (only the Ingress controller and Prometheus), that the management
     API stays on the pod's loopback, and the Pod Security "restricted" profile are tested in
-    tests/test_k8s.py, not repeated here.
+    tests/deploy/test_k8s.py, not repeated here.
     """
     import k8s_checks as k8s
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from handler_context import unpack
 
-HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
-TESTS_DIR = Path(__file__).resolve().parent
+HANDLERS_DIR = Path(__file__).resolve().parents[2] / "handlers"
+TESTS_DIR = Path(__file__).resolve().parents[1]  # the shared helpers (handler_context.py)
 
 #: run in a fresh interpreter: brst.train blocked, the archived model served through handle()
 BLOCKED_RUN = r'''

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_load.py"
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_load.py"
 #: (concurrency, requests): every level sends at least one request per thread
 LEVELS = ((1, 8), (8, 24), (32, 64))
 #: worker RSS may grow this much over the quick run (allocator warm-up), not more
