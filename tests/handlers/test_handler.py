@@ -85,7 +85,7 @@ def test_archive_refuses_to_overwrite_and_bad_names(served_checkpoint, tmp_path)
     (tmp_path / "brst.mar").write_bytes(b"old")
     with pytest.raises(BrstError, match="--force"):
         build_archive(served_checkpoint, "brst", tmp_path)
-    with pytest.raises(BrstError, match="--name"):
+    with pytest.raises(BrstError, match="--model-name"):
         build_archive(served_checkpoint, "1 bad/name", tmp_path)
     assert (tmp_path / "brst.mar").read_bytes() == b"old"
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from brst.handlers.targets import KINDS, expression
+from brst.train.accuracy import gene_metrics, summarize
 from brst.train.atomic import write_bytes_atomic
 
 from .baselines import baseline_predictions
-from .metrics import gene_metrics, summarize
 from .predict import predict_expression
 
 log = logging.getLogger(__name__)

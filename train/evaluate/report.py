@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from brst.train.accuracy import GOOD_R, summarize_folds
 from brst.train.atomic import write_json_atomic
 
 from .fold import FOLD_COLUMNS, IMAGE_BASELINE, FoldResult, fold_rows, gene_rows, write_csv_atomic
-from .metrics import GOOD_R, summarize_folds
 from .plots import plot_fold, ranked_r_figure, save_png
 
 log = logging.getLogger(__name__)
 
 
 def cv_summary(results: list[FoldResult], top: int = 10) -> dict:
-    """Across folds, per predictor: :func:`brst.train.evaluate.metrics.summarize_folds`, and the model's margin."""
+    """Across folds, per predictor: :func:`brst.train.accuracy.summarize_folds`, and the model's margin."""
     genes = results[0].genes
     if any(result.genes != genes for result in results):
         raise ValueError("folds score different gene panels; their statistics cannot be combined")

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from brst.handlers.errors import BrstError
-from brst.train.evaluate.metrics import pearson_r
+from brst.train.accuracy import pearson_r
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from brst.handlers.predictor import Predictor, autocast
 from brst.handlers.targets import TargetTransform
 from brst.handlers.transforms import ModelInput
-from brst.train.evaluate.metrics import gene_metrics, summarize
+from brst.train.accuracy import gene_metrics, summarize
 
 from .sampling import EpochAugmentation
 

@@ -16,8 +16,8 @@ import pandas as pd
 
 from brst.handlers.errors import BrstError
 from brst.handlers.targets import KINDS
+from brst.train.accuracy import gene_metrics
 from brst.train.evaluate.fold import measured_expression
-from brst.train.evaluate.metrics import gene_metrics
 
 log = logging.getLogger(__name__)
 

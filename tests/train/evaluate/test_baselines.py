@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from brst.train.accuracy import pearson_r
 from brst.train.data import open_dataset
 from brst.train.evaluate import baselines
 from brst.train.evaluate.fold import measured_expression
-from brst.train.evaluate.metrics import pearson_r
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from brst.handlers.predictor import Predictor
+from brst.train.accuracy import pearson_r
 from brst.train.checkpoint import load_checkpoint, save_checkpoint
 from brst.train.cli.main import cli
 from brst.train.data import open_dataset
@@ -23,7 +24,6 @@ from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.prepare import PrepareOptions, prepare
 from brst.train.evaluate import baselines
 from brst.train.evaluate.fold import measured_expression, score_fold
-from brst.train.evaluate.metrics import pearson_r
 from brst.train.evaluate.predict import predict_expression
 
 TINY_FIT = ["--arch", "test_resnet", "--epochs", "1", "--input-size", "32", "--stain", "none",

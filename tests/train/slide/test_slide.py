@@ -273,10 +273,10 @@ def test_default_genes_are_the_best_validated(tmp_path: Path):
 def test_measured_section_next_to_predicted(c2_local: Path, her2st_h5: Path, checkpoint: Path,
                                             c2_um_per_px: float):
     """At the measured spots the slide path gives exactly the model's predictions on the dataset's patches."""
+    from brst.train.accuracy import pearson_r
     from brst.train.checkpoint import load_checkpoint
     from brst.train.data import open_dataset
     from brst.train.evaluate.fold import measured_expression
-    from brst.train.evaluate.metrics import pearson_r
     from brst.train.evaluate.predict import predict_expression
 
     ckpt = load_checkpoint(checkpoint)
@@ -382,8 +382,8 @@ def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, served_m
     tolerance 0.1 per value (a model trained 8 epochs differed by at most 0.054 on C2) and
     per-gene r over the tiles >= 0.98 (0.997 there).
     """
+    from brst.train.accuracy import pearson_r
     from brst.train.checkpoint import load_checkpoint
-    from brst.train.evaluate.metrics import pearson_r
     from brst.train.slide.predictors import LocalPredictor
 
     ckpt = load_checkpoint(served_model.checkpoint)

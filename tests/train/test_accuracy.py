@@ -1,4 +1,4 @@
-"""Per-gene metrics against scipy/numpy references, and the paper's summaries."""
+"""Per-gene accuracy (brst.train.accuracy) against scipy/numpy references, and the paper's summaries."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from brst.train.evaluate import metrics
+from brst.train import accuracy
 
 
 def _pair(seed: int, n: int = 50, g: int = 7) -> tuple[np.ndarray, np.ndarray]:
@@ -19,14 +19,14 @@ def _pair(seed: int, n: int = 50, g: int = 7) -> tuple[np.ndarray, np.ndarray]:
 
 def test_pearson_matches_scipy_per_column():
     pred, true = _pair(0)
-    ours = metrics.pearson_r(pred, true)
+    ours = accuracy.pearson_r(pred, true)
     reference = [stats.pearsonr(pred[:, j], true[:, j]).statistic for j in range(true.shape[1])]
     np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
 
 
 def test_pearson_matches_corrcoef_on_float32_input():
     pred, true = _pair(1, n=300, g=3)
-    ours = metrics.pearson_r(pred.astype(np.float32), true.astype(np.float32))
+    ours = accuracy.pearson_r(pred.astype(np.float32), true.astype(np.float32))
     reference = [np.corrcoef(pred[:, j].astype(np.float32), true[:, j].astype(np.float32))[0, 1] for j in range(3)]
     np.testing.assert_allclose(ours, reference, rtol=1e-6)
 
@@ -34,9 +34,9 @@ def test_pearson_matches_corrcoef_on_float32_input():
 def test_constant_column_has_no_r_and_is_not_positive():
     pred, true = _pair(2, g=3)
     pred[:, 1] = 4.0
-    r = metrics.pearson_r(pred, true)
+    r = accuracy.pearson_r(pred, true)
     assert np.isnan(r[1]) and not np.isnan(r[[0, 2]]).any()
-    summary = metrics.summarize(metrics.gene_metrics(pred, true), ["a", "b", "c"])
+    summary = accuracy.summarize(accuracy.gene_metrics(pred, true), ["a", "b", "c"])
     assert summary["n_positive"] == int(np.sum(r[[0, 2]] > 0))
     assert summary["mean_r"] == pytest.approx(np.mean(r[[0, 2]]))
     assert "b" not in [entry["gene"] for entry in summary["best_genes"]]
@@ -48,38 +48,38 @@ def test_a_repeated_value_is_constant_not_a_tiny_r(n):
     pred, true = _pair(5, n=n, g=3)
     true[:, 1] = 0.7
     pred[:, 2] = 0.7
-    r = metrics.pearson_r(pred, true)
+    r = accuracy.pearson_r(pred, true)
     assert np.isnan(r[1]) and np.isnan(r[2]) and not np.isnan(r[0])
-    assert metrics.summarize(metrics.gene_metrics(pred, true), ["a", "b", "c"])["n_positive"] == int(r[0] > 0)
-    scaled = metrics.pearson_r(pred * 1e-9, true * 1e6)  # the tolerance follows each column's scale
+    assert accuracy.summarize(accuracy.gene_metrics(pred, true), ["a", "b", "c"])["n_positive"] == int(r[0] > 0)
+    scaled = accuracy.pearson_r(pred * 1e-9, true * 1e6)  # the tolerance follows each column's scale
     assert np.isnan(scaled[1:]).all() and scaled[0] == pytest.approx(r[0])
     tiny_but_varying = true.copy()
     tiny_but_varying[:, 1] = 0.7 + 1e-9 * pred[:, 1]
-    assert metrics.pearson_r(pred, tiny_but_varying)[1] == pytest.approx(1.0)
+    assert accuracy.pearson_r(pred, tiny_but_varying)[1] == pytest.approx(1.0)
 
 
 @settings(max_examples=40, deadline=None)
 @given(scale=st.floats(0.01, 100.0), shift=st.floats(-50.0, 50.0), seed=st.integers(0, 10_000))
 def test_pearson_invariant_to_positive_affine_and_flips_with_sign(scale, shift, seed):
     pred, true = _pair(seed, n=20, g=4)
-    r = metrics.pearson_r(pred, true)
-    np.testing.assert_allclose(metrics.pearson_r(scale * pred + shift, true), r, atol=1e-9)
-    np.testing.assert_allclose(metrics.pearson_r(-scale * pred + shift, true), -r, atol=1e-9)
+    r = accuracy.pearson_r(pred, true)
+    np.testing.assert_allclose(accuracy.pearson_r(scale * pred + shift, true), r, atol=1e-9)
+    np.testing.assert_allclose(accuracy.pearson_r(-scale * pred + shift, true), -r, atol=1e-9)
 
 
 def test_mae_and_rmse_match_per_column_loops():
     pred, true = _pair(3)
     for j in range(true.shape[1]):
         diff = pred[:, j] - true[:, j]
-        assert metrics.mae(pred, true)[j] == pytest.approx(np.mean(np.abs(diff)))
-        assert metrics.rmse(pred, true)[j] == pytest.approx(np.sqrt(np.mean(diff**2)))
+        assert accuracy.mae(pred, true)[j] == pytest.approx(np.mean(np.abs(diff)))
+        assert accuracy.rmse(pred, true)[j] == pytest.approx(np.sqrt(np.mean(diff**2)))
 
 
 def test_summary_counts_and_averages():
     pred, true = _pair(4, n=200, g=7)
-    per_gene = metrics.gene_metrics(pred, true)
+    per_gene = accuracy.gene_metrics(pred, true)
     genes = [f"g{j}" for j in range(7)]
-    summary = metrics.summarize(per_gene, genes, top=3)
+    summary = accuracy.summarize(per_gene, genes, top=3)
     r = per_gene["r"]
     assert summary["n_genes"] == 7
     assert summary["n_positive"] == int(np.sum(r > 0))
@@ -92,7 +92,7 @@ def test_summary_counts_and_averages():
 
 def test_fold_summary_uses_median_across_folds():
     r_folds = np.array([[0.6, 0.1, -0.2], [0.7, 0.9, -0.1], [0.4, 0.2, np.nan]])
-    summary = metrics.summarize_folds(r_folds, ["a", "b", "c"])
+    summary = accuracy.summarize_folds(r_folds, ["a", "b", "c"])
     np.testing.assert_allclose(summary["median_r_per_gene"], [0.6, 0.2, -0.15])
     assert summary["n_median_good"] == 1 and summary["n_median_positive"] == 2
     assert summary["fold_mean_n_positive"] == pytest.approx((2 + 2 + 2) / 3)
@@ -101,6 +101,6 @@ def test_fold_summary_uses_median_across_folds():
 
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="must both be"):
-        metrics.pearson_r(np.zeros((5, 2)), np.zeros((5, 3)))
+        accuracy.pearson_r(np.zeros((5, 2)), np.zeros((5, 3)))
     with pytest.raises(ValueError, match="at least 2 spots"):
-        metrics.mae(np.zeros((1, 2)), np.zeros((1, 2)))
+        accuracy.mae(np.zeros((1, 2)), np.zeros((1, 2)))
