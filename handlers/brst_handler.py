@@ -3,12 +3,14 @@
 A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the base
 ``handle`` and overrides only the four stages:
 
-- ``initialize``: reads ``brst-model.json`` (weights' sha256 checked) and builds the one
-  :class:`~brst.handlers.predictor.Predictor` (model, input pipeline: stain normalisation,
-  resize, normalise; target inverse; TTA; autocast) on the worker's GPU (``gpu_id``) or the
-  CPU, and creates the metrics; one torch thread per worker when several workers share a CPU;
-- ``preprocess``: decodes and validates every request of the batch
-  (:mod:`brst.handlers.envelopes`, :mod:`brst.handlers.images`); a bad request is answered with HTTP 400 and a JSON
+- ``initialize``: with ``$BRST_ARCHIVE_PUBLIC_KEY`` set, refuses an archive not signed by that
+  key (:mod:`brst.handlers.signing`); reads ``brst-model.json`` (weights' sha256 checked) and
+  builds the one :class:`~brst.handlers.predictor.Predictor` (model, input pipeline: stain
+  normalisation, resize, normalise; target inverse; TTA; autocast) on the worker's GPU
+  (``gpu_id``) or the CPU, and creates the metrics; one torch thread per worker when several
+  workers share a CPU;
+- ``preprocess``: decodes and validates every request of the batch (:mod:`brst.handlers.envelopes`,
+  :mod:`brst.handlers.images`); a bad request is answered with HTTP 400 and a JSON
   ``{"code", "type", "message"}`` while the batch's other requests go on;
 - ``inference``: stain-normalises the whole batch on the device and runs the model under
   ``torch.inference_mode`` (autocast on GPU), optionally averaging the eight dihedral
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
@@ -33,10 +36,12 @@ from ts.utils.util import PredictionException
 
 from brst.handlers.archive_facts import WEIGHTS_FILE
 from brst.handlers.envelopes import DecodedBatch, decode_batch
+from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.handlers.handler_metrics import DECODE_SECONDS, INFERENCE_SECONDS, STAIN_SECONDS, HandlerMetrics
 from brst.handlers.images import DecodeLimits
 from brst.handlers.predictor import Predictor
+from brst.handlers.signing import PUBLIC_KEY_ENV, verify_directory
 from brst.handlers.stain import FUSED_CPU_REMIX
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class BrstHandler(BaseHandler):
         if self.device.type == "cpu" and int(settings.get("maxWorkers", 1)) > 1:
             torch.set_num_threads(1)
         weights = context.manifest["model"].get("serializedFile", WEIGHTS_FILE)
+        self._check_signature(properties["model_dir"])
         self.tta = bool(handler_settings.get("tta", False))
         self.predictor, self.facts = Predictor.from_archive(properties["model_dir"], self.device, weights, tta=self.tta)
         self.geometry = PatchGeometry.from_data_config(self.facts["data_config"])
@@ -77,6 +83,18 @@ class BrstHandler(BaseHandler):
         log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d, fused CPU stain kernels %s",
                  self.facts["model_version"], self.facts["arch"], len(self.facts["genes"]), self.device, self.tta,
                  torch.get_num_threads(), "built" if FUSED_CPU_REMIX else "not built (eager torch)")
+
+    @staticmethod
+    def _check_signature(model_dir: str) -> None:
+        """With ``$BRST_ARCHIVE_PUBLIC_KEY`` set, refuse (log and raise) an archive not signed by that key."""
+        public_key = os.environ.get(PUBLIC_KEY_ENV)
+        if not public_key:
+            return
+        try:
+            log.info("archive signed by key %s", verify_directory(model_dir, public_key))
+        except BrstError as err:
+            log.error("refusing to load the archive: %s", err)
+            raise
 
     def preprocess(self, data: list[dict]) -> DecodedBatch:
         batch = decode_batch(data, self.geometry, self.limits)

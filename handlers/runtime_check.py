@@ -6,8 +6,9 @@ not have (archives of brst 0.1 import ``brst.train.archive``); TorchServe would 
 the worker forever. :func:`check_archives` reads each archive's handler (without running it)
 and raises one clear error that names the archive, the missing import and the rebuild command.
 
-``python -m brst.handlers.runtime_check ARCHIVE.mar ...`` does the same for the serving
-container's entrypoint (exit status 2 and one line on stderr).
+With a public key (``$BRST_ARCHIVE_PUBLIC_KEY``) each archive's signature is checked too
+(:mod:`brst.handlers.signing`). ``python -m brst.handlers.runtime_check ARCHIVE.mar ...`` does the
+same for the serving container's entrypoint (exit status 2 and one line on stderr).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import BrstError
+from .signing import PUBLIC_KEY_ENV, verify_mar
 
 MANIFEST = "MAR-INF/MANIFEST.json"
 REBUILD = "rebuild it from its checkpoint: brst-train archive --checkpoint CKPT --model-name NAME --force"
@@ -62,8 +65,9 @@ def missing_imports(source: str) -> list[str]:
     return missing
 
 
-def check_archives(archives: Iterable[str | Path]) -> None:
-    """Raise :class:`BrstError` for the first archive whose handler this runtime cannot load."""
+def check_archives(archives: Iterable[str | Path], public_key: str | os.PathLike | None = None) -> None:
+    """Raise :class:`BrstError` for the first archive whose handler this runtime cannot load, or
+    (with ``public_key``, a PEM file) that is not signed by that key."""
     try:
         here = version("brst")
     except PackageNotFoundError:
@@ -73,12 +77,14 @@ def check_archives(archives: Iterable[str | Path]) -> None:
         if missing:
             raise BrstError(archive, f"was built by another brst version: its handler imports {missing[0]}, "
                                      f"which brst {here} does not have; {REBUILD}")
+        if public_key:
+            verify_mar(archive, public_key)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Check the archives named on the command line; exit status 2 with one line when one fails."""
     try:
-        check_archives(argv if argv is not None else sys.argv[1:])
+        check_archives(argv if argv is not None else sys.argv[1:], os.environ.get(PUBLIC_KEY_ENV))
     except BrstError as err:
         print(f"brst: error: {err}", file=sys.stderr)
         return 2

@@ -15,11 +15,13 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str | None = None, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
 
     The temporary file keeps the target's suffix (some writers look at it) and is
-    fsynced before the rename, so a crash leaves either the old file or the new one.
+    fsynced before the rename, so a crash leaves either the old file or the new one. It is
+    created readable by its owner only and given ``mode`` (default: 0o666 less the umask) just
+    before the rename, so a secret is never readable by others, not even half-written.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_current_umask())
         os.replace(tmp, target)
         _fsync_folder(target.parent)
     finally:

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve:serve", "Run TorchServe on an archive until stopped."),
     "predict": ("serve:predict", "Send patches to a served model over HTTP or gRPC."),
     "predict-slide": ("slide:predict_slide", "Expression maps for a whole slide."),
+    "keygen": ("serve:keygen", "Make an Ed25519 key pair for signing archives."),
 }
 DEFAULT_COMMAND = "fit"
 

@@ -4,7 +4,8 @@
 - ``serve``: TorchServe with archives from the model store, in the foreground until
   Ctrl-C or SIGTERM, READY before it prints its endpoints (:mod:`brst.train.serve.torchserve`);
 - ``predict``: send images to a served model over HTTP or gRPC (:mod:`brst.train.serve.client`),
-  one JSON line per image on stdout.
+  one JSON line per image on stdout;
+- ``keygen``: an Ed25519 key pair for ``archive --sign`` and ``serve --public-key``.
 """
 from __future__ import annotations
 
@@ -45,14 +46,17 @@ SETTINGS = ServeSettings()
               show_default=True)
 @click.option("--tta/--no-tta", default=SETTINGS.tta, show_default=True,
               help="Average the 8 flips/rotations and return a per-gene spread.")
+@click.option("--sign", "signing_key", type=click.Path(path_type=Path), envvar="BRST_SIGNING_KEY",
+              help="Ed25519 private key (PEM, from brst-train keygen): sign the weights and JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing archive of that name.")
 def archive(checkpoint: Path, model_name: str, model_store: Path, model_version: str | None, batch_size: int,
-            max_batch_delay_ms: int, workers: int, response_timeout_s: int, tta: bool, force: bool) -> None:
+            max_batch_delay_ms: int, workers: int, response_timeout_s: int, tta: bool, signing_key: Path | None,
+            force: bool) -> None:
     """Archive a checkpoint for TorchServe: MODEL_STORE/NAME.mar."""
     from brst.train.serve.archiver import build_archive
 
     settings = ServeSettings(batch_size, max_batch_delay_ms, workers, response_timeout_s, tta)
-    click.echo(str(build_archive(checkpoint, model_name, model_store, model_version, settings, force)))
+    click.echo(str(build_archive(checkpoint, model_name, model_store, model_version, settings, force, signing_key)))
 
 
 def _model_files(models: tuple[str, ...]) -> dict[str, str]:
@@ -81,16 +85,19 @@ def _stop_on_sigterm() -> None:
               help="Listen on free 127.0.0.1 ports instead of the config's.")
 @click.option("--timeout-s", type=click.IntRange(10, 3600), default=300, show_default=True,
               help="How long to wait for the models to be READY.")
+@click.option("--public-key", type=click.Path(path_type=Path), envvar="BRST_ARCHIVE_PUBLIC_KEY",
+              help="Serve only archives signed with this Ed25519 public key (PEM).")
 @click.option("--check", is_flag=True, help="Stop as soon as the models are READY (a smoke test).")
 def serve(model_store: Path, models: tuple[str, ...], config: Path, run_dir: Path, free_ports: bool,
-          timeout_s: int, check: bool) -> None:
+          timeout_s: int, public_key: Path | None, check: bool) -> None:
     """Serve archives with TorchServe until Ctrl-C / SIGTERM; prints the endpoints as JSON.
 
     The endpoints are also written to RUN_DIR/endpoints.json once every model is READY.
     """
     from brst.train.serve.torchserve import TorchServe
 
-    server = TorchServe(model_store, _model_files(models), run_dir, config, free_loopback_ports=free_ports)
+    server = TorchServe(model_store, _model_files(models), run_dir, config, free_loopback_ports=free_ports,
+                        public_key=public_key)
     _stop_on_sigterm()
     try:
         server.start(timeout_s)
@@ -125,3 +132,16 @@ def predict(endpoint: str, model_name: str, um_per_px: float | None, token: str 
     for image in tqdm(images, desc="predict", unit="image", disable=len(images) < 2):
         answer = client.predict(image.read_bytes(), um_per_px, subject=str(image))
         click.echo(json.dumps({"image": str(image), "prediction": answer}))
+
+
+@click.command()
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for NAME.key (private, mode 0600) and NAME.pub (public).")
+@click.option("--name", "key_name", default="archive", show_default=True, help="File name of the key pair.")
+@click.option("--force", is_flag=True, help="Replace an existing key pair.")
+def keygen(out_dir: Path, key_name: str, force: bool) -> None:
+    """Make an Ed25519 key pair for signing archives; prints the key id."""
+    from brst.train.serve.keys import generate_keys
+
+    ident = generate_keys(out_dir / f"{key_name}.key", out_dir / f"{key_name}.pub", force)
+    click.echo(f"{ident} {out_dir / f'{key_name}.key'} {out_dir / f'{key_name}.pub'}")

@@ -13,6 +13,8 @@ The archive holds, besides TorchServe's ``MAR-INF/MANIFEST.json``:
   model version, units, brst version and the ``weights_sha256`` checked at load;
 - ``model-config.yaml``: TorchServe's per-model settings (batch size, max batch delay,
   workers, response timeout) and a ``handler`` section (test-time augmentation, limits);
+- ``brst-signature.json`` when signed (``--sign KEY``): Ed25519 over the weights' and the JSON's
+  sha256 (:mod:`brst.handlers.signing`);
 - the handler, ``brst_handler.py`` (it imports the installed :mod:`brst.handlers`, never ``brst.train``).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from brst.handlers.archive_facts import ARCHIVE_FORMAT, ARCHIVE_JSON, WEIGHTS_FILE, sha256_file
 from brst.handlers.errors import BrstError
+from brst.handlers.signing import SIGNATURE_FILE, sign_files
 from brst.handlers.targets import TargetTransform
 from brst.train.atomic import atomic_path, write_json_atomic
 from brst.train.checkpoint import load_checkpoint
@@ -95,7 +98,7 @@ def _handler_path() -> Path:
     return Path(spec.origin)
 
 
-def _run_archiver(work: Path, name: str, model_version: str) -> Path:
+def _run_archiver(work: Path, name: str, model_version: str, extra_files: list[Path]) -> Path:
     """Run torch-model-archiver on the files in ``work``; return the .mar it wrote.
 
     Its own temporary folder (``$TMPDIR/<name>``) is pointed into ``work`` so that two
@@ -105,7 +108,7 @@ def _run_archiver(work: Path, name: str, model_version: str) -> Path:
     out.mkdir()
     cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name,
            "--version", model_version, "--serialized-file", str(work / WEIGHTS_FILE),
-           "--handler", str(_handler_path()), "--extra-files", str(work / ARCHIVE_JSON),
+           "--handler", str(_handler_path()), "--extra-files", ",".join(str(path) for path in extra_files),
            "--config-file", str(work / MODEL_CONFIG), "--export-path", str(out),
            "--archive-format", "default", "--force"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(work)})
@@ -117,10 +120,11 @@ def _run_archiver(work: Path, name: str, model_version: str) -> Path:
 
 def build_archive(checkpoint: str | os.PathLike, name: str, model_store: str | os.PathLike,
                   model_version: str | None = None, settings: ServeSettings = ServeSettings(),
-                  force: bool = False) -> Path:
+                  force: bool = False, signing_key: str | os.PathLike | None = None) -> Path:
     """Write ``<model_store>/<name>.mar`` from a checkpoint (atomically); return its path.
 
-    ``model_version`` defaults to ``<arch>-e<epoch>-<first 8 hex of the weights' sha256>``.
+    ``model_version`` defaults to ``<arch>-e<epoch>-<first 8 hex of the weights' sha256>``;
+    ``signing_key`` (an Ed25519 private key PEM) adds ``brst-signature.json``.
     """
     import yaml
 
@@ -138,7 +142,12 @@ def build_archive(checkpoint: str | os.PathLike, name: str, model_store: str | o
         write_json_atomic(work / ARCHIVE_JSON, archive_facts(ckpt, model_version, digest))
         with atomic_path(work / MODEL_CONFIG) as config_tmp:
             config_tmp.write_text(yaml.safe_dump(settings.model_config(), sort_keys=False))
-        built = _run_archiver(work, name, model_version)
+        extra_files = [work / ARCHIVE_JSON]
+        if signing_key is not None:
+            signature = sign_files(lambda member: (work / member).read_bytes(), signing_key)
+            write_json_atomic(work / SIGNATURE_FILE, signature)
+            extra_files.append(work / SIGNATURE_FILE)
+        built = _run_archiver(work, name, model_version, extra_files)
         with atomic_path(target) as tmp_target:
             shutil.copyfile(built, tmp_target)
     log.info("wrote %s (model version %s, %s)", target, model_version, asdict(settings))

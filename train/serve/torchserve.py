@@ -30,6 +30,7 @@ import psutil
 
 from brst.handlers.errors import BrstError
 from brst.handlers.runtime_check import check_archives
+from brst.handlers.signing import PUBLIC_KEY_ENV
 from brst.train.atomic import write_bytes_atomic, write_json_atomic
 
 from .client import http_json
@@ -115,13 +116,15 @@ class TorchServe:
         config: template ``config.properties`` (e.g. ``deploy/config.properties``).
         free_loopback_ports: replace the template's listeners by free 127.0.0.1 ports.
         overrides: more properties, applied last.
+        public_key: Ed25519 public key (PEM) every archive must be signed with [default:
+            ``$BRST_ARCHIVE_PUBLIC_KEY``; none: signatures are not checked].
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, model_store: str | os.PathLike, models: dict[str, str], run_dir: str | os.PathLike,
                  config: str | os.PathLike, free_loopback_ports: bool = True,
-                 overrides: dict[str, str] | None = None) -> None:
+                 overrides: dict[str, str] | None = None, public_key: str | os.PathLike | None = None) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = dict(models)
         self.run_dir = Path(run_dir).resolve()
@@ -129,6 +132,7 @@ class TorchServe:
         if free_loopback_ports:
             self.props.update(loopback_properties(free_ports(5)))
         self.props.update(overrides or {})
+        self.public_key = str(Path(public_key).resolve()) if public_key else os.environ.get(PUBLIC_KEY_ENV)
         self.endpoints = Endpoints.from_properties(self.props)
         self.process: subprocess.Popen | None = None
         self._tmp: Path | None = None
@@ -154,6 +158,8 @@ class TorchServe:
         env = {**CPU_ALLOCATOR_ENV, **os.environ, "TMPDIR": str(self._tmp), "TEMP": str(self._tmp),
                "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir)}
         env.pop("TS_CONFIG_FILE", None)  # the launcher would prefer it over --ts-config
+        if self.public_key:
+            env[PUBLIC_KEY_ENV] = self.public_key  # the workers check each archive's signature too
         return env
 
     def start(self, timeout_s: float = 300) -> Endpoints:
@@ -163,7 +169,7 @@ class TorchServe:
         missing = [mar for mar in self.models.values() if not (self.model_store / mar).is_file()]
         if missing:
             raise BrstError(self.model_store, f"lacks {', '.join(missing)} (run brst-train archive)")
-        check_archives(self.model_store / mar for mar in self.models.values())
+        check_archives((self.model_store / mar for mar in self.models.values()), self.public_key)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "config.properties"
         write_properties(config_path, self.props, "written by brst.train.serve.torchserve; edit the template instead")
