@@ -157,7 +157,9 @@ def write_dataset(path: Path, attrs: dict, sections: Sequence[Section], plan: Ge
                   patches: Iterator[np.ndarray], progress: tqdm | None = None) -> Path:
     """Write ``sections`` (already spot-filtered) and their ``patches`` (one array per section) to ``path``."""
     total = sum(section.n_spots for section in sections)
-    with atomic_path(path) as tmp, DatasetWriter(tmp, total, plan.genes, plan.panel, attrs) as writer:
+    patch_bytes = total * int(attrs["patch_px"]) ** 2 * 3  # uncompressed uint8: the bulk of the file
+    with atomic_path(path, needed_bytes=patch_bytes) as tmp, \
+            DatasetWriter(tmp, total, plan.genes, plan.panel, attrs) as writer:
         for section, section_patches in zip(sections, patches):
             writer.append(section, section_patches, stack_counts([section], plan.genes, zero_missing=True),
                           section.library_size)
