@@ -33,6 +33,9 @@ python -m brst.handlers.runtime_check "${archives[@]}" || exit 2
 stopping=0
 stop() {
     stopping=1
+    # TorchServe resets open connections when it stops: let the requests in flight finish first
+    # (the pod has left the Service's endpoints by now: preStop pause).
+    python -m brst.handlers.drain --config "${TS_CONFIG_FILE}" || true
     torchserve --stop || true
 }
 trap stop TERM INT

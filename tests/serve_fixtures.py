@@ -169,37 +169,52 @@ def _wait_for_endpoints(process: subprocess.Popen, path: Path, timeout_s: float 
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="session")
-def served_model(served_archive: Path, served_checkpoint: Path, tmp_path_factory):
-    """``brst-train serve --free-ports`` (a subprocess) serving ``brst.mar`` on loopback.
-
-    At the end it gets SIGTERM, as from a terminal or Kubernetes, and must exit 0 with every
-    process it started gone and none killed.
-    """
+def start_serve(store: Path, run_dir: Path, *extra: str):
+    """``brst-train serve --free-ports`` (a subprocess) on ``store``; returns (process, endpoints,
+    the processes it started) once it has written its endpoints."""
     import psutil
 
     from brst.train.serve.torchserve import Endpoints
 
-    run_dir = tmp_path_factory.mktemp("torchserve")
-    command = [str(Path(sys.executable).with_name("brst-train")), "serve", "--model-store", str(served_archive.parent),
-               "--model", SERVED_MODEL, "--config", str(LOCAL_CONFIG), "--run-dir", str(run_dir), "--free-ports"]
+    command = [str(Path(sys.executable).with_name("brst-train")), "serve", "--model-store", str(store),
+               "--model-name", SERVED_MODEL, "--config", str(LOCAL_CONFIG), "--run-dir", str(run_dir), "--free-ports",
+               *extra]
     with open(run_dir / "serve.out", "wb") as out, open(run_dir / "serve.err", "wb") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     try:
         endpoints = Endpoints(**_wait_for_endpoints(process, run_dir / "endpoints.json"))
-        started = psutil.Process(process.pid).children(recursive=True)
-        yield ServedModel(endpoints, SERVED_MODEL, served_checkpoint, served_archive, run_dir)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            returncode = process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            returncode = process.wait()
+    except BaseException:
+        process.kill()
+        raise
+    return process, endpoints, psutil.Process(process.pid).children(recursive=True)
+
+
+def stop_serve(process: subprocess.Popen, started: list, run_dir: Path) -> None:
+    """SIGTERM, as from a terminal or Kubernetes: it must exit 0 with every process it started
+    gone and none killed."""
+    import psutil
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        returncode = process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        returncode = process.wait()
     _, alive = psutil.wait_procs(started, timeout=30)
     log = (run_dir / "serve.err").read_text()
     assert returncode == 0 and not alive, f"brst-train serve: exit {returncode}, left {alive}; see {run_dir}"
     assert "TorchServe stopped" in log and "had to be killed" not in log, log[-2000:]
+
+
+@pytest.fixture(scope="session")
+def served_model(served_archive: Path, served_checkpoint: Path, tmp_path_factory):
+    """``brst-train serve`` serving ``brst.mar`` on loopback for the session (see :func:`start_serve`)."""
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    process, endpoints, started = start_serve(served_archive.parent, run_dir)
+    try:
+        yield ServedModel(endpoints, SERVED_MODEL, served_checkpoint, served_archive, run_dir)
+    finally:
+        stop_serve(process, started, run_dir)
 
 
 def scrape_metrics(metrics_url: str, wanted: str, timeout_s: float = 30) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from brst.handlers.drain import DRAIN_S, inference_ports, wait_drained
 from brst.handlers.errors import BrstError
 from brst.handlers.runtime_check import check_archives
 from brst.handlers.signing import PUBLIC_KEY_ENV
@@ -241,7 +242,8 @@ class TorchServe:
         return ("; last log lines:\n" + "\n".join(lines)) if lines else f" (no logs in {self.log_dir})"
 
     def stop(self, timeout_s: float = 60) -> bool:
-        """Stop the frontend and its workers; kill, by pid, whatever outlives ``timeout_s``.
+        """Let in-flight requests finish (:mod:`brst.handlers.drain`: TorchServe itself would reset
+        them), stop the frontend and its workers; kill, by pid, whatever outlives ``timeout_s``.
 
         Returns:
             True when every process exited on its own (a clean stop), False when one had
@@ -249,6 +251,9 @@ class TorchServe:
         """
         if self.process is None:
             return False
+        left = wait_drained(inference_ports(self.props))
+        if left:
+            log.warning("stopping with %d client connection(s) still open after %.0f s", left, DRAIN_S)
         launcher, self.process = self.process, None
         started = _descendants(launcher.pid)
         for proc in [proc for proc in started if _is_java(proc)] or started:
