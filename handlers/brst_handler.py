@@ -79,6 +79,7 @@ class BrstHandler(BaseHandler):
         self.geometry = PatchGeometry.from_data_config(self.facts["data_config"])
         self.limits = DecodeLimits(**handler_settings.get("limits", {}))
         self.brst_metrics = HandlerMetrics(context.metrics, context.model_name)
+        self.brst_metrics.started()
         self.initialized = True
         log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d, fused CPU stain kernels %s",
                  self.facts["model_version"], self.facts["arch"], len(self.facts["genes"]), self.device, self.tta,

@@ -21,6 +21,7 @@ DECODE_SECONDS = "brst_decode_seconds"
 STAIN_SECONDS = "brst_stain_seconds"
 INFERENCE_SECONDS = "brst_inference_seconds"
 BATCH_SIZE = "brst_batch_size"
+WORKER_STARTS = "brst_worker_starts_total"
 
 
 class HandlerMetrics:
@@ -39,6 +40,11 @@ class HandlerMetrics:
         self._seconds = {name: add(name, "s", ["ModelName"], MetricTypes.HISTOGRAM)
                          for name in (DECODE_SECONDS, STAIN_SECONDS, INFERENCE_SECONDS)}
         self._batch_size = add(BATCH_SIZE, "count", ["ModelName"], MetricTypes.GAUGE)
+        self._starts = add(WORKER_STARTS, "count", ["ModelName"], MetricTypes.COUNTER)
+
+    def started(self) -> None:
+        """Count a worker that finished loading the model (a restart shows as a second one)."""
+        self._starts.add_or_update(1, [self.model_name])
 
     def patches(self, n: int) -> None:
         """Count ``n`` patches answered, and record the batch size."""
