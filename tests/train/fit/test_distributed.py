@@ -132,3 +132,62 @@ def test_batchnorm_two_processes_equal_ghost_batches_not_the_whole_batch(tmp_pat
     difference = max_weight_difference(two, whole)
     log.info("BatchNorm, 2 CPU processes vs the whole-batch step: largest difference %.3g", difference)
     assert difference > 1e-2
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with ``RANK=rank`` under ``launcher_pid``."""
+    import psutil
+
+    for proc in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if proc.environ().get("RANK") == str(rank) and "brst-train" in " ".join(proc.cmdline()):
+                return proc.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_does(her2st_h5, tmp_path):
+    """One torchrun rank SIGKILLed in epoch 2 of 3: the job ends (no hung rank, no process left);
+    ``--resume`` from the last epoch's checkpoint ends with the uninterrupted run's weights."""
+    import signal
+    import time
+
+    import psutil
+
+    run = ("--arch", "test_vit", "--epochs", 3, *TINY)
+    whole = _torchrun(her2st_h5, tmp_path / "whole", run)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               str(Path(sys.executable).parent / "brst-train"), "--log-level", "WARNING", "fit", *map(str, run),
+               "--data", str(her2st_h5), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:  # epoch 1 done: now in epoch 2
+        time.sleep(0.05)
+    victim = _rank_pid(launcher.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        returncode = launcher.wait(120)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        pytest.fail("torchrun still running 120 s after a rank was killed (a hung rank)")
+    stopped_s = time.monotonic() - killed_at
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    log.info("rank 1 killed: torchrun exited %d after %.1f s", returncode, stopped_s)
+    assert returncode != 0 and not alive, (returncode, alive)
+    assert load_checkpoint(out)["epoch"] == 1  # the last complete epoch, written atomically
+    resumed = _torchrun_script(Path(sys.executable).parent / "brst-train", "--log-level", "WARNING", "fit",
+                               "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(out)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 3
+    assert max_weight_difference(a["model"], b["model"]) < WEIGHT_TOLERANCE
