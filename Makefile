@@ -9,8 +9,12 @@ PYTEST_ARGS ?=
 # torch's CPU allocator backs large tensors with transparent huge pages: 1.25-1.5x faster CPU
 # stain normalisation, inference and serving here (docs/BENCHMARKS.md); the images set it too
 export THP_MEM_ALLOC_ENABLE ?= 1
+# The k8s-local kit's build of the Kubernetes binaries (tests/deploy/test_k8s_admission.py, make
+# k8s-e2e): a build artifact kept outside the tests' throwaway HOME, keyed by the source tarball's
+# sha256. Missing, the first `make test` builds it (about 6 min on 2 cores); then 0 s.
+export K8S_LOCAL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/brst-k8s-local
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test-servers test test-fast demo bench clean k8s-e2e
 
 $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,20 +23,30 @@ $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 
 venv: $(BIN)/brst-train
 
+# Servers the tests run for real that pip cannot install (Orthanc + DICOMweb + WSI dicomizer)
+test-servers:
+	bash deploy/install-test-servers.sh
+
 # Tests run with a fresh, empty home and cache folder (removed afterwards), so no cache left on
 # this machine by an earlier run (gRPC stubs, matplotlib, torch hub, ...) can hide a fault that
 # a fresh machine would show. The venv's pip cache is the only per-user state kept.
-test: venv
+test: venv test-servers
 	scratch=$$(mktemp -d -t brst-test-home.XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
 	HOME=$$scratch XDG_CACHE_HOME=$$scratch/.cache XDG_CONFIG_HOME=$$scratch/.config \
 	MPLCONFIGDIR=$$scratch/.config/matplotlib TORCH_HOME=$$scratch/.cache/torch \
 	BRST_GRPC_STUBS_DIR= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not serve" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not serve and not k8s_local" $(PYTEST_ARGS)
 
 demo: venv
 	BRST_DATA="$(BRST_DATA)" DEMO="$(DEMO)" bash deploy/demo.sh
+
+# A one-node Kubernetes cluster on this machine (root, ../shared/k8s-local): builds the CPU serving
+# and training images from a local Debian base, serves brst.mar through the cpu overlay and checks
+# predictions, metrics, a rollout, pod replacement and the Jobs; tears everything down (docs/DEPLOY.md).
+k8s-e2e: venv
+	$(BIN)/python deploy/k8s_e2e.py
 
 bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -148,23 +148,20 @@ def in_process_patches_per_s(archive: Path, pngs: list[bytes], batch_size: int, 
     """The reference: the archived model in this process on the same PNGs, as the handler runs it."""
     import torch
 
-    from brst.handlers.archive_facts import load_archived_model
     from brst.handlers.envelopes import decode_request
     from brst.handlers.geometry import PatchGeometry
-    from brst.handlers.transforms import ModelInput
+    from brst.handlers.predictor import Predictor
 
     with tempfile.TemporaryDirectory(prefix="brst-bench-model-") as folder:
         with zipfile.ZipFile(archive) as packed:
             packed.extractall(folder)
-        model, facts = load_archived_model(folder)
-    model_input = ModelInput.from_config(facts["stain"], facts["data_config"])
-    spec = PatchGeometry.from_data_config(facts["data_config"])
+        predictor, facts = Predictor.from_archive(folder)
+    geometry = PatchGeometry.from_data_config(facts["data_config"])
 
     def one_pass() -> None:
         for lo in range(0, len(pngs), batch_size):
-            patches = [decode_request({"body": png}, spec).patches[0] for png in pngs[lo:lo + batch_size]]
-            with torch.inference_mode():
-                model(model_input(torch.from_numpy(np.stack(patches))))
+            patches = [decode_request({"body": png}, geometry).patches[0] for png in pngs[lo:lo + batch_size]]
+            predictor(torch.from_numpy(np.stack(patches)))
 
     one_pass()  # warm-up
     start = time.perf_counter()

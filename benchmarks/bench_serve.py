@@ -3,8 +3,8 @@
 ours:      patches/s served by TorchServe with batching (batch 8, 10 ms delay), 8 concurrent
            clients: the lower of HTTP and gRPC.
 reference: patches/s of the same model in this process on the same PNG patches, in
-           batches of 8, decoding included (``decode_request`` -> ``ModelInput`` -> model ->
-           inverse target), while the idle server is up.
+           batches of 8, decoding included (``decode_batch`` -> ``Predictor``: the handler's own
+           inference path), while the idle server is up.
 Also reported: concurrency 1 and 8, batching on and off, both protocols. ``--rounds`` rounds
 interleave the two sides (each round: in-process, then every served configuration) and every
 figure is the best of its rounds, the same statistic on both sides, so a busy moment on a
@@ -36,10 +36,10 @@ import torch
 
 from brst.handlers.envelopes import decode_batch
 from brst.handlers.geometry import PatchGeometry
-from brst.handlers.model import build_model, data_config, model_from_checkpoint
+from brst.handlers.model import build_model, data_config
+from brst.handlers.predictor import Predictor
 from brst.handlers.stain import fit_stain
 from brst.handlers.targets import TargetTransform
-from brst.handlers.transforms import ModelInput
 from brst.train.checkpoint import load_checkpoint, save_checkpoint
 from brst.train.data.patches import cut_patch
 from brst.train.data.readers.her2st import read_sections
@@ -81,19 +81,15 @@ def random_weights_checkpoint(arch: str, patches: np.ndarray, section, out: Path
 
 
 class InProcess:
-    """The reference: the checkpoint's model in this process, batches of ``BATCH``."""
+    """The reference: the checkpoint through the one inference path in this process, batches of ``BATCH``."""
 
     def __init__(self, ckpt: dict) -> None:
-        self.model = model_from_checkpoint(ckpt)
-        self.model_input = ModelInput.from_config(ckpt["stain"], ckpt["data_config"])
-        self.target = TargetTransform.from_dict(ckpt["target"])
-        self.spec = PatchGeometry.from_data_config(ckpt["data_config"])
+        self.predictor = Predictor.from_checkpoint(ckpt)
+        self.geometry = PatchGeometry.from_data_config(ckpt["data_config"])
 
-    @torch.inference_mode()
     def predict(self, pngs: list[bytes]) -> np.ndarray:
-        batch = decode_batch([{"body": png} for png in pngs], self.spec)
-        main, _ = self.model(self.model_input(torch.from_numpy(batch.patches)))
-        return self.target.inverse(main.float()).numpy()
+        batch = decode_batch([{"body": png} for png in pngs], self.geometry)
+        return self.predictor(torch.from_numpy(batch.patches)).numpy()
 
     def patches_per_second(self, pngs: list[bytes]) -> float:
         start = time.perf_counter()

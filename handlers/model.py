@@ -88,13 +88,28 @@ class BrstNet(nn.Module):
         self.aux_head = nn.Linear(backbone.num_features, self.n_aux) if self.n_aux > 0 else None
         self.density = density
         self.density_head = None
+        self.backbone_frozen = False
         if density is not None:
             self.density_head = nn.Linear(density.num_features, self.n_main).requires_grad_(False)
             nn.init.zeros_(self.density_head.weight)
             nn.init.zeros_(self.density_head.bias)
 
+    def freeze_backbone(self) -> None:
+        """Train the heads only (a linear probe): the backbone gets no gradient and stays in eval
+        mode whatever :meth:`train` is called with, so BatchNorm statistics and dropout stay as loaded."""
+        self.backbone.requires_grad_(False)
+        self.backbone_frozen = True
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "BrstNet":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        features = self.backbone(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            features = self.backbone(x)
         aux = self.aux_head(features) if self.aux_head is not None else None
         main = self.head(features)
         if self.density is not None and not self.training:

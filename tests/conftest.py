@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-#: the real-TorchServe session fixtures (served_model, served_metrics_text) live in tests/serve_fixtures.py
-pytest_plugins = ["serve_fixtures"]
+#: the real-TorchServe session fixtures (served_model, served_metrics_text) live in tests/serve_fixtures.py,
+#: the real Orthanc (DICOMweb) ones (orthanc, c2_dicom, c2_dicomweb) in tests/orthanc_fixtures.py
+pytest_plugins = ["serve_fixtures", "orthanc_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BRST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

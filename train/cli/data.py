@@ -24,7 +24,8 @@ def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--format", "format_name", required=True, callback=_check_format, metavar="|".join(FORMATS),
               help=f"Layout of --root: one of {', '.join(FORMATS)}.")
 @click.option("--root", required=True, type=PATH, envvar="BRST_DATA", show_envvar=True,
-              help="Data folder (HER2ST data/, ST-Net release, Space Ranger outs/ or a folder of them).")
+              help="Data folder (HER2ST data/, ST-Net release, Space Ranger outs/ or a folder of them, "
+                   "HEST-1k folder of st/, wsis/, metadata/).")
 @click.option("--out", type=PATH, help="Write one HDF5 file.")
 @click.option("--out-dir", type=PATH, help="Write one HDF5 file per section into this folder.")
 @click.option("--sections", multiple=True, help="Sections to use (repeat or comma-separate); default all.")

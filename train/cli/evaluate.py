@@ -15,11 +15,13 @@ Two modes:
   to training as is.
 
 Either way the model is reported beside the two baselines (patch darkness, log library
-size) on the same spots; see :mod:`brst.train.evaluate.report` for the files written.
+size) on the same spots, and with ``--embedding-ridge`` beside a ridge on frozen embeddings
+(:mod:`brst.train.evaluate.embedding_ridge`); see :mod:`brst.train.evaluate.report` for the files written.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 import numpy as np
@@ -47,6 +49,27 @@ def _training_options(ctx: click.Context, data: tuple[str, ...], device: str):
     return options
 
 
+def _split(ckpt: dict) -> dict:
+    """The run's ``{"by", "holdout"}`` (from its options for checkpoints older than the ``split`` key)."""
+    return ckpt.get("split") or {"by": ckpt["options"]["split_by"], "holdout": ckpt["options"]["holdout"]}
+
+
+def _fold_by(ckpt: dict, holdout: tuple[str, ...], by: str | None) -> str:
+    """What a checkpoint's fold splits on: ``--split-by``, else patient with ``--holdout``, else the run's split."""
+    return by or ("patient" if holdout else _split(ckpt)["by"])
+
+
+def _embedding_ridge(wanted: bool, weights: str | None, arch: str | None, group_by: str):
+    """The ``--embedding-ridge`` predictor's settings, or None; the encoder file is checked here."""
+    from brst.train.evaluate.embedding_ridge import EmbeddingRidge
+
+    if not wanted:
+        return None
+    if weights is not None and not Path(weights).is_file():
+        raise BrstError(f"--ridge-encoder {weights}", "no such file (weights are never downloaded)")
+    return EmbeddingRidge(group_by=group_by, weights=weights, arch=arch)
+
+
 def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None):
     """Name, baseline-fitting spots and spots to score of a checkpoint.
 
@@ -54,8 +77,8 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
     the data hold; without those (data of other sections or patients), every spot, with the
     baselines then fitted in-sample (the report says so).
     """
-    split = ckpt.get("split") or {"by": ckpt["options"]["split_by"], "holdout": ckpt["options"]["holdout"]}
-    by = by or ("patient" if holdout else split["by"])
+    split = _split(ckpt)
+    by = _fold_by(ckpt, holdout, by)
     known = set(index.spots[by])
     names = list(holdout) or [name for name in split["holdout"] if name in known]
     if names:
@@ -93,11 +116,18 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
               help="Patches per forward pass when predicting.")
 @click.option("--top-genes", type=click.IntRange(1), default=4, show_default=True,
               help="The model's best genes drawn on the tissue.")
+@click.option("--embedding-ridge", is_flag=True,
+              help="Also score a ridge regression on frozen embeddings of the patches (HEST-Benchmark style), "
+                   "fitted on the training spots, penalty by inner cross-validation over their groups.")
+@click.option("--ridge-encoder", type=click.Path(path_type=str),
+              help="With --embedding-ridge: local encoder weights (.pth/.safetensors, e.g. UNI) [default: the "
+                   "scored model's own backbone]; nothing is downloaded.")
+@click.option("--ridge-arch", help="timm architecture of --ridge-encoder [default: the scored model's].")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
              holdout: tuple[str, ...], split_by: str | None, select: str, tta: bool, allow_training_spots: bool,
-             device: str,
-             eval_batch_size: int, top_genes: int) -> None:
+             device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool, ridge_encoder: str | None,
+             ridge_arch: str | None) -> None:
     """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots.
 
     Any other option is a training option of `fit` (used with --cv/--holdout), e.g.
@@ -122,6 +152,8 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
         raise BrstError("--select", "chooses among the checkpoints of models evaluate trains (--cv/--holdout)")
     if checkpoint and ctx.args:
         raise BrstError(" ".join(ctx.args), EVALUATE_ONLY.format("any fit option"))
+    if (ridge_encoder or ridge_arch) and not embedding_ridge:
+        raise BrstError("--ridge-encoder/--ridge-arch", "only apply with --embedding-ridge")
     if not checkpoint and not cv and not holdout:
         raise BrstError("evaluate", "give --checkpoint CKPT to score a model, or --cv lopo|loso (or --holdout) "
                                     "to train and score one model per fold")
@@ -132,9 +164,11 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
         check_patch_geometry(ckpt, index)
         name, train_idx, test_idx = _checkpoint_fold(ckpt, index, holdout, split_by)
         integrity = scoring_integrity(ckpt, index, test_idx, allow_training_spots)
+        ridge = _embedding_ridge(embedding_ridge, ridge_encoder, ridge_arch, _fold_by(ckpt, holdout, split_by))
         features = spot_features(index, np.arange(len(index)))
         results = [evaluate_checkpoint(ckpt, index, name, train_idx, test_idx, features, tta=tta,
-                                       batch_size=eval_batch_size, device=resolve_device(device))]
+                                       batch_size=eval_batch_size, device=resolve_device(device),
+                                       embedding_ridge=ridge)]
         header = {"mode": "checkpoint", "checkpoint": str(checkpoint), "arch": ckpt["arch"],
                   "fit_options": ckpt["options"], "integrity": integrity}
     else:
@@ -143,7 +177,8 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
         folds = make_folds(index, cv, holdout, split_by or "patient")
         features = spot_features(index, np.arange(len(index)))
         results = run_crossval(options, index, folds, out, features, tta=tta, batch_size=eval_batch_size,
-                               select=select)
+                               select=select, embedding_ridge=_embedding_ridge(embedding_ridge, ridge_encoder,
+                                                                               ridge_arch, folds[0].by))
         header = {"mode": cv or "holdout", "arch": options.arch, "fit_options": options.to_dict(),
                   "select": select}
     header.update({"data": [str(path) for path in index.files], "tta": tta})

@@ -80,6 +80,9 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--density-expert/--no-density-expert", default=DEFAULTS["density_expert"], show_default=True,
               help="Average the network with a ridge model of stain-density statistics (fitted on the "
                    "training spots, penalty by inner cross-validation).")
+@click.option("--freeze-backbone/--no-freeze-backbone", default=DEFAULTS["freeze_backbone"], show_default=True,
+              help="Train the heads only on a frozen backbone (a linear probe; with --pretrained, e.g. local "
+                   "UNI/Virchow-style ViT weights): no gradient, no weight decay, BatchNorm statistics kept.")
 @click.option("--aux-weight", type=click.FloatRange(0), default=DEFAULTS["aux_weight"], show_default=True,
               help="Weight of the auxiliary head's loss; 0 builds no auxiliary head.")
 @click.option("--target", type=target_choice(), default=DEFAULTS["target"], show_default=True,

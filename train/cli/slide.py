@@ -43,8 +43,10 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
               help="Checkpoint file or run directory (its last.pt): run the model here.")
 @click.option("--endpoint", help="Served model instead: http://HOST:PORT or grpc://HOST:PORT.")
 @model_name_option(help="Model name on the endpoint.")
-@click.option("--slide", required=True, type=click.Path(path_type=Path),
-              help="H&E image: JPEG, PNG, TIFF or pyramidal TIFF/SVS/NDPI.")
+@click.option("--slide", required=True, metavar="SOURCE",
+              help="H&E slide: JPEG, PNG, (OME-)TIFF, any OpenSlide format (SVS, NDPI, MRXS, SCN, BIF, Philips "
+                   "TIFF), a folder of DICOM files, or dicomweb://HOST[:PORT]/PREFIX/studies/UID/series/UID "
+                   "(credentials: $BRST_DICOMWEB_CREDENTIALS or $BRST_DICOMWEB_CREDENTIALS_FILE).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder.")
 @click.option("--genes", help="Comma-separated genes to draw [default: the best validated].")
@@ -76,7 +78,7 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
 @click.option("--token", envvar="BRST_TS_TOKEN", help="Endpoint mode: inference token (token auth on).")
 @click.option("--read-workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Threads reading tiles from the slide.")
-def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str, slide: Path, out_dir: Path,
+def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str, slide: str, out_dir: Path,
                   genes: str | None, top_genes: int, step_um: float, batch_size: int, device: str,
                   um_per_px: float | None, measured: Path | None, section: str | None, gene_r: Path | None,
                   tile_um: float, tile_px: int, concurrency: int, tiles_per_request: int, retries: int,

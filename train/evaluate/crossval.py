@@ -26,6 +26,7 @@ from brst.train.fit.distributed import resolve_device
 from brst.train.fit.options import RUNTIME_OPTIONS, FitOptions
 from brst.train.fit.runner import fit
 
+from .embedding_ridge import EmbeddingRidge
 from .fold import FoldResult, evaluate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def fold_options(base: FitOptions, fold: Fold, out_dir: str | Path, index=None, 
 
 
 def _same_options(stored: dict, options: FitOptions) -> bool:
-    wanted = options.to_dict()
+    """Same non-runtime options; an option the stored run predates counts as its default."""
+    wanted, stored = options.to_dict(), FitOptions.from_dict(stored).to_dict()
     return all(stored.get(key) == value for key, value in wanted.items() if key not in RUNTIME_OPTIONS)
 
 
@@ -136,8 +138,11 @@ def selected_checkpoint(options: FitOptions, last: dict, select: str) -> dict:
 
 def run_crossval(base: FitOptions, index, folds: list[Fold], out_dir: str | Path,
                  features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64,
-                 select: str = "last") -> list[FoldResult]:
-    """Train and score every fold; ``features`` are the baselines' scalars for all index rows."""
+                 select: str = "last", embedding_ridge: EmbeddingRidge | None = None) -> list[FoldResult]:
+    """Train and score every fold; ``features`` are the baselines' scalars for all index rows.
+
+    ``embedding_ridge`` (its ``group_by`` is replaced by each fold's) adds the ridge on frozen embeddings.
+    """
     device = resolve_device(base.device)
     fingerprint = data_fingerprint(index.files)
     results = []
@@ -146,6 +151,7 @@ def run_crossval(base: FitOptions, index, folds: list[Fold], out_dir: str | Path
         options = fold_options(base, fold, out_dir, index, select)
         ckpt = selected_checkpoint(options, train_fold(options, fingerprint), select)
         train_idx, test_idx = index.split(fold.by, list(fold.holdout))
+        ridge = embedding_ridge and replace(embedding_ridge, group_by=fold.by)
         results.append(evaluate_checkpoint(ckpt, index, fold.name, train_idx, test_idx, features,
-                                           tta=tta, batch_size=batch_size, device=device))
+                                           tta=tta, batch_size=batch_size, device=device, embedding_ridge=ridge))
     return results

@@ -22,6 +22,8 @@ from brst.train.accuracy import gene_metrics, summarize
 from brst.train.atomic import write_bytes_atomic
 
 from .baselines import baseline_predictions
+from .embedding_ridge import NAME as EMBEDDING_RIDGE
+from .embedding_ridge import EmbeddingRidge
 from .predict import predict_expression
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class FoldResult:
             they were fitted in-sample on the held-out spots).
         measured: (n, K) measured expression.
         predicted: predictor name -> (n, K) predicted expression.
+        fits: facts of fitted comparison predictors (``embedding_ridge``: encoder, penalty ...).
         per_gene: predictor name -> ``{"r", "mae", "rmse"}`` arrays of shape (K,).
     """
 
@@ -67,6 +70,7 @@ class FoldResult:
     n_train: int
     measured: np.ndarray
     predicted: dict[str, np.ndarray]
+    fits: dict[str, dict] = field(default_factory=dict)
     per_gene: dict[str, dict[str, np.ndarray]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,7 @@ class FoldResult:
     def summary(self, top: int = 10) -> dict:
         """Plain-type summary: every predictor's statistics and the margin over darkness."""
         predictors = {name: summarize(scores, self.genes, top) for name, scores in self.per_gene.items()}
+        extra = {"fits": self.fits} if self.fits else {}
         return {
             "fold": self.name, "kind": self.kind, "units": self.units,
             "n_spots": int(len(self.test_idx)), "n_train_spots": int(self.n_train),
@@ -86,6 +91,7 @@ class FoldResult:
             "predictors": predictors,
             "margin_over_darkness": margin(predictors["model"], predictors[IMAGE_BASELINE],
                                            self.per_gene["model"]["r"], self.per_gene[IMAGE_BASELINE]["r"]),
+            **extra,
         }
 
 
@@ -103,8 +109,9 @@ def margin(model: dict, baseline: dict, model_r: np.ndarray, baseline_r: np.ndar
 
 
 def score_fold(name: str, index, train_idx: np.ndarray, test_idx: np.ndarray, genes: list[str],
-               kind: str, model_prediction: np.ndarray, features: dict[str, np.ndarray]) -> FoldResult:
-    """Fit the baselines on ``train_idx``, score them and the model on ``test_idx``.
+               kind: str, model_prediction: np.ndarray, features: dict[str, np.ndarray],
+               extra: dict[str, np.ndarray] | None = None, fits: dict[str, dict] | None = None) -> FoldResult:
+    """Fit the baselines on ``train_idx``, score them, the model and ``extra`` predictors on ``test_idx``.
 
     Args:
         index: the PatchIndex.
@@ -114,6 +121,8 @@ def score_fold(name: str, index, train_idx: np.ndarray, test_idx: np.ndarray, ge
         model_prediction: (n, K) the model's expression for ``test_idx`` (same scale).
         features: baseline name -> (N,) scalar for every row of the index
             (:func:`brst.train.evaluate.baselines.spot_features` over ``arange(N)``).
+        extra: further predictor name -> (n, K) expression for ``test_idx`` (the embedding ridge),
+            with ``fits`` their facts.
     """
     train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
     fit_idx = train_idx if train_idx.size else test_idx
@@ -127,7 +136,8 @@ def score_fold(name: str, index, train_idx: np.ndarray, test_idx: np.ndarray, ge
     )
     return FoldResult(name=name, genes=list(genes), kind=kind, test_idx=test_idx, n_train=len(train_idx),
                       measured=measured_expression(index, test_idx, genes, kind),
-                      predicted={"model": np.asarray(model_prediction, dtype=np.float64), **baselines})
+                      predicted={"model": np.asarray(model_prediction, dtype=np.float64), **baselines,
+                                 **(extra or {})}, fits=dict(fits or {}))
 
 
 def fold_rows(summary: dict) -> list[dict]:
@@ -163,8 +173,15 @@ def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:
 
 def evaluate_checkpoint(ckpt: dict, index, name: str, train_idx: np.ndarray, test_idx: np.ndarray,
                         features: dict[str, np.ndarray], *, tta: bool = False, batch_size: int = 64,
-                        device: torch.device | str = "cpu") -> FoldResult:
-    """Predict ``test_idx`` with the checkpoint and score it beside the baselines (see :func:`score_fold`)."""
+                        device: torch.device | str = "cpu",
+                        embedding_ridge: EmbeddingRidge | None = None) -> FoldResult:
+    """Predict ``test_idx`` with the checkpoint and score it beside the baselines (see :func:`score_fold`),
+    and beside a ridge on frozen embeddings when ``embedding_ridge`` is given."""
+    genes, kind = list(ckpt["genes"]), ckpt["target"]["kind"]
+    extra, fits = {}, {}
+    if embedding_ridge is not None:
+        extra[EMBEDDING_RIDGE], fits[EMBEDDING_RIDGE] = embedding_ridge.predict(
+            ckpt, index, train_idx, test_idx, measured_expression(index, train_idx, genes, kind),
+            device=device, batch_size=batch_size)
     prediction = predict_expression(ckpt, index, test_idx, tta=tta, batch_size=batch_size, device=device)
-    return score_fold(name, index, train_idx, test_idx, list(ckpt["genes"]), ckpt["target"]["kind"],
-                      prediction, features)
+    return score_fold(name, index, train_idx, test_idx, genes, kind, prediction, features, extra, fits)

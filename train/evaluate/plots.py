@@ -16,7 +16,8 @@ from brst.train.atomic import atomic_path
 from .baselines import BASELINES
 
 #: line colour of each predictor
-COLOURS = {"model": "tab:blue", "darkness": "tab:orange", "library_size": "tab:gray"}
+COLOURS = {"model": "tab:blue", "darkness": "tab:orange", "library_size": "tab:gray",
+           "embedding_ridge": "tab:green"}
 DPI = 110
 
 

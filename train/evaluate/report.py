@@ -18,6 +18,7 @@ import numpy as np
 from brst.train.accuracy import GOOD_R, summarize_folds
 from brst.train.atomic import write_json_atomic
 
+from .embedding_ridge import NAME as EMBEDDING_RIDGE
 from .fold import FOLD_COLUMNS, IMAGE_BASELINE, FoldResult, fold_rows, gene_rows, write_csv_atomic
 from .plots import plot_fold, ranked_r_figure, save_png
 
@@ -89,4 +90,11 @@ def format_report(summary: dict) -> str:
     lines.append(f"model minus darkness: mean r {margin['mean_of_median_r']:+.3f}, "
                  f"genes with median r > 0 {margin['n_median_positive']:+d}, "
                  f"> {GOOD_R} {margin['n_median_good']:+d}; model better on {margin['n_genes_better']} genes")
+    ridge = summary["cv"]["predictors"].get(EMBEDDING_RIDGE)
+    if ridge is not None:
+        model = summary["cv"]["predictors"]["model"]
+        lines.append(f"model minus {EMBEDDING_RIDGE} (ridge on frozen embeddings): mean r "
+                     f"{model['mean_of_median_r'] - ridge['mean_of_median_r']:+.3f}; penalties "
+                     + ", ".join(f"{fold['fold']} {fold['fits'][EMBEDDING_RIDGE]['penalty']:g}"
+                                 for fold in summary["folds"]))
     return "\n".join(lines)

@@ -41,11 +41,12 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray,
     return weight, y_mean - x_mean @ weight
 
 
-def inner_folds(groups: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+def inner_folds(groups: np.ndarray, seed: int = 0, subject: str = "--density-expert") -> list[np.ndarray]:
     """Boolean ``(N,)`` masks of inner validation spots: one per group, else ``FALLBACK_FOLDS`` random folds.
 
     Raises:
-        BrstError: fewer than ``MIN_SPOTS_PER_FOLD`` spots to validate or to fit on in some fold.
+        BrstError: (naming ``subject``) fewer than ``MIN_SPOTS_PER_FOLD`` spots to validate or to fit
+            on in some fold.
     """
     names = sorted(set(groups.tolist()))
     if len(names) >= 2:
@@ -54,22 +55,23 @@ def inner_folds(groups: np.ndarray, seed: int = 0) -> list[np.ndarray]:
         fold_of = np.random.default_rng(seed).permutation(len(groups)) % FALLBACK_FOLDS
         masks = [fold_of == k for k in range(FALLBACK_FOLDS)]
     if any(min(mask.sum(), (~mask).sum()) < MIN_SPOTS_PER_FOLD for mask in masks):
-        raise BrstError("--density-expert", f"its inner cross-validation needs at least {MIN_SPOTS_PER_FOLD} "
+        raise BrstError(subject, f"its inner cross-validation needs at least {MIN_SPOTS_PER_FOLD} "
                                             f"training spots in and out of every fold; the {len(groups)} training "
                                             f"spots fall into {', '.join(names)} ({[int(m.sum()) for m in masks]})")
     return masks
 
 
-def choose_penalty(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                   penalties: Sequence[float] = RIDGE_PENALTIES) -> tuple[float, dict[float, float]]:
+def choose_penalty(x: np.ndarray, y: np.ndarray, groups: np.ndarray, penalties: Sequence[float] = RIDGE_PENALTIES,
+                   subject: str = "--density-expert") -> tuple[float, dict[float, float]]:
     """The penalty with the best inner-CV mean per-gene Pearson r; returns it and every score.
 
-    Shape: x ``(N, D)``, y ``(N, K)``, groups ``(N,)``.
+    Shape: x ``(N, D)``, y ``(N, K)``, groups ``(N,)``. ``subject`` is named in errors.
     """
     scores = {}
+    folds = inner_folds(groups, subject=subject)
     for penalty in penalties:
         fold_r = []
-        for held in inner_folds(groups):
+        for held in folds:
             weight, bias = ridge_fit(x[~held], y[~held], penalty)
             fold_r.append(np.nanmean(pearson_r(x[held] @ weight + bias, y[held])))
         scores[float(penalty)] = float(np.nanmean(fold_r))

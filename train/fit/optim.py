@@ -17,7 +17,8 @@ WARMUP_START = 1e-3
 
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
                    name: str = "sgd") -> torch.optim.Optimizer:
-    """SGD (``momentum``) or AdamW over the trainable parameters (frozen experts are left out)."""
+    """SGD (``momentum``) or AdamW over the trainable parameters (frozen experts and a frozen
+    backbone are left out: no update, no weight decay)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -54,6 +54,7 @@ class FitOptions:
     warmup_epochs: float = 0.0
     stain_jitter: float = 0.0
     density_expert: bool = False
+    freeze_backbone: bool = False
     exclude: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -18,6 +18,9 @@ from ..checkpoint import torch_load
 
 log = logging.getLogger(__name__)
 
+#: tensors of a classifier, which a backbone built with ``num_classes=0`` does not have
+CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.", "last_linear.")
+
 
 def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """Find the tensors in a weights file: a bare state dict, or under model/state_dict."""
@@ -57,3 +60,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise BrstError(f"--pretrained {path}", "no tensor matches this architecture's backbone")
     backbone.load_state_dict(usable, strict=False)
     log.info("loaded %d of %d backbone tensors from %s", len(usable), len(own), path)
+    left = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+    if left:
+        log.warning("%s: %d backbone tensor(s) keep their random initialisation (absent or another shape, "
+                    "e.g. another input size): %s", path, len(left), ", ".join(left[:5]))
+    unused = [k for k in weights if k not in usable and not k.startswith(CLASSIFIER_PREFIXES)]
+    if unused:
+        log.warning("%s: %d tensor(s) of the file fit nothing in this %s backbone (another architecture or "
+                    "timm options?): %s", path, len(unused), type(backbone).__name__, ", ".join(unused[:5]))

@@ -123,11 +123,22 @@ def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pr
     model = build_model(options.arch, len(spec.panel), len(spec.aux), spec.data_config["input_size"][-1], density)
     if load_pretrained and options.pretrained is not None:
         load_backbone_weights(model.backbone, options.pretrained)
+    if options.freeze_backbone:
+        freeze(model, options.pretrained)
     model.init_head_bias(torch.zeros(len(spec.panel)), torch.zeros(len(spec.aux)))
     log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
              options.arch, len(spec.panel), len(spec.aux))
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if options.channels_last else model
+
+
+def freeze(model: BrstNet, pretrained: str | None) -> None:
+    """``--freeze-backbone``: only the heads train (the optimiser sees no backbone parameter)."""
+    model.freeze_backbone()
+    if pretrained is None:
+        log.warning("--freeze-backbone without --pretrained: the heads learn from randomly initialised features")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("backbone frozen (eval mode, no gradient): %d trainable parameters in the heads", trainable)
 
 
 def amp_dtype(options: FitOptions, device: torch.device) -> torch.dtype | None:

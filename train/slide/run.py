@@ -20,7 +20,8 @@ from tqdm import tqdm
 from brst.handlers.errors import BrstError
 from brst.train.atomic import atomic_path, write_json_atomic
 from brst.train.data.readers.base import SlideImage
-from brst.train.data.readers.images import open_image
+from brst.train.data.readers.dicom_image import is_dicomweb_url
+from brst.train.data.readers.images import open_image, source_name
 from brst.train.evaluate.plots import save_png, tissue_figure
 
 from .drawn_genes import genes_to_draw
@@ -46,7 +47,8 @@ class SlideJob:
     """What to predict and where to write it.
 
     Attributes:
-        slide: the H&E image (JPEG, PNG, TIFF, pyramidal TIFF/SVS/NDPI ...).
+        slide: the H&E slide: a file (JPEG, PNG, TIFF, OME-TIFF, any OpenSlide format), a folder
+            of DICOM files, or a ``dicomweb://`` series URL.
         out_dir: output folder.
         um_per_px: the slide's resolution, or ``None`` to read it from the metadata.
         step_um: grid step in micrometres.
@@ -58,7 +60,7 @@ class SlideJob:
         read_workers: threads reading tiles.
     """
 
-    slide: Path
+    slide: str
     out_dir: Path
     um_per_px: float | None
     step_um: float
@@ -68,6 +70,9 @@ class SlideJob:
     measured: Path | None = None
     section: str | None = None
     read_workers: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slide", str(self.slide))  # a Path is welcome; a URL must keep its "//"
 
 
 def predict_points(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
@@ -110,20 +115,20 @@ class SlidePlan:
 
 def plan_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float]) -> SlidePlan:
     """Open the slide, read its resolution and thumbnail, choose genes, find tissue and tiles."""
-    if not job.slide.is_file():
-        raise BrstError(job.slide, "no such slide file")
+    if not is_dicomweb_url(job.slide) and not Path(job.slide).exists():
+        raise BrstError(job.slide, "no such slide file or folder")
     image = open_image(job.slide)
-    um_per_px = slide_um_per_px(job.slide, job.um_per_px)
+    um_per_px = slide_um_per_px(image, job.um_per_px)
     thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
     draw = genes_to_draw(job.genes, predictor.genes, validation_r, job.top_genes)
     measured, origin = None, None
     if job.measured is not None:
         measured = load_measured(str(job.measured), job.section, predictor.genes, predictor.units)
-        check_inside(measured, image.width, image.height, str(job.slide))
+        check_inside(measured, image.width, image.height, job.slide)
         origin = grid_origin(measured.pixel_x, measured.pixel_y, job.step_um / um_per_px)
     tissue, grid = find_tiles(thumbnail, scale, image.width, image.height, um_per_px, job.step_um,
-                              predictor.geometry.side_um, str(job.slide), origin_px=origin)
-    log.info("%s: %d tiles of %.0f um every %.0f um on %.1f%% tissue", job.slide.name, len(grid),
+                              predictor.geometry.side_um, job.slide, origin_px=origin)
+    log.info("%s: %d tiles of %.0f um every %.0f um on %.1f%% tissue", source_name(job.slide), len(grid),
              predictor.geometry.side_um, job.step_um, 100 * tissue.fraction)
     return SlidePlan(image, um_per_px, tissue, grid, draw, measured)
 
@@ -180,13 +185,13 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
     finally:
         plan.image.close()
     slide_map = SlideMap(
-        slide=str(job.slide), library_id=job.slide.stem, grid=grid, genes=predictor.genes, values=values,
+        slide=job.slide, library_id=source_name(job.slide), grid=grid, genes=predictor.genes, values=values,
         units=predictor.units, thumbnail=plan.tissue.thumbnail, scale=plan.tissue.scale,
         um_per_px=plan.um_per_px,
         provenance={**predictor.description, "step_um": job.step_um, "tile_um": predictor.geometry.side_um,
                     "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     _write_map(job, slide_map, plan.draw, validation_r)
-    summary = {"slide": str(job.slide), "um_per_px": plan.um_per_px, "width_px": plan.image.width,
+    summary = {"slide": job.slide, "um_per_px": plan.um_per_px, "width_px": plan.image.width,
                "height_px": plan.image.height, "tiles": len(grid), "step_um": job.step_um,
                "tile_um": predictor.geometry.side_um, "tissue_fraction": plan.tissue.fraction,
                "units": predictor.units, "genes_drawn": plan.draw, "tiles_per_s": tiles_per_s,

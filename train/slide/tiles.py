@@ -5,14 +5,12 @@ resampled to ``patch_px`` pixels (``um_per_px`` of the training patches), whatev
 slide's own resolution. Tiles are read by region through the slide's image handle
 (:mod:`brst.train.data.readers.images`), a few batches ahead on worker threads, so at most
 ``prefetch`` batches are in memory besides what the handle itself keeps (a JPEG/PNG is
-decoded once; a pyramidal TIFF is only ever read tile by tile).
+decoded once; a pyramidal TIFF, OpenSlide or DICOM slide is only ever read tile by tile).
 """
 from __future__ import annotations
 
-import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -21,61 +19,27 @@ from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.train.data.patches import cut_patch
 from brst.train.data.readers.base import SlideImage
-from brst.train.data.readers.images import TIFF_SUFFIXES, no_pixel_limit
 
 #: A resolution read from metadata is believed only inside this range (µm per pixel):
 #: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.
 PLAUSIBLE_UM_PER_PX = (0.05, 20.0)
-_UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: inch, centimetre
-_UM_PER_OME_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}  # OME PhysicalSizeXUnit (default µm)
 
 
-def _tiff_um_per_px(path: Path) -> float | None:
-    """Resolution from TIFF metadata: OME PhysicalSizeX, Aperio MPP, or X resolution tags."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        if tif.ome_metadata:
-            found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-            if found:
-                return float(found.group(1)) * _UM_PER_OME_UNIT.get(unit.group(1) if unit else "µm", float("nan"))
-        found = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
-        if found:
-            return float(found.group(1))
-        unit, resolution = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
-        if unit is None or resolution is None or int(unit.value) not in _UM_PER_UNIT:
-            return None
-        numerator, denominator = resolution.value
-        return _UM_PER_UNIT[int(unit.value)] * denominator / numerator if numerator else None
-
-
-def _flat_um_per_px(path: Path) -> float | None:
-    """Resolution from a JPEG/PNG's dots per inch, if it has any."""
-    from PIL import Image
-
-    with no_pixel_limit(), Image.open(path) as image:  # the header only: slides exceed PIL's bomb limit
-        dpi = image.info.get("dpi")
-    return 25_400.0 / float(dpi[0]) if dpi and float(dpi[0]) > 0 else None
-
-
-def metadata_um_per_px(path: str | Path) -> float | None:
-    """The slide's µm/px from its metadata, or ``None`` when absent or implausible."""
-    path = Path(path)
-    value = _tiff_um_per_px(path) if path.name.lower().endswith(TIFF_SUFFIXES) else _flat_um_per_px(path)
+def metadata_um_per_px(image: SlideImage) -> float | None:
+    """The slide's µm/px from its metadata (the handle's ``um_per_px``), or ``None`` when absent or implausible."""
+    value = image.um_per_px
     low, high = PLAUSIBLE_UM_PER_PX
     return value if value is not None and low <= value <= high else None
 
 
-def slide_um_per_px(path: str | Path, given: float | None) -> float:
+def slide_um_per_px(image: SlideImage, given: float | None) -> float:
     """``given`` if set, else the metadata's; neither is a :class:`BrstError` asking for ``--um-per-px``."""
     if given is not None:
         return float(given)
-    found = metadata_um_per_px(path)
+    found = metadata_um_per_px(image)
     if found is None:
-        raise BrstError(path, "its metadata gives no microscope resolution; pass --um-per-px "
-                              "(HER2ST images: 0.69, see the dataset's README)")
+        raise BrstError(image.path, "its metadata gives no microscope resolution; pass --um-per-px "
+                                    "(HER2ST images: 0.69, see the dataset's README)")
     return found
 
 

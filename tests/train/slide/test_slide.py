@@ -149,7 +149,7 @@ def test_tiles_are_read_at_the_models_scale_whatever_the_slides(her2st_root: Pat
 
     path, (x0, y0) = c2_tiff
     tiff = open_image(path)
-    assert len(tiff.downsamples) == 3 and metadata_um_per_px(path) == pytest.approx(2 * HER2ST_UM_PER_PX)
+    assert len(tiff.downsamples) == 3 and metadata_um_per_px(tiff) == pytest.approx(2 * HER2ST_UM_PER_PX)
     spots = selected_spots(her2st_root, "C2")[::9]
     geometry = PatchGeometry(patch_um=112.0, um_per_px=2.0)
     at_full = read_patches(open_image(slide_path(her2st_root, "C2")), spots[:, 0], spots[:, 1],
@@ -237,6 +237,42 @@ def test_local_outputs_open_with_anndata(c2_local: Path, checkpoint: Path, c2_um
             assert png.format == "PNG" and png.width > 300
 
 
+def _painted_share(drawn: Path, background: Path) -> float:
+    """Share of a figure's pixels that differ (by > 30 grey levels) from the same figure without the gene."""
+    with Image.open(drawn) as a, Image.open(background) as b:
+        painted, plain = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
+    assert painted.shape == plain.shape and painted.std() > 20  # same layout, not a blank canvas
+    return float((np.abs(painted - plain).max(axis=-1) > 30).mean())
+
+
+def test_scanpy_and_squidpy_draw_the_map(c2_local: Path, tmp_path: Path):
+    """scanpy reads predictions.h5ad; ``sc.pl.spatial`` and ``sq.pl.spatial_scatter`` paint the genes on the slide.
+
+    Each picture is compared with the same call without a gene: the tiles' colours cover a real
+    share of it (the tissue under 170 tiles), so the spots were drawn where the slide is.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    import squidpy as sq
+
+    adata = sc.read_h5ad(c2_local / "predictions.h5ad")
+    assert adata.n_obs > 100 and "ERBB2" in adata.var_names
+    drawers = {"scanpy": lambda color: sc.pl.spatial(adata, color=color, show=False),
+               "squidpy": lambda color: sq.pl.spatial_scatter(adata, color=color)}
+    for name, draw in drawers.items():
+        for color in ("ERBB2", None):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # scanpy points to squidpy's spatial_scatter
+                draw(color)
+            plt.savefig(tmp_path / f"{name}_{color}.png", dpi=80)
+            plt.close("all")
+        share = _painted_share(tmp_path / f"{name}_ERBB2.png", tmp_path / f"{name}_None.png")
+        assert share > 0.05, (name, share)
+
+
 def test_local_values_are_the_models_on_those_tiles(c2_local: Path, checkpoint: Path, her2st_root: Path,
                                                    c2_um_per_px: float):
     from brst.train.checkpoint import load_checkpoint
@@ -311,9 +347,9 @@ def test_um_per_px_from_tiff_metadata(tmp_path: Path, her2st_root: Path):
                      resolutionunit="CENTIMETER")
     tifffile.imwrite(tmp_path / "ome.ome.tif", pixels, photometric="rgb",
                      metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
-    assert metadata_um_per_px(tmp_path / "res.tif") == pytest.approx(0.25)
-    assert metadata_um_per_px(tmp_path / "ome.ome.tif") == pytest.approx(0.5)
-    assert metadata_um_per_px(slide_path(her2st_root, "C2")) is None  # "72 dpi" is no microscope's
+    assert metadata_um_per_px(open_image(tmp_path / "res.tif")) == pytest.approx(0.25)
+    assert metadata_um_per_px(open_image(tmp_path / "ome.ome.tif")) == pytest.approx(0.5)
+    assert metadata_um_per_px(open_image(slide_path(her2st_root, "C2"))) is None  # "72 dpi" is no microscope's
 
 
 def _assert_clean_failure(result, out: Path, *words: str) -> None:

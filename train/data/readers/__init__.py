@@ -18,7 +18,7 @@ from brst.handlers.errors import BrstError
 from .base import Section, SlideImage
 
 #: format name -> module (relative to this package)
-FORMATS: dict[str, str] = {"her2st": "her2st", "stnet": "stnet", "visium": "visium"}
+FORMATS: dict[str, str] = {"her2st": "her2st", "stnet": "stnet", "visium": "visium", "hest": "hest"}
 
 __all__ = ["FORMATS", "Section", "SlideImage", "reader", "read_sections", "check_section"]
 

@@ -16,12 +16,15 @@ import scipy.sparse
 class SlideImage(Protocol):
     """A section's H&E image, read by region so huge slides never load whole.
 
-    Coordinates are pixels of this image (x = column, y = row).
+    Coordinates are pixels of this image (x = column, y = row). ``path`` is the source as
+    shown in messages (a file, a DICOM folder, a DICOMweb URL); ``um_per_px`` is the
+    resolution the image's own metadata states, or ``None`` when it states none.
     """
 
     path: str
     width: int
     height: int
+    um_per_px: float | None
 
     def read_region(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         """Return RGB uint8 pixels ``(height, width, 3)`` of the box at (x0, y0); inside the image."""

@@ -1,23 +1,31 @@
-"""Image handles for H&E slides: flat images decoded once, pyramidal TIFFs read by region.
+"""Image handles for H&E slides: flat images decoded once, pyramidal slides read by region.
 
-:func:`open_image` picks the handle from the file name:
+:func:`open_image` is the one slide interface; it picks the handle from the source:
 
 * JPEG / PNG (HER2ST, ST-Net, Visium hires) -> :class:`DecodedImage`: the header is read at
   once, the pixels are decoded on first use and kept until :meth:`close` (a ~92 megapixel
   HER2ST JPEG decodes in about half a second, so a section is decoded once). JPEGs decode at
   1/2, 1/4 or 1/8 size (DCT scaling) when the patches asked for are that much coarser, and
   thumbnails use the same reduced decoding.
-* TIFF, OME-TIFF, SVS, NDPI (tiled, pyramidal or not) -> :class:`TiffImage`: regions are read
-  through tifffile's zarr view of the best pyramid level, so only the tiles under a patch
-  are decoded. JPEG-compressed tiles (most SVS files) need the ``imagecodecs`` package.
+* every format OpenSlide reads (Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS, Leica SCN,
+  Ventana BIF, Philips TIFF, generic tiled TIFF) ->
+  :class:`~brst.train.data.readers.openslide_image.OpenSlideImage`, read by region from the
+  best level (HEST-1k's JPEG-tiled pyramidal TIFFs among them: no ``imagecodecs`` needed);
+* OME-TIFF, and TIFFs OpenSlide does not take (untiled ones) -> :class:`TiffImage`: regions
+  are read through tifffile's zarr view of the best pyramid level, so only the tiles under a
+  patch are decoded (OME's SubIFD pyramids are tifffile's strength);
+* a folder of DICOM files, or a ``dicomweb://`` URL of a series on a DICOMweb server ->
+  :class:`~brst.train.data.readers.dicom_image.DicomImage` (wsidicom).
 
-All handles pickle without their decoded pixels, so worker processes reopen them cheaply.
+Every handle states the µm/px its metadata gives (``um_per_px``, ``None`` when it gives none)
+and pickles without its decoded pixels or native handle, so worker processes reopen it cheaply.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -27,13 +35,17 @@ from PIL import Image, UnidentifiedImageError
 from brst.handlers.errors import BrstError
 
 from .base import SlideImage
+from .dicom_image import DicomImage, is_dicomweb_url
+from .openslide_image import OPENSLIDE_SUFFIXES, OpenSlideImage, openslide_format
+from .pyramid import RESAMPLE, PyramidImage, fit_thumbnail
 
 log = logging.getLogger(__name__)
 
 FLAT_SUFFIXES = (".jpg", ".jpeg", ".png")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".scn")
-RESAMPLE = Image.Resampling.BILINEAR
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".scn", ".bif")
 JPEG_REDUCTIONS = (1, 2, 4, 8)
+_UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: inch, centimetre
+_UM_PER_OME_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}  # OME PhysicalSizeXUnit (default µm)
 
 
 @contextlib.contextmanager
@@ -47,17 +59,10 @@ def no_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def resample_array(region: np.ndarray, box: tuple[float, float, float, float], out_px: int) -> np.ndarray:
-    """Resample the float ``box`` (in ``region`` pixels) of an RGB array to ``(out_px, out_px, 3)`` uint8."""
-    return np.asarray(Image.fromarray(region).resize((out_px, out_px), RESAMPLE, box=box))
-
-
-def _fit_thumbnail(pixels: Image.Image, width: int, max_px: int) -> tuple[np.ndarray, float]:
-    """Shrink ``pixels`` so its longer side is ``max_px``; scale is relative to ``width``."""
-    scale = max_px / max(pixels.size)
-    size = (max(1, round(pixels.width * scale)), max(1, round(pixels.height * scale)))
-    thumb = pixels.resize(size, Image.Resampling.BOX) if scale < 1 else pixels
-    return np.asarray(thumb.convert("RGB")), thumb.width / width
+def _dpi_um_per_px(info: dict) -> float | None:
+    """Resolution from a JPEG/PNG's dots per inch (PIL's ``info``), if it has any."""
+    dpi = info.get("dpi")
+    return 25_400.0 / float(dpi[0]) if dpi and float(dpi[0]) > 0 else None
 
 
 class DecodedImage:
@@ -74,6 +79,7 @@ class DecodedImage:
         try:
             with no_pixel_limit(), Image.open(self.path) as header:
                 self.width, self.height = header.size
+                self.um_per_px = _dpi_um_per_px(header.info)
         except FileNotFoundError:
             raise BrstError(self.path, "image file not found") from None
         except (UnidentifiedImageError, OSError) as err:
@@ -120,11 +126,11 @@ class DecodedImage:
     def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
         """RGB thumbnail ``(h, w, 3)`` with longer side ``max_px``; JPEGs use reduced decoding."""
         if self._pixels is not None:
-            return _fit_thumbnail(self._pixels, self.width, max_px)
+            return fit_thumbnail(self._pixels, self.width, max_px)
         try:
             with no_pixel_limit(), Image.open(self.path) as image:
                 image.draft("RGB", (max_px, max_px))
-                return _fit_thumbnail(image.convert("RGB"), self.width, max_px)
+                return fit_thumbnail(image.convert("RGB"), self.width, max_px)
         except (UnidentifiedImageError, OSError) as err:
             raise BrstError(self.path, f"corrupt image, cannot decode ({err})") from None
 
@@ -133,11 +139,29 @@ class DecodedImage:
         self._pixels = None
 
 
-class TiffImage:
+def _tiff_um_per_px(tif) -> float | None:
+    """Resolution from an open ``tifffile.TiffFile``: OME PhysicalSizeX, Aperio MPP, or X resolution tags."""
+    page = tif.pages[0]
+    if tif.ome_metadata:
+        found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+        if found:
+            return float(found.group(1)) * _UM_PER_OME_UNIT.get(unit.group(1) if unit else "µm", float("nan"))
+    found = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+    if found:
+        return float(found.group(1))
+    unit, resolution = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
+    if unit is None or resolution is None or int(unit.value) not in _UM_PER_UNIT:
+        return None
+    numerator, denominator = resolution.value
+    return _UM_PER_UNIT[int(unit.value)] * denominator / numerator if numerator else None
+
+
+class TiffImage(PyramidImage):
     """A (possibly pyramidal, tiled) TIFF read by region through tifffile's zarr store.
 
     Args:
-        path: TIFF / OME-TIFF / SVS / NDPI file; level 0 is the full resolution.
+        path: TIFF / OME-TIFF file; level 0 is the full resolution.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -147,9 +171,12 @@ class TiffImage:
         self._levels: list | None = None
         try:
             with tifffile.TiffFile(self.path) as tif:
+                if not tif.series:
+                    raise tifffile.TiffFileError("no image in it")
                 series = tif.series[0]
                 shapes = [level.shape for level in series.levels]
                 axes = series.axes
+                self.um_per_px = _tiff_um_per_px(tif)
         except FileNotFoundError:
             raise BrstError(self.path, "image file not found") from None
         except (tifffile.TiffFileError, OSError, ValueError) as err:
@@ -157,6 +184,7 @@ class TiffImage:
         if axes[-1] != "S" or shapes[0][-1] not in (3, 4):
             raise BrstError(self.path, f"expected an RGB image with samples last, got axes {axes!r} {shapes[0]}")
         self.height, self.width = int(shapes[0][-3]), int(shapes[0][-2])
+        self.level_sizes = [(int(shape[-2]), int(shape[-3])) for shape in shapes]
         self.downsamples = [self.width / shape[-2] for shape in shapes]
 
     def __getstate__(self) -> dict:
@@ -179,40 +207,59 @@ class TiffImage:
             raise BrstError(self.path, f"cannot decode tiles ({err}); JPEG tiles need `pip install imagecodecs`") from None
         return np.ascontiguousarray(pixels[..., :3], dtype=np.uint8)
 
-    def read_region(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
-        """RGB uint8 ``(height, width, 3)`` of the full-resolution box at (x0, y0)."""
-        return self._read(0, x0, y0, x0 + width, y0 + height)
-
-    def read_resampled(self, box: tuple[float, float, float, float], out_px: int) -> np.ndarray:
-        """The float ``box`` (level-0 pixels) resampled to ``(out_px, out_px, 3)``, from the best level."""
-        wanted = (box[2] - box[0]) / out_px
-        level = max(i for i, d in enumerate(self.downsamples) if d <= max(wanted, 1.0))
-        d = self.downsamples[level]
-        shape = self._level(level).shape
-        x0, y0 = max(0, math.floor(box[0] / d) - 2), max(0, math.floor(box[1] / d) - 2)
-        x1, y1 = min(shape[-2], math.ceil(box[2] / d) + 2), min(shape[-3], math.ceil(box[3] / d) + 2)
-        region = self._read(level, x0, y0, x1, y1)
-        local = (box[0] / d - x0, box[1] / d - y0, box[2] / d - x0, box[3] / d - y0)
-        return resample_array(region, local, out_px)
-
-    def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
-        """RGB thumbnail ``(h, w, 3)`` with longer side ``max_px``, from the smallest sufficient level."""
-        sizes = [max(self.width, self.height) / d for d in self.downsamples]
-        level = max(i for i, size in enumerate(sizes) if size >= max_px or i == 0)
-        shape = self._level(level).shape
-        pixels = Image.fromarray(self._read(level, 0, 0, shape[-2], shape[-3]))
-        return _fit_thumbnail(pixels, self.width, max_px)
-
     def close(self) -> None:
         """Close the zarr views (reopened on next read)."""
         self._levels = None
 
 
-def open_image(path: str | Path) -> SlideImage:
-    """Open an H&E image by suffix: JPEG/PNG -> :class:`DecodedImage`, TIFF family -> :class:`TiffImage`."""
-    name = str(path).lower()
+def _is_ome_tiff(path: Path) -> bool:
+    """Whether ``path`` is an OME-TIFF (its first page carries OME-XML)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome)
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return False
+
+
+def _open_slide_file(path: Path) -> SlideImage:
+    """OpenSlide for every format it recognises except OME-TIFF; tifffile for OME-TIFF and the rest."""
+    if path.name.lower().endswith(OPENSLIDE_SUFFIXES):
+        return OpenSlideImage(path)
+    vendor = openslide_format(path)
+    if vendor is None or (vendor == "generic-tiff" and _is_ome_tiff(path)):
+        log.debug("%s: tifffile (OpenSlide format: %s)", path, vendor)
+        return TiffImage(path)
+    log.debug("%s: OpenSlide (%s)", path, vendor)
+    return OpenSlideImage(path)
+
+
+def open_image(source: str | Path) -> SlideImage:
+    """Open an H&E slide: a JPEG/PNG, a TIFF-family or OpenSlide file, a DICOM folder or a DICOMweb URL.
+
+    Raises :class:`BrstError` naming the source when it is missing, unsupported or unreadable.
+    """
+    if is_dicomweb_url(str(source)):
+        return DicomImage(str(source))
+    path = Path(source)
+    if path.is_dir():
+        return DicomImage(path)
+    name = path.name.lower()
     if name.endswith(FLAT_SUFFIXES):
         return DecodedImage(path)
-    if name.endswith(TIFF_SUFFIXES):
-        return TiffImage(path)
-    raise BrstError(path, f"unsupported image type; expected one of {FLAT_SUFFIXES + TIFF_SUFFIXES}")
+    if name.endswith(TIFF_SUFFIXES + OPENSLIDE_SUFFIXES):
+        if not path.exists():
+            raise BrstError(path, "image file not found")
+        return _open_slide_file(path)
+    raise BrstError(path, f"unsupported image type; expected one of {FLAT_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES}, "
+                          "a folder of DICOM files or a dicomweb:// URL")
+
+
+def source_name(source: str | Path) -> str:
+    """A short name of a slide source: a file's stem, a folder's name, a DICOMweb series' UID."""
+    text = str(source).rstrip("/")
+    if is_dicomweb_url(text):
+        return text.rsplit("/", 1)[-1]
+    path = Path(text)
+    return path.name if path.is_dir() else path.stem

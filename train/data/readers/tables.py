@@ -113,16 +113,38 @@ def read_counts(path: Path, sep: str = "\t") -> CountsTable:
         raise BrstError(path, f"counts are not all numbers ({err})") from None
     if not keys:
         raise BrstError(path, "counts table has no spots")
-    if not np.isfinite(values).all() or (values < 0).any() or (values != np.round(values)).any():
-        raise BrstError(path, "counts must be finite non-negative integers")
-    if values.max(initial=0) > np.iinfo(np.int32).max:
-        raise BrstError(path, "counts exceed the int32 range")
+    counts = integer_counts(values, path)
     for kind, names in (("gene", genes), ("spot", keys)):
         if len(set(names)) != len(names):
             duplicated = pd.Index(names)[pd.Index(names).duplicated()][:3].tolist()
             raise BrstError(path, f"duplicate {kind} names {duplicated}")
-    return CountsTable(np.asarray(keys, dtype=object), np.asarray(genes, dtype=object),
-                       scipy.sparse.csr_matrix(values.astype(np.int32)))
+    return CountsTable(np.asarray(keys, dtype=object), np.asarray(genes, dtype=object), counts)
+
+
+def integer_counts(matrix, path: object) -> scipy.sparse.csr_matrix:
+    """A dense or sparse ``(N, G)`` counts matrix as CSR int32, checked.
+
+    Raises:
+        BrstError: a value is not a finite non-negative integer, or exceeds the int32 range.
+    """
+    matrix = scipy.sparse.csr_matrix(matrix)
+    values = matrix.data
+    if not np.isfinite(values).all() or (values < 0).any() or (values != np.round(values)).any():
+        raise BrstError(path, "counts must be finite non-negative integers")
+    if values.max(initial=0) > np.iinfo(np.int32).max:
+        raise BrstError(path, "counts exceed the int32 range")
+    return matrix.astype(np.int32)
+
+
+def unique_names(names: list[str]) -> np.ndarray:
+    """Make repeated names unique with ``-1``, ``-2`` ... suffixes (the scanpy convention)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        count = seen.get(name, 0)
+        out.append(name if count == 0 else f"{name}-{count}")
+        seen[name] = count + 1
+    return np.asarray(out, dtype=object)
 
 
 def pick_sections(available: list[str], wanted: Sequence[str] | None, root: object) -> list[str]:

@@ -29,7 +29,7 @@ from brst.handlers.errors import BrstError
 
 from .base import Section
 from .images import open_image
-from .tables import join_keys, pick_sections, read_table
+from .tables import join_keys, pick_sections, read_table, unique_names
 
 READER_VERSION = "1"
 MATRIX = "filtered_feature_bc_matrix.h5"
@@ -54,17 +54,6 @@ def section_dirs(root: str | Path) -> dict[str, Path]:
 
 def list_sections(root: str | Path) -> list[str]:
     return list(section_dirs(root))
-
-
-def unique_names(names: list[str]) -> np.ndarray:
-    """Make repeated names unique with ``-1``, ``-2`` ... suffixes (the scanpy convention)."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        count = seen.get(name, 0)
-        out.append(name if count == 0 else f"{name}-{count}")
-        seen[name] = count + 1
-    return np.asarray(out, dtype=object)
 
 
 def read_matrix(path: Path) -> tuple[np.ndarray, np.ndarray, scipy.sparse.csr_matrix]:
