@@ -70,3 +70,13 @@ def write_secondary_capture(path: Path) -> Path:
     ds.PixelData = np.full((32, 32, 3), 128, np.uint8).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def assert_clean_failure(result, out: Path, *words: str) -> None:
+    """A CLI result that failed cleanly: exit 2, one ``brst-train: error:`` line holding ``words``, no ``out``."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("brst-train: error: "), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()

@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from slide_files import assert_clean_failure
 
 from brst.train.cli.main import cli
 from brst.train.data.readers.images import open_image
@@ -352,45 +353,36 @@ def test_um_per_px_from_tiff_metadata(tmp_path: Path, her2st_root: Path):
     assert metadata_um_per_px(open_image(slide_path(her2st_root, "C2"))) is None  # "72 dpi" is no microscope's
 
 
-def _assert_clean_failure(result, out: Path, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("brst-train: error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert not out.exists()
-
-
 def test_bad_slides_fail_cleanly(tmp_path: Path, checkpoint: Path, her2st_root: Path):
     out = tmp_path / "out"
     common = ["--checkpoint", str(checkpoint), "--out", str(out), "--um-per-px", "0.69"]
-    _assert_clean_failure(run_cli(*common, "--slide", str(tmp_path / "missing.jpg")), out, "missing.jpg", "no such")
+    assert_clean_failure(run_cli(*common, "--slide", str(tmp_path / "missing.jpg")), out, "missing.jpg", "no such")
 
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    _assert_clean_failure(run_cli(*common, "--slide", str(garbage)), out, "garbage.jpg")
+    assert_clean_failure(run_cli(*common, "--slide", str(garbage)), out, "garbage.jpg")
 
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(slide_path(her2st_root, "C2").read_bytes()[:200_000])
-    _assert_clean_failure(run_cli(*common, "--slide", str(truncated)), out, "truncated.jpg")
+    assert_clean_failure(run_cli(*common, "--slide", str(truncated)), out, "truncated.jpg")
 
     white = tmp_path / "white.png"
     Image.new("RGB", (3000, 2000), (255, 255, 255)).save(white)
-    _assert_clean_failure(run_cli(*common, "--slide", str(white)), out, "white.png", "no tissue")
+    assert_clean_failure(run_cli(*common, "--slide", str(white)), out, "white.png", "no tissue")
 
-    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--out", str(out), "--slide",
+    assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--out", str(out), "--slide",
                                   str(slide_path(her2st_root, "C2"))), out, "--um-per-px")
 
 
 def test_bad_options_fail_cleanly(tmp_path: Path, checkpoint: Path, her2st_root: Path):
     out = tmp_path / "out"
     slide = str(slide_path(her2st_root, "C2"))
-    _assert_clean_failure(run_cli("--slide", slide, "--out", str(out)), out, "--checkpoint/--endpoint")
-    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--endpoint", "http://127.0.0.1:1",
+    assert_clean_failure(run_cli("--slide", slide, "--out", str(out)), out, "--checkpoint/--endpoint")
+    assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--endpoint", "http://127.0.0.1:1",
                                   "--slide", slide, "--out", str(out)), out, "exactly one")
-    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--slide", slide, "--out", str(out),
+    assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--slide", slide, "--out", str(out),
                                   "--um-per-px", "0.69", "--genes", "NOT_A_GENE"), out, "--genes", "NOT_A_GENE")
-    _assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--slide", slide, "--out", str(out),
+    assert_clean_failure(run_cli("--checkpoint", str(checkpoint), "--slide", slide, "--out", str(out),
                                   "--um-per-px", "0.69", "--measured", str(tmp_path / "x.h5")), out, "--section")
 
 
@@ -401,7 +393,7 @@ def test_endpoint_down_is_one_clear_error(tmp_path: Path, her2st_root: Path):
     (port,) = free_ports(1)
     result = run_cli("--endpoint", f"http://127.0.0.1:{port}", "--slide", str(slide_path(her2st_root, "C2")),
                      "--out", str(out), "--um-per-px", "0.69", "--retries", "1")
-    _assert_clean_failure(result, out, f"127.0.0.1:{port}", "no answer after 2 attempts")
+    assert_clean_failure(result, out, f"127.0.0.1:{port}", "no answer after 2 attempts")
 
 
 @pytest.mark.serve

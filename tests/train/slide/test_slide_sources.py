@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from slide_files import write_aperio_svs, write_secondary_capture
+from slide_files import assert_clean_failure, write_aperio_svs, write_secondary_capture
 
 from brst.train.accuracy import pearson_r
 from brst.train.cli.main import cli
@@ -114,15 +114,6 @@ def test_dicomweb_orthanc_gives_the_jpegs_map(jpeg_map: Path, served_checkpoint:
     assert_same_map(out, from_folder, max_abs=1e-4, mean_abs=1e-5, min_r=0.9999)
 
 
-def _assert_clean_failure(result, out: Path, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("brst-train: error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert not out.exists()
-
-
 def test_bad_dicomweb_sources_fail_cleanly(served_checkpoint: Path, orthanc, c2_dicomweb: str, tmp_path: Path):
     """Server down, credentials refused or missing, a series that is no WSI, a bad URL: one line, exit 2."""
     from brst.train.serve.torchserve import free_ports
@@ -133,22 +124,22 @@ def test_bad_dicomweb_sources_fail_cleanly(served_checkpoint: Path, orthanc, c2_
     (port,) = free_ports(1)
     down = c2_dicomweb.replace(orthanc.url.split("//")[1], f"127.0.0.1:{port}")
     started = time.monotonic()
-    _assert_clean_failure(run_cli(*common, "--slide", down, env=good), out, f"127.0.0.1:{port}",
+    assert_clean_failure(run_cli(*common, "--slide", down, env=good), out, f"127.0.0.1:{port}",
                           "no DICOMweb server answers")
     assert time.monotonic() - started < 10  # at once: dicomweb-client's own five retries would take ~30 s
-    _assert_clean_failure(run_cli(*common, "--slide", c2_dicomweb, env={CREDENTIALS_ENV: "brst:wrong"}), out,
+    assert_clean_failure(run_cli(*common, "--slide", c2_dicomweb, env={CREDENTIALS_ENV: "brst:wrong"}), out,
                           "refused the credentials (HTTP 401)", CREDENTIALS_ENV)
-    _assert_clean_failure(run_cli(*common, "--slide", c2_dicomweb), out, "HTTP 401")
+    assert_clean_failure(run_cli(*common, "--slide", c2_dicomweb), out, "HTTP 401")
 
     photo = write_secondary_capture(tmp_path / "photo.dcm")
     study, series = orthanc.upload([photo])
-    _assert_clean_failure(run_cli(*common, "--slide", orthanc.series_url(study, series), env=good), out,
+    assert_clean_failure(run_cli(*common, "--slide", orthanc.series_url(study, series), env=good), out,
                           series, "not a DICOM whole-slide image")
     with_password = c2_dicomweb.replace("dicomweb://", f"dicomweb://{orthanc.credentials}@")
     result = run_cli(*common, "--slide", with_password, env=good)
-    _assert_clean_failure(result, out, "credentials do not go in the URL")
+    assert_clean_failure(result, out, "credentials do not go in the URL")
     assert orthanc.password not in result.output
-    _assert_clean_failure(run_cli(*common, "--slide", orthanc.dicomweb_root.replace("http", "dicomweb"), env=good),
+    assert_clean_failure(run_cli(*common, "--slide", orthanc.dicomweb_root.replace("http", "dicomweb"), env=good),
                           out, "studies/<StudyInstanceUID>/series/<SeriesInstanceUID>")
 
 
@@ -158,12 +149,12 @@ def test_bad_slide_files_fail_cleanly(served_checkpoint: Path, tmp_path: Path):
     common = ["--checkpoint", str(served_checkpoint), "--out", str(out), "--um-per-px", str(UM_PER_PX)]
     garbage = tmp_path / "slide.svs"
     garbage.write_bytes(b"II*\x00" + bytes(range(256)) * 40)
-    _assert_clean_failure(run_cli(*common, "--slide", str(garbage)), out, "slide.svs", "not a readable TIFF")
+    assert_clean_failure(run_cli(*common, "--slide", str(garbage)), out, "slide.svs", "not a readable TIFF")
     mirax = tmp_path / "slide.mrxs"
     mirax.write_text("[GENERAL]\n")
-    _assert_clean_failure(run_cli(*common, "--slide", str(mirax)), out, "slide.mrxs", "OpenSlide")
+    assert_clean_failure(run_cli(*common, "--slide", str(mirax)), out, "slide.mrxs", "OpenSlide")
     folder = tmp_path / "photos"
     folder.mkdir()
     write_secondary_capture(folder / "photo.dcm")
-    _assert_clean_failure(run_cli(*common, "--slide", str(folder)), out, "photos", "not a DICOM whole-slide image")
-    _assert_clean_failure(run_cli(*common, "--slide", str(tmp_path / "nothing")), out, "nothing", "no such")
+    assert_clean_failure(run_cli(*common, "--slide", str(folder)), out, "photos", "not a DICOM whole-slide image")
+    assert_clean_failure(run_cli(*common, "--slide", str(tmp_path / "nothing")), out, "nothing", "no such")
