@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
 DEPLOY_DIR = REPO_ROOT / "deploy"
 CRD_DIR = Path(os.environ.get("BRST_SHARED_CRDS", REPO_ROOT.parent / "shared" / "k8s-crds"))
+#: the kit that builds and starts a real kube-apiserver (and a one-node cluster) offline
+K8S_LOCAL_KIT = Path(os.environ.get("BRST_SHARED_K8S_LOCAL", REPO_ROOT.parent / "shared" / "k8s-local"))
 PRODUCTION_CONFIG = K8S_DIR / "base" / "config.properties"
 ALERT_RULES = DEPLOY_DIR / "prometheus" / "brst-alerts.yaml"
 DASHBOARD = DEPLOY_DIR / "grafana" / "brst-dashboard.json"
@@ -47,6 +49,13 @@ KUSTOMIZATIONS = {
     "train-multinode": "jobs/train-multinode",
     "model-store-loader": "jobs/model-store-loader",
     "kserve": "optional/kserve",
+}
+
+#: kustomizations of a one-node test cluster only (make k8s-e2e, ../shared/k8s-local): never
+#: production; rendered, admitted by the real API server and held to the same pod policy
+LOCAL_NODE_KUSTOMIZATIONS = {
+    "local-node-serve-v2": "local-node/serve-v2",
+    "local-node-train-cpu": "local-node/train-cpu",
 }
 
 #: custom resource kinds -> the CRD file that defines them
