@@ -81,6 +81,24 @@ def test_archive_carries_what_the_handler_needs(model_dir, served_checkpoint):
     assert manifest["model"]["serializedFile"] == WEIGHTS_FILE and manifest["model"]["handler"] == "brst_handler.py"
 
 
+def test_the_archived_handler_is_the_installed_one(model_dir):
+    """The archive's handler file defines one class, a subclass of the installed handler with no code
+    of its own, and TorchServe's own loader picks exactly it."""
+    import importlib.util
+
+    from ts.utils.util import list_classes_from_module
+
+    from brst.handlers.brst_handler import BrstHandler
+
+    spec = importlib.util.spec_from_file_location("brst_handler_archived", model_dir / "brst_handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    [loaded] = list_classes_from_module(module)
+    assert issubclass(loaded, BrstHandler) and loaded is not BrstHandler
+    assert not [name for name, value in vars(loaded).items()
+                if callable(value) or isinstance(value, (staticmethod, classmethod, property))]  # no code of its own
+
+
 def test_archive_refuses_to_overwrite_and_bad_names(served_checkpoint, tmp_path):
     (tmp_path / "brst.mar").write_bytes(b"old")
     with pytest.raises(BrstError, match="--force"):

@@ -15,7 +15,8 @@ The archive holds, besides TorchServe's ``MAR-INF/MANIFEST.json``:
   workers, response timeout) and a ``handler`` section (test-time augmentation, limits);
 - ``brst-signature.json`` when signed (``--sign KEY``): Ed25519 over the weights' and the JSON's
   sha256 (:mod:`brst.handlers.signing`);
-- the handler, ``brst_handler.py`` (it imports the installed :mod:`brst.handlers`, never ``brst.train``).
+- the handler file, ``brst_handler.py``: a subclass of the installed :mod:`brst.handlers.brst_handler`
+  handler with no code of its own, so an archive never carries a stale copy (never ``brst.train``).
 """
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "model-config.yaml"
 HANDLER_MODULE = "brst.handlers.brst_handler"
+HANDLER_FILE = "brst_handler.py"
+ENTRY_POINT = f'''"""TorchServe entry point of a brst archive: the installed runtime's handler ({HANDLER_MODULE})."""
+from {HANDLER_MODULE} import BrstHandler
+
+
+class ArchivedBrstHandler(BrstHandler):
+    """The one class TorchServe loads from this file; all of its code is the installed brst.handlers'."""
+'''
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
@@ -91,11 +100,18 @@ def archive_facts(ckpt: dict, model_version: str, weights_sha256: str) -> dict:
             "weights_sha256": weights_sha256, "brst_version": ckpt.get("brst_version", _brst_version())}
 
 
-def _handler_path() -> Path:
-    spec = importlib.util.find_spec(HANDLER_MODULE)
-    if spec is None or spec.origin is None:
+def write_entry_point(work: Path) -> Path:
+    """The archive's handler file: a subclass of the installed :class:`BrstHandler`, no code of its own.
+
+    TorchServe loads the one class an archive's handler file defines; defining it as a subclass
+    of the installed runtime's handler means an archive never carries a stale copy of the
+    handler's code, so the same archive serves on any brst whose ``brst.handlers`` has it.
+    """
+    if importlib.util.find_spec(HANDLER_MODULE) is None:
         raise BrstError(HANDLER_MODULE, "is not installed")
-    return Path(spec.origin)
+    path = work / HANDLER_FILE
+    path.write_text(ENTRY_POINT)
+    return path
 
 
 def _run_archiver(work: Path, name: str, model_version: str, extra_files: list[Path]) -> Path:
@@ -108,7 +124,7 @@ def _run_archiver(work: Path, name: str, model_version: str, extra_files: list[P
     out.mkdir()
     cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name,
            "--version", model_version, "--serialized-file", str(work / WEIGHTS_FILE),
-           "--handler", str(_handler_path()), "--extra-files", ",".join(str(path) for path in extra_files),
+           "--handler", str(write_entry_point(work)), "--extra-files", ",".join(str(path) for path in extra_files),
            "--config-file", str(work / MODEL_CONFIG), "--export-path", str(out),
            "--archive-format", "default", "--force"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(work)})
