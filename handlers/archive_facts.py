@@ -11,11 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BrstError
-from .model import BrstNet, model_from_checkpoint
+
+if TYPE_CHECKING:  # torch and timm load only where a model is loaded (fetch hashes files with this module)
+    import torch
+
+    from .model import BrstNet
 
 ARCHIVE_JSON = "brst-model.json"
 WEIGHTS_FILE = "brst-weights.pt"
@@ -47,9 +50,13 @@ def read_archive_facts(model_dir: str | os.PathLike, weights_file: str = WEIGHTS
     return facts
 
 
-def load_archived_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
-                        weights_file: str = WEIGHTS_FILE) -> tuple[BrstNet, dict]:
+def load_archived_model(model_dir: str | os.PathLike, device: "torch.device | str" = "cpu",
+                        weights_file: str = WEIGHTS_FILE) -> "tuple[BrstNet, dict]":
     """The archived model (eval mode, on ``device``) and its facts, weights checked first."""
+    import torch
+
+    from .model import model_from_checkpoint
+
     facts = read_archive_facts(model_dir, weights_file)
     state = torch.load(Path(model_dir) / weights_file, map_location="cpu", weights_only=True)
     ckpt = {"arch": facts["arch"], "n_main": len(facts["genes"]), "n_aux": len(facts["aux_genes"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,9 +47,15 @@ def inference_ports(props: dict[str, str]) -> set[int]:
     return {int(urlsplit(address).port), int(props.get("grpc_inference_port", DEFAULT_PORTS["grpc_inference_port"]))}
 
 
-def _properties(path: Path) -> dict[str, str]:
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return dict(line.split("=", 1) for line in lines if line and line[0] not in "#!" and "=" in line)
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    """A Java ``.properties`` file (TorchServe's config) as a dict (``key=value`` lines; ``#``/``!`` comments)."""
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and line[0] not in "#!" and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="TorchServe config.properties")
     parser.add_argument("--timeout-s", type=float, default=DRAIN_S)
     args = parser.parse_args(argv)
-    props = {key.strip(): value.strip() for key, value in _properties(args.config).items()}
-    left = wait_drained(inference_ports(props), args.timeout_s)
+    left = wait_drained(inference_ports(read_properties(args.config)), args.timeout_s)
     if left:
         print(f"brst: {left} client connection(s) still open after {args.timeout_s:g} s; stopping anyway",
               file=sys.stderr)

@@ -72,3 +72,15 @@ def test_the_check_sees_a_violation(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("def f():\n    from brst.train.slide.run import run_slide\n")
     assert train_parts(module) - STAGES["fit"] - SHARED == {"slide"}
+
+
+def test_light_commands_do_not_load_torch():
+    """``predict``, ``serve``, ``keygen`` and ``fetch`` start without torch or timm (seconds saved each run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, brst.train.cli.serve, brst.train.data.fetch, brst.handlers.runtime_check; "
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

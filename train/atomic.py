@@ -36,7 +36,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None, mode: int 
     ``needed_bytes`` (when the size is known) is checked against the free space first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BrstError(target.parent, f"cannot be created as a folder for {target.name} ({err.strerror})") from None
     if needed_bytes is not None:
         ensure_space(target, needed_bytes)
     fd, tmp_name = tempfile.mkstemp(

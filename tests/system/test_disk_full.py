@@ -95,3 +95,11 @@ def test_predict_slide_on_a_full_disk(small_disk: Path, served_checkpoint: Path,
     assert result.exit_code == 2, result.output
     assert "no space left on its device" in result.output and str(out) in result.output
     assert [p.name for p in out.rglob("*.tmp")] == []
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path: Path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(PREVIOUS)
+    with pytest.raises(BrstError, match=r"not-a-folder: cannot be created as a folder for summary\.json"):
+        write_json_atomic(blocker / "summary.json", {"a": 1})
+    assert blocker.read_bytes() == PREVIOUS

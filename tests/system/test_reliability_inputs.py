@@ -195,8 +195,8 @@ class Served:
     """The served model, clients for both transports, the reference answer and the workers."""
 
     def __init__(self, served_model, valid_png: bytes) -> None:
+        from brst.handlers.drain import read_properties
         from brst.train.serve.client import GrpcClient, HttpClient
-        from brst.train.serve.torchserve import read_properties
 
         self.model = served_model
         self.http = HttpClient(served_model.endpoints.inference, served_model.name)

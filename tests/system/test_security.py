@@ -226,7 +226,7 @@ def test_no_unauthenticated_route_to_the_model_in_production():
     """
     import k8s_checks as k8s
 
-    from brst.train.serve.torchserve import read_properties
+    from brst.handlers.drain import read_properties
 
     props = read_properties(PRODUCTION_CONFIG)
     if props.get("disable_token_authorization", "false").lower() != "true":
@@ -245,7 +245,7 @@ def test_no_unauthenticated_route_to_the_model_in_production():
 
 def test_single_server_production_config_keeps_token_auth_and_internal_management():
     """deploy/config.production.properties: TorchServe's token authorization on, management on loopback."""
-    from brst.train.serve.torchserve import read_properties
+    from brst.handlers.drain import read_properties
 
     props = read_properties(REPO_ROOT / "deploy" / "config.production.properties")
     assert props["disable_token_authorization"] == "false"

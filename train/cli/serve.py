@@ -18,12 +18,12 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from brst.train.serve.archiver import ServeSettings
+from brst.train.serve.settings import ServeSettings
 
 from .params import DEFAULT_MODEL_NAME, model_name_option
 
 log = logging.getLogger(__name__)
-#: ``archive``'s defaults are the settings' own (written once, in brst.train.serve.archiver)
+#: ``archive``'s defaults are the settings' own (written once, in brst.train.serve.settings)
 SETTINGS = ServeSettings()
 
 

@@ -90,6 +90,6 @@ def run_data_config(arch: str, input_size: int | None, index) -> dict:
     """The checkpoint's data config: the architecture's input facts plus the patch geometry."""
     geometry = PatchGeometry(float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)), index.um_per_px)
     if geometry.patch_px != int(index.patch_px):
-        raise BrstError("dataset", f"patch_um {geometry.patch_um:g} at {index.um_per_px:g} um/px is not its "
-                                   f"{index.patch_px} px patches")
+        raise BrstError(", ".join(map(str, index.files)), f"patch_um {geometry.patch_um:g} at {index.um_per_px:g} "
+                                                          f"um/px does not give its {index.patch_px} px patches")
     return {**data_config(arch, input_size), **geometry.data_config()}

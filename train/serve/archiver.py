@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -41,6 +41,8 @@ from brst.handlers.signing import SIGNATURE_FILE, sign_files
 from brst.handlers.targets import TargetTransform
 from brst.train.atomic import atomic_path, write_json_atomic
 from brst.train.checkpoint import load_checkpoint
+
+from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +57,6 @@ class ArchivedBrstHandler(BrstHandler):
     """The one class TorchServe loads from this file; all of its code is the installed brst.handlers'."""
 '''
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """TorchServe's settings for the model (written to ``model-config.yaml``).
-
-    Attributes:
-        batch_size: most requests TorchServe groups into one handler call.
-        max_batch_delay_ms: how long TorchServe waits to fill a batch.
-        workers: worker processes (each loads the model; one torch thread each on a
-            shared CPU when several).
-        response_timeout_s: a request not answered in this time fails.
-        tta: average the eight dihedral transforms and return a per-gene ``spread``.
-    """
-
-    batch_size: int = 8
-    max_batch_delay_ms: int = 20
-    workers: int = 1
-    response_timeout_s: int = 120
-    tta: bool = False
-
-    def model_config(self) -> dict:
-        """The ``model-config.yaml`` mapping (TorchServe keys plus our ``handler`` section)."""
-        return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
-                "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
-                "handler": {"tta": self.tta}}
 
 
 def _brst_version() -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from brst.handlers.drain import DRAIN_S, inference_ports, wait_drained
+from brst.handlers.drain import DRAIN_S, inference_ports, read_properties, wait_drained
 from brst.handlers.errors import BrstError
 from brst.handlers.runtime_check import check_archives
 from brst.handlers.signing import PUBLIC_KEY_ENV
@@ -70,17 +70,6 @@ class Endpoints:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def read_properties(path: str | os.PathLike) -> dict[str, str]:
-    """A Java ``.properties`` file as a dict (``key=value`` lines; ``#``/``!`` comments)."""
-    props = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line and line[0] not in "#!" and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
 
 
 def write_properties(path: str | os.PathLike, props: dict[str, str], header: str) -> None:
