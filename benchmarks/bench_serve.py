@@ -57,7 +57,7 @@ N_GENES = 250
 
 def real_patches(n: int) -> tuple[np.ndarray, object]:
     """``n`` uint8 (n, 224, 224, 3) patches around spots of HER2ST section C3, and the section."""
-    section = read_sections(ROOT, ["C3"])[0]
+    section = next(read_sections(ROOT, ["C3"]))
     inside = GEOMETRY.inside(section.image.width, section.image.height, section.pixel_x, section.pixel_y, section.um_per_px)
     rows = np.nonzero(inside)[0][:n]
     side_px = GEOMETRY.side_px(section.um_per_px)

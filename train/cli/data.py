@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from brst.handlers.errors import BrstError
+from brst.train.data.cutting import default_threads
 from brst.train.data.readers import FORMATS
 
 from .params import PATH, split_names
@@ -43,8 +44,8 @@ def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--otsu/--no-otsu", default=False, show_default=True, help="Drop spots over background (Otsu).")
 @click.option("--min-tissue-frac", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="With --otsu: tissue share a patch needs.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Sections cut in parallel processes.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_threads(), show_default="2 with 2+ CPUs",
+              help="Sections decoded and cut at once, on threads (the first start while counts are read).")
 @click.option("--plan", "plan_path", type=PATH, help="Use the genes and panel of this gene plan JSON.")
 @click.option("--write-plan", type=PATH, help="Only compute the gene plan (JSON) for these sections; no patches.")
 @click.option("--missing-genes", type=click.Choice(["zero", "error"]), default="zero", show_default=True,

@@ -3,8 +3,10 @@
 Steps: read sections (counts, spots, lazy images) -> spot filter (minimum total counts,
 patch inside the image, optionally Otsu tissue) -> gene filter and panel (a
 :class:`~brst.train.data.genes.GenePlan`, computed or loaded) -> cut patches (each image
-decoded once, sections in parallel with ``workers``) -> one HDF5 file, or one file per
-section (``out_dir``), each written under a temporary name and renamed when complete.
+decoded once; :mod:`~brst.train.data.cutting` decodes and cuts ``workers`` sections at once on
+threads, starting while later sections' counts are still being read, and the HDF5 writing
+overlaps them) -> one HDF5 file, or one file per section (``out_dir``), each written under a
+temporary name and renamed when complete.
 
 A large cohort is prepared as independent jobs: one ``--write-plan plan.json`` run over
 all sections (counts only, no pixels decoded unless ``otsu``), then one job per section
@@ -15,12 +17,10 @@ omits genes with no counts) is stored as zero there, with a warning naming how m
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import multiprocessing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -29,9 +29,9 @@ from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.train.atomic import atomic_path
 
+from .cutting import SectionCutter, default_threads
 from .genes import MISSING_GENES, GenePlan, choose_genes, read_gene_list, stack_counts, unmeasured_genes
-from .patches import cut_patch
-from .readers import read_sections, reader
+from .readers import iter_sections, reader
 from .readers.base import Section
 from .tissue import tissue_fraction
 from .writer import DatasetWriter
@@ -52,7 +52,7 @@ class PrepareOptions:
         genes_file: a text file naming the panel genes.
         otsu: drop spots whose patch has less than ``min_tissue_frac`` tissue (Otsu).
         min_tissue_frac: tissue share needed with ``otsu``.
-        workers: sections cut in parallel processes.
+        workers: sections decoded and cut at once, on threads (default: 2 where there are 2 CPUs).
         missing_genes: with a plan, what a plan gene a section does not measure becomes:
             ``"zero"`` (zero counts, with a warning) or ``"error"``.
     """
@@ -65,7 +65,7 @@ class PrepareOptions:
     genes_file: str | None = None
     otsu: bool = False
     min_tissue_frac: float = 0.25
-    workers: int = 1
+    workers: int = field(default_factory=default_threads)
     missing_genes: str = "zero"
 
     @property
@@ -106,35 +106,6 @@ def filter_spots(section: Section, options: PrepareOptions) -> SpotReport:
                       int((enough & inside).sum()), int(keep.sum()), section.um_per_px, np.flatnonzero(keep))
 
 
-def cut_section(image, pixel_x: np.ndarray, pixel_y: np.ndarray, side_px: float, patch_px: int) -> np.ndarray:
-    """uint8 ``(n, P, P, 3)`` patches of one section; the image is decoded once, then released."""
-    try:
-        patches = np.empty((len(pixel_x), patch_px, patch_px, 3), dtype=np.uint8)
-        for i, (x, y) in enumerate(zip(pixel_x, pixel_y)):
-            patches[i] = cut_patch(image, x, y, side_px, patch_px)
-        return patches
-    finally:
-        image.close()
-
-
-def _cut_job(section: Section, geometry: PatchGeometry) -> tuple:
-    return (section.image, section.pixel_x, section.pixel_y, geometry.side_px(section.um_per_px), geometry.patch_px)
-
-
-def _run_cut(job: tuple) -> np.ndarray:
-    return cut_section(*job)
-
-
-def parallel_map(function, jobs: Sequence, workers: int) -> Iterator:
-    """``map(function, jobs)`` in order, in ``workers`` spawned processes when > 1."""
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(function, jobs)
-        return
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        yield from pool.map(function, jobs)
-
-
 def dataset_attrs(format_name: str, sections: Sequence[Section], options: PrepareOptions,
                   plan: GenePlan, root: Path) -> dict:
     """HDF5 attributes of the schema (``filters`` as a dict; the writer stores JSON).
@@ -169,12 +140,6 @@ def write_dataset(path: Path, attrs: dict, sections: Sequence[Section], plan: Ge
     return path
 
 
-def _write_section_job(job: tuple) -> Path:
-    """Worker: cut one section and write it to its own file."""
-    path, attrs, section, plan, geometry = job
-    return write_dataset(path, attrs, [section], plan, iter([_run_cut(_cut_job(section, geometry))]))
-
-
 def _check_plan_genes(sections: Sequence[Section], plan: GenePlan, source: object, missing_genes: str) -> None:
     """Plan genes a section does not measure: a warning naming how many (``zero``) or BrstError (``error``)."""
     if missing_genes not in MISSING_GENES:
@@ -198,9 +163,16 @@ def make_plan(sections: Sequence[Section], options: PrepareOptions, panel: list[
 
 
 def select_spots(format_name: str, root: Path, section_names: Sequence[str] | None, options: PrepareOptions,
-                 reader_options: dict) -> tuple[list[Section], list[SpotReport]]:
-    """Read sections and apply the spot filters; sections left without spots are dropped."""
-    sections = read_sections(format_name, root, section_names, **reader_options)
+                 reader_options: dict, on_read: Callable[[Section], None] = lambda section: None
+                 ) -> tuple[list[Section], list[SpotReport]]:
+    """Read sections and apply the spot filters; sections left without spots are dropped.
+
+    ``on_read`` is called with each section as soon as it is read, before the next one is.
+    """
+    sections = []
+    for section in iter_sections(format_name, root, section_names, **reader_options):
+        on_read(section)
+        sections.append(section)
     reports = [filter_spots(section, options) for section in sections]
     for report in reports:
         log.debug("%s: %d spots, %d with >= %d counts, %d with the patch inside the image, %d kept",
@@ -227,23 +199,22 @@ def prepare(format_name: str, root: str | Path, out: str | Path | None = None, o
     geometry = options.geometry  # checked before any slow work, like the files below
     plan = GenePlan.from_json(plan_path) if plan_path is not None else None
     panel = read_gene_list(options.genes_file) if options.genes_file and plan is None else None
-    kept, reports = select_spots(format_name, root, sections, options, reader_options or {})
-    if plan is None:
-        plan = make_plan(kept, options, panel)
-    else:
-        _check_plan_genes(kept, plan, plan_path, options.missing_genes)
-    log.info("%d genes kept, panel of %d (%s)", len(plan.genes), len(plan.panel), plan.rule.get("panel"))
-    if write_plan is not None:
-        plan.to_json(write_plan)
-        return [Path(write_plan)], reports, plan
-    attrs = dataset_attrs(format_name, kept, options, plan, root)
-    with tqdm(total=sum(s.n_spots for s in kept), unit="spot", desc="prepare", dynamic_ncols=True) as progress:
-        if out is not None:
-            patches = parallel_map(_run_cut, [_cut_job(s, geometry) for s in kept], options.workers)
-            return [write_dataset(Path(out), attrs, kept, plan, patches, progress)], reports, plan
-        jobs = [(Path(out_dir) / f"{s.section}.h5", attrs, s, plan, geometry) for s in kept]
-        files = []
-        for section, path in zip(kept, parallel_map(_write_section_job, jobs, options.workers)):
-            files.append(path)
-            progress.update(section.n_spots)
+    with SectionCutter(geometry, options.workers) as cutter:
+        warm = cutter.warm if write_plan is None else (lambda section: None)
+        kept, reports = select_spots(format_name, root, sections, options, reader_options or {}, warm)
+        if plan is None:
+            plan = make_plan(kept, options, panel)
+        else:
+            _check_plan_genes(kept, plan, plan_path, options.missing_genes)
+        log.info("%d genes kept, panel of %d (%s)", len(plan.genes), len(plan.panel), plan.rule.get("panel"))
+        if write_plan is not None:
+            plan.to_json(write_plan)
+            return [Path(write_plan)], reports, plan
+        attrs = dataset_attrs(format_name, kept, options, plan, root)
+        with tqdm(total=sum(s.n_spots for s in kept), unit="spot", desc="prepare", dynamic_ncols=True) as progress:
+            patches = cutter.cut(kept)
+            if out is not None:
+                return [write_dataset(Path(out), attrs, kept, plan, patches, progress)], reports, plan
+            files = [write_dataset(Path(out_dir) / f"{section.section}.h5", attrs, [section], plan, iter([pixels]),
+                                   progress) for section, pixels in zip(kept, patches)]
     return files, reports, plan

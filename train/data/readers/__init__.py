@@ -1,15 +1,17 @@
 """Readers of spatial-transcriptomics formats, one module per format, one registry.
 
 Each module exposes ``READER_VERSION``, ``list_sections(root) -> list[str]`` and
-``read_sections(root, sections=None, **options) -> list[Section]``. :func:`read_sections`
-here picks the module by name and checks what every reader must deliver.
+``read_sections(root, sections=None, **options) -> Iterator[Section]`` (one section read at a
+time, so a caller can start on a section's image while the next one's counts are parsed).
+:func:`iter_sections` here picks the module by name and checks what every reader must deliver;
+:func:`read_sections` is its list.
 """
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from .base import Section, SlideImage
 #: format name -> module (relative to this package)
 FORMATS: dict[str, str] = {"her2st": "her2st", "stnet": "stnet", "visium": "visium", "hest": "hest"}
 
-__all__ = ["FORMATS", "Section", "SlideImage", "reader", "read_sections", "check_section"]
+__all__ = ["FORMATS", "Section", "SlideImage", "reader", "iter_sections", "read_sections", "check_section"]
 
 
 def reader(format_name: str) -> ModuleType:
@@ -54,11 +56,18 @@ def check_section(section: Section) -> Section:
     return section
 
 
-def read_sections(format_name: str, root: str | Path, sections: Sequence[str] | None = None,
-                  **options) -> list[Section]:
-    """Read ``sections`` (default: all) of ``root`` in ``format_name``, each checked."""
+def iter_sections(format_name: str, root: str | Path, sections: Sequence[str] | None = None,
+                  **options) -> Iterator[Section]:
+    """Read ``sections`` (default: all) of ``root`` in ``format_name`` one at a time, each checked."""
     root = Path(root)
     if not root.exists():
         raise BrstError(root, "data folder not found")
     module = reader(format_name)
-    return [check_section(s) for s in module.read_sections(root, list(sections) if sections else None, **options)]
+    for section in module.read_sections(root, list(sections) if sections else None, **options):
+        yield check_section(section)
+
+
+def read_sections(format_name: str, root: str | Path, sections: Sequence[str] | None = None,
+                  **options) -> list[Section]:
+    """All of :func:`iter_sections`."""
+    return list(iter_sections(format_name, root, sections, **options))

@@ -13,6 +13,7 @@ comes from the spot grid (200 µm between centres), about 0.69 µm/px for patien
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -79,6 +80,7 @@ def read_section(root: str | Path, section: str) -> Section:
     )
 
 
-def read_sections(root: str | Path, sections: list[str] | None = None) -> list[Section]:
-    """Read the chosen sections (default: all) of a HER2ST ``data/`` folder."""
-    return [read_section(root, name) for name in pick_sections(list_sections(root), sections, root)]
+def read_sections(root: str | Path, sections: list[str] | None = None) -> Iterator[Section]:
+    """Read the chosen sections (default: all) of a HER2ST ``data/`` folder, one at a time."""
+    for name in pick_sections(list_sections(root), sections, root):
+        yield read_section(root, name)

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import scipy.spatial
@@ -203,6 +204,7 @@ def read_section(root: Path, sample: str) -> Section:
     return section if with_patch is None else section.take(with_patch)
 
 
-def read_sections(root: str | Path, sections: list[str] | None = None) -> list[Section]:
-    """Read the chosen samples (default: all) of a HEST-1k folder."""
-    return [read_section(Path(root), name) for name in pick_sections(list_sections(root), sections, root)]
+def read_sections(root: str | Path, sections: list[str] | None = None) -> Iterator[Section]:
+    """Read the chosen samples (default: all) of a HEST-1k folder, one at a time."""
+    for name in pick_sections(list_sections(root), sections, root):
+        yield read_section(Path(root), name)

@@ -4,7 +4,8 @@
 
 * JPEG / PNG (HER2ST, ST-Net, Visium hires) -> :class:`DecodedImage`: the header is read at
   once, the pixels are decoded on first use and kept until :meth:`close` (a ~92 megapixel
-  HER2ST JPEG decodes in about half a second, so a section is decoded once). JPEGs decode at
+  HER2ST JPEG decodes in about half a second, so a section is decoded once, also when several
+  threads read it: the first decodes, the others wait for it). JPEGs decode at
   1/2, 1/4 or 1/8 size (DCT scaling) when the patches asked for are that much coarser, and
   thumbnails use the same reduced decoding.
 * every format OpenSlide reads (Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS, Leica SCN,
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import math
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -76,6 +78,7 @@ class DecodedImage:
         self.path = str(path)
         self._pixels: Image.Image | None = None
         self._reduction = 1
+        self._decoding = threading.Lock()
         try:
             with no_pixel_limit(), Image.open(self.path) as header:
                 self.width, self.height = header.size
@@ -86,13 +89,21 @@ class DecodedImage:
             raise BrstError(self.path, f"not a readable image ({err})") from None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pixels": None}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_pixels", "_decoding")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _pixels=None, _decoding=threading.Lock())
 
     def pixels(self, reduction: int = 1) -> Image.Image:
         """The decoded RGB image, cached; JPEGs may decode at ``1/reduction`` size (1, 2, 4 or 8).
 
-        A cached decode is reused when it is at least as fine as asked for.
+        A cached decode is reused when it is at least as fine as asked for. Thread-safe: one
+        thread decodes, the others wait for its result.
         """
+        with self._decoding:
+            return self._decoded(reduction)
+
+    def _decoded(self, reduction: int) -> Image.Image:
         if self._pixels is None or self._reduction > reduction:
             log.debug("decoding %s (%d x %d) at 1/%d", self.path, self.width, self.height, reduction)
             self._pixels = None
@@ -120,7 +131,7 @@ class DecodedImage:
         shrink = (box[2] - box[0]) / out_px
         reduction = max(r for r in JPEG_REDUCTIONS if r <= max(shrink, 1.0))
         pixels = self.pixels(reduction)
-        scaled = tuple(value / self._reduction for value in box)
+        scaled = tuple(value / round(self.width / pixels.width) for value in box)  # the decode used, not a later one
         return np.asarray(pixels.resize((out_px, out_px), RESAMPLE, box=scaled))
 
     def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:

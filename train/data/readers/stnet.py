@@ -17,6 +17,7 @@ spots missing from either table are dropped with a log line.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -87,7 +88,8 @@ def read_section(root: Path, name: str, counts_path: Path) -> Section:
     )
 
 
-def read_sections(root: str | Path, sections: list[str] | None = None) -> list[Section]:
-    """Read the chosen sections (default: all) of an ST-Net release folder."""
+def read_sections(root: str | Path, sections: list[str] | None = None) -> Iterator[Section]:
+    """Read the chosen sections (default: all) of an ST-Net release folder, one at a time."""
     files = counts_files(root)
-    return [read_section(Path(root), name, files[name]) for name in pick_sections(list(files), sections, root)]
+    for name in pick_sections(list(files), sections, root):
+        yield read_section(Path(root), name, files[name])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -130,8 +131,8 @@ def read_section(name: str, outs: Path, fullres_image: str | Path | None = None,
 
 
 def read_sections(root: str | Path, sections: list[str] | None = None,
-                  fullres_image: str | Path | None = None, scaled: str = "hires") -> list[Section]:
-    """Read the chosen sections (default: all); ``fullres_image`` needs exactly one section.
+                  fullres_image: str | Path | None = None, scaled: str = "hires") -> Iterator[Section]:
+    """Read the chosen sections (default: all), one at a time; ``fullres_image`` needs exactly one section.
 
     Args:
         fullres_image: the full-resolution H&E image (coordinates used unscaled).
@@ -143,4 +144,5 @@ def read_sections(root: str | Path, sections: list[str] | None = None,
     names = pick_sections(list(dirs), sections, root)
     if fullres_image is not None and len(names) != 1:
         raise BrstError("--image", f"a full-resolution image fits one section, not {len(names)}; use --sections")
-    return [read_section(name, dirs[name], fullres_image, scaled) for name in names]
+    for name in names:
+        yield read_section(name, dirs[name], fullres_image, scaled)
