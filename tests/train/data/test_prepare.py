@@ -158,7 +158,7 @@ def test_plan_genes_a_section_does_not_measure_are_zero(her2st_root, tmp_path, c
 
 @pytest.mark.slow
 def test_workers_give_the_same_file(her2st_root, tmp_path):
-    options = PrepareOptions(um_per_px=4.0)
+    options = PrepareOptions(um_per_px=4.0, workers=1)
     one, _, _ = prepare("her2st", her2st_root, out=tmp_path / "w1.h5", sections=["C4", "C6"], options=options)
     options.workers = 2
     two, _, _ = prepare("her2st", her2st_root, out=tmp_path / "w2.h5", sections=["C4", "C6"], options=options)
