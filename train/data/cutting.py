@@ -24,6 +24,7 @@ from brst.handlers.geometry import PatchGeometry
 
 from .patches import cut_patch
 from .readers.base import Section, SlideImage
+from .readers.images import DecodedImage
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ def cut_section(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray, sid
 
 
 def _decode(image: SlideImage, side_px: float, patch_px: int) -> None:
-    """Read one patch at the image's centre: a flat image is decoded (and kept) at the scale the cut will use."""
-    cut_patch(image, image.width / 2, image.height / 2, min(side_px, image.width, image.height), patch_px)
+    """Decode a flat image now (and keep it) at the scale its patches need; slides read by region need nothing."""
+    if isinstance(image, DecodedImage):
+        image.pixels(image.reduction_for(side_px, patch_px))
 
 
 class SectionCutter:

@@ -122,15 +122,18 @@ class DecodedImage:
         """RGB uint8 ``(height, width, 3)`` of the full-resolution box at (x0, y0)."""
         return np.asarray(self.pixels().crop((x0, y0, x0 + width, y0 + height)))
 
+    @staticmethod
+    def reduction_for(box_px: float, out_px: int) -> int:
+        """The coarsest decoding reduction (1, 2, 4 or 8) that keeps a ``box_px`` box at least ``out_px`` px."""
+        return max(r for r in JPEG_REDUCTIONS if r <= max(box_px / out_px, 1.0))
+
     def read_resampled(self, box: tuple[float, float, float, float], out_px: int) -> np.ndarray:
         """The float ``box`` resampled to ``(out_px, out_px, 3)`` uint8.
 
         When the output is at least 2x coarser than the image, JPEGs are decoded at reduced
         size (DCT scaling), never coarser than the output.
         """
-        shrink = (box[2] - box[0]) / out_px
-        reduction = max(r for r in JPEG_REDUCTIONS if r <= max(shrink, 1.0))
-        pixels = self.pixels(reduction)
+        pixels = self.pixels(self.reduction_for(box[2] - box[0], out_px))
         scaled = tuple(value / round(self.width / pixels.width) for value in box)  # the decode used, not a later one
         return np.asarray(pixels.resize((out_px, out_px), RESAMPLE, box=scaled))
 
