@@ -128,7 +128,10 @@ def test_batchnorm_two_processes_equal_ghost_batches_not_the_whole_batch(tmp_pat
     assert "each normalises with its own share of the batch" in done.stderr  # brst's default warned
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     ghost, whole = one_process_steps("test_resnet", shares=2), one_process_steps("test_resnet", shares=1)
-    assert max_weight_difference(two, ghost) < 1e-6  # every weight and running statistic
+    # every weight and running statistic, up to float32 summation order (the all-reduce adds the two halves'
+    # gradients, one process adds them in its own order): 1e-7 on an AMD EPYC, 1.3e-6 on an Intel Xeon with
+    # AVX-512; the whole-batch step differs by ~0.4
+    assert max_weight_difference(two, ghost) < 1e-5
     difference = max_weight_difference(two, whole)
     log.info("BatchNorm, 2 CPU processes vs the whole-batch step: largest difference %.3g", difference)
     assert difference > 1e-2
