@@ -1,11 +1,15 @@
 """Benchmark serving: TorchServe throughput over HTTP and gRPC vs the in-process model.
 
-ours:      patches/s served by TorchServe with batching (batch 8, 10 ms delay), 8 concurrent
-           clients: the lower of HTTP and gRPC.
+ours:      patches/s served by TorchServe with batching (``--batch``, default 8; 10 ms delay),
+           ``--batch`` concurrent clients: the lower of HTTP and gRPC.
 reference: patches/s of the same model in this process on the same PNG patches, in
-           batches of 8, decoding included (``decode_batch`` -> ``Predictor``: the handler's own
-           inference path), while the idle server is up.
-Also reported: concurrency 1 and 8, batching on and off, both protocols. ``--rounds`` rounds
+           batches of ``--batch``, decoding included (``decode_batch`` -> ``Predictor``: the
+           handler's own inference path), while the idle server is up.
+``--device cuda``: TorchServe's worker on the GPU (``number_of_gpu=1``: TorchServe gives it
+``gpu_id`` 0) and the reference on the same GPU, both under the handler's bfloat16 autocast
+(float16 where the GPU lacks bfloat16); ``--device cpu`` (default) sets ``number_of_gpu=0``,
+so a GPU machine still measures the CPU.
+Also reported: concurrency 1 and ``--batch``, batching on and off, both protocols. ``--rounds`` rounds
 interleave the two sides (each round: in-process, then every served configuration) and every
 figure is the best of its rounds, the same statistic on both sides, so a busy moment on a
 shared machine does not decide the ratio.
@@ -19,6 +23,7 @@ reference and target statistics fitted on real HER2ST patches (section C3, 112 Â
 one worker per model) serves the model archived twice: with and without batching.
 
     python benchmarks/bench_serve.py [--arch efficientnet_b0] [--patches 64] [--rounds 3] [--checkpoint CKPT]
+        [--device cpu|cuda] [--batch 8]
 """
 from __future__ import annotations
 
@@ -50,7 +55,9 @@ from brst.train.serve.torchserve import TorchServe
 log = logging.getLogger("bench_serve")
 REPO = Path(__file__).resolve().parents[1]
 ROOT = Path(os.environ.get("BRST_DATA", REPO.parent / "shared" / "data" / "her2st"))
-BATCH = 8
+#: served values match the in-process ones to this (float32 on the CPU; bfloat16 on a GPU,
+#: where batches of other sizes take other kernels)
+ATOL = {"cpu": 1e-3, "cuda": 5e-2}
 GEOMETRY = PatchGeometry(patch_um=112.0, um_per_px=0.5)
 N_GENES = 250
 
@@ -81,20 +88,22 @@ def random_weights_checkpoint(arch: str, patches: np.ndarray, section, out: Path
 
 
 class InProcess:
-    """The reference: the checkpoint through the one inference path in this process, batches of ``BATCH``."""
+    """The reference: the checkpoint through the one inference path in this process, batches of ``batch``."""
 
-    def __init__(self, ckpt: dict) -> None:
-        self.predictor = Predictor.from_checkpoint(ckpt)
+    def __init__(self, ckpt: dict, device: torch.device, batch: int) -> None:
+        self.predictor = Predictor.from_checkpoint(ckpt, device)
         self.geometry = PatchGeometry.from_data_config(ckpt["data_config"])
+        self.device, self.batch = device, batch
 
     def predict(self, pngs: list[bytes]) -> np.ndarray:
+        """PNG patches -> expression ``(len(pngs), G)``, read back to the host (as the handler does)."""
         batch = decode_batch([{"body": png} for png in pngs], self.geometry)
-        return self.predictor(torch.from_numpy(batch.patches)).numpy()
+        return self.predictor(torch.from_numpy(batch.patches).to(self.device)).cpu().numpy()
 
     def patches_per_second(self, pngs: list[bytes]) -> float:
         start = time.perf_counter()
-        for i in range(0, len(pngs), BATCH):
-            self.predict(pngs[i:i + BATCH])
+        for i in range(0, len(pngs), self.batch):
+            self.predict(pngs[i:i + self.batch])
         return len(pngs) / (time.perf_counter() - start)
 
 
@@ -117,7 +126,8 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def run_rounds(endpoints, pngs: list[bytes], reference: InProcess, rounds: int) -> tuple[dict[str, float], list[float]]:
+def run_rounds(endpoints, pngs: list[bytes], reference: InProcess, rounds: int,
+               atol: float) -> tuple[dict[str, float], list[float]]:
     """``rounds`` rounds, each: the in-process reference, then every protocol x batching x concurrency.
 
     Interleaving puts both sides in the same minutes of a shared machine; each figure is the
@@ -128,10 +138,10 @@ def run_rounds(endpoints, pngs: list[bytes], reference: InProcess, rounds: int) 
     """
     expected = reference.predict(pngs[:1])
     clients = {}
-    for model, batching in (("bench_b8", "batch"), ("bench_b1", "nobatch")):
+    for model, batching in (("bench_batched", "batch"), ("bench_b1", "nobatch")):
         http, grpc_client = HttpClient(endpoints.inference, model), GrpcClient(endpoints.grpc_inference, model)
         served = np.asarray([http.predict(pngs[0])["values"], grpc_client.predict(pngs[0])["values"]])
-        np.testing.assert_allclose(served, np.repeat(expected[:1], 2, axis=0), atol=1e-3)
+        np.testing.assert_allclose(served, np.repeat(expected[:1], 2, axis=0), atol=atol)
         clients[batching] = {"http": http, "grpc": grpc_client}
     runs: dict[str, float] = {}
     in_process = []
@@ -140,7 +150,7 @@ def run_rounds(endpoints, pngs: list[bytes], reference: InProcess, rounds: int) 
         log.info("round %d in-process   %7.1f patches/s", round_index + 1, in_process[-1])
         for batching, by_protocol in clients.items():
             for protocol, client in by_protocol.items():
-                for concurrency in (1, 8):
+                for concurrency in (1, reference.batch):
                     key = f"{protocol}_c{concurrency}_{batching}"
                     rate = served_per_second(client.predict, pngs, concurrency)
                     runs[key] = max(runs.get(key, 0.0), rate)
@@ -156,7 +166,11 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (best of each counts).")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a real checkpoint instead of random weights")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where TorchServe's worker and the in-process reference run")
+    parser.add_argument("--batch", type=int, default=8, help="TorchServe's batch, the clients, the reference's batch")
     args = parser.parse_args()
+    device = torch.device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
@@ -167,21 +181,25 @@ def main() -> None:
         rows = [{"body": encode_png(p), "um_per_px": GEOMETRY.um_per_px} for p in patches]
         pngs = [encode_png(p) for p in decode_batch(rows, spec).patches]  # at the model's patch size
         store = work / "store"
-        for name, batch in (("bench_b8", BATCH), ("bench_b1", 1)):
+        for name, batch in (("bench_batched", args.batch), ("bench_b1", 1)):
             build_archive(checkpoint, name, store, settings=ServeSettings(batch_size=batch, max_batch_delay_ms=10))
-        reference = InProcess(ckpt)
-        reference.patches_per_second(pngs[:BATCH])  # warm-up
-        server = TorchServe(store, {"bench_b8": "bench_b8.mar", "bench_b1": "bench_b1.mar"}, work / "serve",
-                            REPO / "deploy" / "config.properties")
+        reference = InProcess(ckpt, device, args.batch)
+        reference.patches_per_second(pngs[:args.batch])  # warm-up
+        models = {"bench_batched": "bench_batched.mar", "bench_b1": "bench_b1.mar"}
+        server = TorchServe(store, models, work / "serve", REPO / "deploy" / "config.properties",
+                            overrides={"number_of_gpu": "1" if device.type == "cuda" else "0"})
         with server:
-            runs, in_process = run_rounds(server.endpoints, pngs, reference, args.rounds)
+            runs, in_process = run_rounds(server.endpoints, pngs, reference, args.rounds, ATOL[device.type])
     ref = max(in_process)
-    ours = min(runs["http_c8_batch"], runs["grpc_c8_batch"])
+    ours = min(runs[f"http_c{args.batch}_batch"], runs[f"grpc_c{args.batch}_batch"])
     log.info("in-process %s patches/s (best %.1f)", [round(r, 1) for r in in_process], ref)
     print(json.dumps({"name": "serve_throughput", "ours": round(ours, 2), "reference": round(ref, 2),
                       "unit": "patches/s", "ratio": round(ours / ref, 3), "arch": ckpt["arch"],
                       "input_size": ckpt["data_config"]["input_size"][-1], "patches": len(pngs),
-                      "device": "cpu", "torch_threads": torch.get_num_threads(), "rounds": args.rounds,
+                      "device": args.device, "batch": args.batch, "torch_threads": torch.get_num_threads(),
+                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                      "precision": str(reference.predictor.amp_dtype or "float32").removeprefix("torch."),
+                      "rounds": args.rounds,
                       "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
                       "runs": {k: round(v, 2) for k, v in runs.items()},
                       "in_process_runs": [round(r, 2) for r in in_process]}))

@@ -1,16 +1,22 @@
 """Benchmark the training step: ``brst-train``'s step vs a bare timm forward/backward/step loop.
 
-ours:      samples/s of brst's training step as ``fit`` runs it: batches from the HDF5
-           ``PatchDataset`` through a DataLoader (``--workers``), uint8 -> device -> Macenko stain ->
-           dihedral augmentation -> resize -> normalise, targets z-scored on the device, BrstNet
-           (main + auxiliary head), MSE + MSE, SGD, cosine schedule. Includes waiting for data.
+ours:      samples/s of brst's training step as ``fit`` runs it, with fit's defaults for the
+           device (``brst.train.fit.hardware``; on CUDA: bfloat16 autocast where the GPU has it,
+           channels_last, fused SGD, cuDNN benchmark; ``--compile``: fit's ``--compile``): batches
+           from the HDF5 ``PatchDataset`` through a DataLoader (``--workers``), uint8 -> device ->
+           Macenko stain -> dihedral augmentation -> resize -> normalise, targets z-scored on the
+           device, BrstNet (main + auxiliary head), MSE + MSE, SGD, cosine schedule. Includes
+           waiting for data.
 reference: samples/s of a bare loop over the *same* batches, already preprocessed and held in
-           memory: ``timm.create_model(arch, num_classes=main + aux genes)``, MSE, SGD step.
+           memory: ``timm.create_model(arch, num_classes=main + aux genes)``, MSE, SGD step. On
+           CUDA in its best form, written independently of fit's code: channels_last, bfloat16
+           autocast if the GPU has it, fused SGD, cuDNN benchmark; on the CPU float32 and the plain
+           SGD loop, as before (CPU figures stay comparable).
 Rounds alternate ours and reference (the machine's load drifts); rates are over all rounds.
 Also reported: ``data_wait_frac``, the share of our step time spent waiting for the DataLoader.
 
     python benchmarks/bench_train_step.py [--data FILE.h5] [--arch efficientnet_b0] [--input-size 64] [--stain-jitter 0.05]
-        [--batch-size 32] [--steps 4] [--rounds 3] [--workers 2] [--threads N] [--device cpu]
+        [--batch-size 32] [--steps 4] [--rounds 3] [--workers 2] [--threads N] [--device cpu] [--compile]
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from brst.handlers.model import timm_kwargs
 from brst.train.data import open_dataset
 from brst.train.data.prepare import PrepareOptions, prepare
 from brst.train.fit.distributed import DistContext, resolve_device
+from brst.train.fit.hardware import bf16_supported, precision_name, tune_backends
 from brst.train.fit.loop import batch_tensors, train_step
 from brst.train.fit.options import DEMO_DATASET, FitOptions
 from brst.train.fit.runner import derive_spec, make_loaders, make_model, make_parts
@@ -77,28 +84,46 @@ def ours_round(parts, batches, codes, steps: int) -> tuple[float, float, int, li
     return time.perf_counter() - start, waited, seen, used
 
 
-def reference_round(model, optimizer, inputs: list[tuple]) -> tuple[float, int]:
-    """The bare loop over preprocessed batches; returns (seconds, samples)."""
-    device = next(model.parameters()).device
-    synchronize(device)
-    start, seen = time.perf_counter(), 0
-    for x, y in inputs:
-        loss = F.mse_loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seen += x.shape[0]
-    synchronize(device)
-    return time.perf_counter() - start, seen
+class Reference:
+    """The bare timm loop: on CUDA channels_last, bfloat16 autocast (if the GPU has it) and fused SGD;
+    on the CPU float32 and the plain SGD loop."""
 
+    def __init__(self, arch: str, input_size: int, n_outputs: int, options: FitOptions, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.model = timm.create_model(arch, pretrained=False, num_classes=n_outputs, **timm_kwargs(arch, input_size))
+        self.model = self.model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=options.lr, momentum=options.momentum,
+                                         weight_decay=options.weight_decay, **({"fused": True} if cuda else {}))
+        self.device = device
+        self.dtype = torch.bfloat16 if cuda and bf16_supported(device) else None
 
-def reference_inputs(parts, batches: list[dict]) -> list[tuple]:
-    """The same batches, preprocessed (no augmentation), targets of both heads side by side."""
-    inputs = []
-    for batch in batches:
-        x, y_main, y_aux = batch_tensors(parts, batch, None)
-        inputs.append((x, y_main if y_aux is None else torch.cat([y_main, y_aux], dim=1)))
-    return inputs
+    def inputs(self, parts, batches: list[dict]) -> list[tuple]:
+        """The same batches, preprocessed (no augmentation), targets of both heads side by side.
+
+        Shape: -> ``[(x (B, 3, S, S), y (B, K + A))]``.
+        """
+        inputs = []
+        for batch in batches:
+            x, y_main, y_aux = batch_tensors(parts, batch, None)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            inputs.append((x, y_main if y_aux is None else torch.cat([y_main, y_aux], dim=1)))
+        return inputs
+
+    def round(self, inputs: list[tuple]) -> tuple[float, int]:
+        """The bare loop over preprocessed batches; returns (seconds, samples)."""
+        synchronize(self.device)
+        start, seen = time.perf_counter(), 0
+        for x, y in inputs:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                out = self.model(x)
+            loss = F.mse_loss(out.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            seen += x.shape[0]
+        synchronize(self.device)
+        return time.perf_counter() - start, seen
 
 
 def main() -> None:
@@ -114,6 +139,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stain-jitter", type=float, default=0.0,
                         help="ours with the small-cohort recipe's HED jitter (the bare loop has none)")
+    parser.add_argument("--compile", action="store_true", help="ours with fit's --compile")
+    parser.add_argument("--warmup", type=int, help="untimed steps per side first [default: 1, 3 with --compile]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -125,35 +152,37 @@ def main() -> None:
 
 def run(args: argparse.Namespace, data: str) -> dict:
     device = resolve_device(args.device)
+    tune_backends(device)
     options = FitOptions(arch=args.arch, data=[data], input_size=args.input_size, batch_size=args.batch_size,
-                         workers=args.workers, device=args.device, stain_jitter=args.stain_jitter)
+                         workers=args.workers, device=args.device, stain_jitter=args.stain_jitter,
+                         compile=args.compile)
     index = open_dataset(options.data)
     spec = derive_spec(options, index, device, None)
     model = make_model(options, spec, device)
     _, loader, _ = make_loaders(options, index, spec, DistContext(), device)
     parts = make_parts(options, spec, model, index, DistContext(), device, total_steps=10_000)
     codes = epoch_augmentation(len(index), options.seed, 0, options.stain_jitter)
-    bare = timm.create_model(args.arch, pretrained=False, num_classes=len(spec.panel) + len(spec.aux),
-                             **timm_kwargs(args.arch, args.input_size))
-    bare = bare.to(device)
-    bare_optimizer = torch.optim.SGD(bare.parameters(), lr=options.lr, momentum=options.momentum,
-                                     weight_decay=options.weight_decay)
+    reference = Reference(args.arch, args.input_size, len(spec.panel) + len(spec.aux), options, device)
     batches = endless(loader)
-    ours_round(parts, batches, codes, 1)  # warm-up: start the workers, first allocations
-    reference_round(bare, bare_optimizer, reference_inputs(parts, [next(batches)]))
+    warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
+    compile_s, _, _, used = ours_round(parts, batches, codes, warmup)  # workers, allocations, compilation
+    reference.round(reference.inputs(parts, used))
     totals = {"ours_s": 0.0, "wait_s": 0.0, "ours_n": 0, "ref_s": 0.0, "ref_n": 0}
     for _ in range(args.rounds):
         seconds, waited, seen, used = ours_round(parts, batches, codes, args.steps)
-        ref_seconds, ref_seen = reference_round(bare, bare_optimizer, reference_inputs(parts, used))
+        ref_seconds, ref_seen = reference.round(reference.inputs(parts, used))
         totals = {"ours_s": totals["ours_s"] + seconds, "wait_s": totals["wait_s"] + waited,
                   "ours_n": totals["ours_n"] + seen, "ref_s": totals["ref_s"] + ref_seconds,
                   "ref_n": totals["ref_n"] + ref_seen}
-    ours, reference = totals["ours_n"] / totals["ours_s"], totals["ref_n"] / totals["ref_s"]
-    return {"name": "train_step", "ours": round(ours, 2), "reference": round(reference, 2), "unit": "samples/s",
-            "ratio": round(ours / reference, 3), "data_wait_frac": round(totals["wait_s"] / totals["ours_s"], 4),
+    ours, ref_rate = totals["ours_n"] / totals["ours_s"], totals["ref_n"] / totals["ref_s"]
+    return {"name": "train_step", "ours": round(ours, 2), "reference": round(ref_rate, 2), "unit": "samples/s",
+            "ratio": round(ours / ref_rate, 3), "data_wait_frac": round(totals["wait_s"] / totals["ours_s"], 4),
             "arch": args.arch, "input_size": args.input_size, "batch_size": args.batch_size,
             "steps": args.steps * args.rounds, "workers": args.workers, "threads": torch.get_num_threads(),
-            "device": str(device), "patch_px": index.patch_px, "genes": [len(spec.panel), len(spec.aux)]}
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "precision": {"ours": precision_name(parts.amp_dtype), "reference": precision_name(reference.dtype)},
+            "channels_last": parts.channels_last, "compile": args.compile, "warmup_s": round(compile_s, 2),
+            "patch_px": index.patch_px, "genes": [len(spec.panel), len(spec.aux)]}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
 
     Shape: ``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, 3, H, W)`` densities (H, E, D).
     """
-    unmix = torch.linalg.inv(_RUIFROK).to(x)
+    unmix = torch.linalg.inv(_RUIFROK).to(x, non_blocking=True)  # non_blocking: a GPU copy without a host wait
     return torch.einsum("bchw,cd->bdhw", optical_density(x), unmix)
 
 
@@ -156,5 +156,5 @@ def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tor
     if scale.shape != (x.shape[0], 3) or shift.shape != scale.shape:
         raise ValueError(f"scale {tuple(scale.shape)} and shift {tuple(shift.shape)} must be ({x.shape[0]}, 3)")
     hed = rgb_to_hed(x) * scale.to(x)[:, :, None, None] + shift.to(x)[:, :, None, None]
-    od = torch.einsum("bdhw,dc->bchw", hed, _RUIFROK.to(x))
+    od = torch.einsum("bdhw,dc->bchw", hed, _RUIFROK.to(x, non_blocking=True))
     return ((256.0 * torch.pow(10.0, -od) - 1.0) / 255.0).clamp(0.0, 1.0)

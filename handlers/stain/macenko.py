@@ -69,11 +69,57 @@ def _principal_plane(od: torch.Tensor, tissue: torch.Tensor, ok: torch.Tensor) -
     mean = weighted.sum(dim=-1, keepdim=True) / count
     # sum (od - mean)(od - mean)^T over tissue = sum od od^T - count mean mean^T: one pass less
     cov = (weighted @ od.transpose(1, 2) - count * mean @ mean.transpose(1, 2)) / (count - 1)
-    distinct_eigenvalues = torch.diag(od.new_tensor([1.0, 2.0, 3.0])).expand_as(cov)  # eigh stays finite
-    cov = torch.where(ok.view(-1, 1, 1), cov, distinct_eigenvalues)
-    plane = torch.linalg.eigh(cov).eigenvectors[..., 1:]
+    distinct = torch.diag_embed(torch.arange(1.0, 4.0, dtype=od.dtype, device=od.device))  # eigh stays finite
+    cov = torch.where(ok.view(-1, 1, 1), cov, distinct)
+    plane = _top_eigenvectors(cov)
     sign = torch.where(plane[:, :, 0].sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(od.dtype)
     return torch.cat([plane[..., :1] * sign.unsqueeze(-1), plane[..., 1:]], dim=-1)
+
+
+def _top_eigenvectors(cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of the second largest and the largest eigenvalue (eigh's order, signs arbitrary):
+    LAPACK's ``eigh`` on the CPU; elsewhere the closed form (:func:`symmetric3_top_eigenvectors`),
+    because ``eigh`` on a GPU reads its error flags back to the host on every call.
+
+    Shape: ``(B, 3, 3)`` symmetric -> ``(B, 3, 2)``.
+    """
+    if cov.device.type == "cpu":
+        return torch.linalg.eigh(cov).eigenvectors[..., 1:]
+    return symmetric3_top_eigenvectors(cov)
+
+
+def _null_vector(m: torch.Tensor) -> torch.Tensor:
+    """A unit vector ``v`` with ``m v ~ 0`` for rank-2 ``m``: the longest cross product of two rows.
+
+    Shape: ``(B, 3, 3)`` -> ``(B, 3)``.
+    """
+    rows = m.unbind(dim=1)
+    crosses = torch.stack([torch.linalg.cross(rows[i], rows[j]) for i, j in ((0, 1), (0, 2), (1, 2))], dim=1)
+    norms = crosses.norm(dim=-1)
+    best = norms.argmax(dim=1, keepdim=True)
+    vector = crosses.gather(1, best.unsqueeze(-1).expand(-1, 1, 3)).squeeze(1)
+    return vector / norms.gather(1, best).clamp_min(1e-300)
+
+
+def symmetric3_top_eigenvectors(cov: torch.Tensor) -> torch.Tensor:
+    """:func:`_top_eigenvectors` in closed form, in float64, with no host sync: the eigenvalues
+    by the trigonometric solution of the characteristic cubic (Smith 1961), the largest and
+    smallest eigenvectors as null vectors of ``cov - lambda I``, the middle one their cross product.
+
+    Shape: ``(B, 3, 3)`` symmetric -> ``(B, 3, 2)``, ``cov``'s dtype.
+    """
+    a = cov.double()
+    q = a.diagonal(dim1=-2, dim2=-1).mean(dim=-1).view(-1, 1, 1)
+    eye = torch.eye(3, dtype=a.dtype, device=a.device)
+    centred = a - q * eye
+    p = (centred.square().sum(dim=(-2, -1)) / 6.0).sqrt().clamp_min(1e-150).view(-1, 1, 1)
+    rows = (centred / p).unbind(dim=1)
+    half_det = (rows[0] * torch.linalg.cross(rows[1], rows[2])).sum(dim=-1) / 2.0  # det(centred / p) / 2
+    phi = half_det.clamp(-1.0, 1.0).acos().view(-1, 1, 1) / 3.0
+    largest = _null_vector(a - (q + 2.0 * p * phi.cos()) * eye)
+    smallest = _null_vector(a - (q + 2.0 * p * (phi + 2.0 * math.pi / 3.0).cos()) * eye)
+    middle = torch.linalg.cross(smallest, largest)
+    return torch.stack([middle, largest], dim=-1).to(cov.dtype)
 
 
 def _extreme_stains(od: torch.Tensor, tissue: torch.Tensor, plane: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -146,7 +192,7 @@ def _remix_matrix(ref: MacenkoReference, max_conc: torch.Tensor, unmix: torch.Te
     safe_conc = torch.where(ok.unsqueeze(-1), max_conc, torch.ones_like(max_conc))
     scale = ref.max_concentration.to(unmix) / safe_conc
     remix = ref.stain_matrix.to(unmix) @ (scale.unsqueeze(-1) * unmix)
-    return torch.where(ok.view(-1, 1, 1), remix, torch.eye(3).to(unmix))
+    return torch.where(ok.view(-1, 1, 1), remix, torch.eye(3, dtype=unmix.dtype, device=unmix.device))
 
 
 def macenko_normalize_flagged(x: torch.Tensor, ref: MacenkoReference, *, io: float = 240.0, alpha: float = 1.0,

@@ -135,11 +135,13 @@ def masked_quantile(values: torch.Tensor, q: float, mask: torch.Tensor | None = 
 def pass_through(out: torch.Tensor, x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Keep ``out`` for patches flagged ``ok`` and the unchanged input (as float) for the others.
 
-    Checks ``ok.all()`` first (one host sync), so the common all-tissue batch costs no extra pass.
+    On the CPU it checks ``ok.all()`` first, so the common all-tissue batch costs no extra pass;
+    elsewhere it always selects (one kernel), because reading the flag back would make the host
+    wait for the device. Both give the same values.
 
     Shape: ``(B, 3, H, W)`` out and x, ``(B,)`` ok -> ``(B, 3, H, W)``.
     """
-    if bool(ok.all()):
+    if x.device.type == "cpu" and bool(ok.all()):
         return out
     return torch.where(ok.view(-1, 1, 1, 1), out, to_float_image(x).to(out.dtype))
 

@@ -28,7 +28,9 @@ from brst.handlers.stain import (
     reinhard_normalize,
     stain_from_json,
 )
+from brst.handlers.stain import macenko as macenko_module
 from brst.handlers.stain import tensor as stain_tensor
+from brst.handlers.stain.macenko import symmetric3_top_eigenvectors
 
 #: one uint8 level: torchstain truncates its output to integers (up to 1 level), float32
 #: arithmetic and percentile interpolation add well under one more
@@ -310,3 +312,35 @@ def test_masked_quantile_is_numpys():
             assert got[index].item() == pytest.approx(expected, abs=1e-6), (q, index)
         torch.testing.assert_close(stain_tensor.masked_quantile(values, q),
                                    torch.from_numpy(np.quantile(values.numpy(), q, axis=-1)).float())
+
+
+def test_closed_form_eigenvectors_are_eighs():
+    """The GPU's sync-free 3x3 eigenvectors equal LAPACK's (up to sign), on random and degenerate covariances."""
+    generator = torch.Generator().manual_seed(5)
+    od = torch.rand(200, 3, 64, generator=generator, dtype=torch.float64)
+    cov = torch.cat([od @ od.transpose(1, 2) / 64, torch.diag(torch.tensor([1.0, 2.0, 3.0]))[None].double()])
+    expected = torch.linalg.eigh(cov).eigenvectors[..., 1:]
+    got = symmetric3_top_eigenvectors(cov)
+    error = torch.minimum((expected - got).abs().amax(dim=1), (expected + got).abs().amax(dim=1))
+    assert error.max() < 1e-9
+    assert torch.isfinite(symmetric3_top_eigenvectors(torch.zeros(2, 3, 3))).all()
+
+
+def test_closed_form_macenko_matches_lapack(real_patches, monkeypatch):
+    """Macenko with the closed-form eigenvectors (what runs on a GPU) gives the CPU's output."""
+    x = as_batch(real_patches, "cpu")
+    norm = Macenko().fit(real_patches[:8])
+    expected, expected_ok = norm.forward_flagged(x)
+    monkeypatch.setattr(macenko_module, "_top_eigenvectors", symmetric3_top_eigenvectors)
+    got, ok = norm.forward_flagged(x)
+    assert torch.equal(ok, expected_ok) and levels(got, expected).max() < 0.5
+
+
+def test_pass_through_keeps_failed_patches_on_every_path(device):
+    """The CPU's early return and the GPU's unconditional select agree."""
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, device=device)
+    out = torch.rand(3, 3, 8, 8, device=device)
+    ok = torch.tensor([True, False, True], device=device)
+    kept = stain_tensor.pass_through(out, x, ok)
+    assert torch.equal(kept[1], x[1].float() / 255) and torch.equal(kept[[0, 2]], out[[0, 2]])
+    assert torch.equal(stain_tensor.pass_through(out, x, torch.ones(3, dtype=torch.bool, device=device)), out)

@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 from brst.handlers.errors import BrstError
 from brst.train.checkpoint import load_checkpoint
+from brst.train.fit.hardware import AMP_DTYPES
 from brst.train.fit.optim import OPTIMIZERS
 from brst.train.fit.options import DEMO_DATASET, FitOptions, resume_options
 from brst.train.fit.recipes import RECIPES, recipe_defaults
@@ -97,8 +98,13 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
               help="Patient(s)/section(s) left out of the run entirely: neither trained nor validated on.")
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp/--no-amp", default=DEFAULTS["amp"], help="Mixed precision [default: on for GPUs].")
-@click.option("--channels-last", is_flag=True, help="channels_last memory format.")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the model.")
+@click.option("--amp-dtype", type=click.Choice(AMP_DTYPES), default=DEFAULTS["amp_dtype"], show_default=True,
+              help="Autocast dtype: auto = bfloat16 where the device has it (no GradScaler), else float16 "
+                   "(with a GradScaler).")
+@click.option("--channels-last/--no-channels-last", default=DEFAULTS["channels_last"],
+              help="channels_last memory format [default: on for GPUs].")
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the model (on a GPU with CUDA graphs: mode reduce-overhead).")
 @click.option("--workers", type=click.IntRange(0), default=DEFAULTS["workers"], show_default=True,
               help="DataLoader workers.")
 @click.option("--resume", type=click.Path(exists=True), help="Continue a run: its directory or a checkpoint.")

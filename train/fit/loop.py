@@ -109,8 +109,9 @@ class EpochProgress:
         return cls(torch.zeros(N_SUMS, dtype=torch.float64, device=device))
 
     def add(self, losses: torch.Tensor, batch_size: int) -> None:
-        weighted = torch.cat([torch.ones(1, device=losses.device), losses]).double() * batch_size
-        self.sums += weighted
+        """Add a step's ``(3,)`` losses on the device (no host read: :meth:`losses` reads them)."""
+        self.sums[0] += batch_size
+        self.sums[1:] += losses.double() * batch_size
         self.batches += 1
         self.samples_seen += batch_size
 

@@ -16,15 +16,25 @@ WARMUP_START = 1e-3
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
-                   name: str = "sgd") -> torch.optim.Optimizer:
+                   name: str = "sgd", fused: bool = False) -> torch.optim.Optimizer:
     """SGD (``momentum``) or AdamW over the trainable parameters (frozen experts and a frozen
-    backbone are left out: no update, no weight decay)."""
+    backbone are left out: no update, no weight decay); ``fused``: one fused kernel for all
+    parameters (CUDA), else torch's default implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused_arg = {"fused": True} if fused else {}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_arg)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused_arg)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, fused: bool) -> None:
+    """``optimizer.load_state_dict(state)`` with this run's ``fused`` setting: a checkpoint's
+    groups carry the saving device's (CPU: plain, GPU: fused), and torch places state such as
+    AdamW's step counters by the flag it loads."""
+    flags = {"fused": True, "foreach": None} if fused else {"fused": None}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **flags} for group in state["param_groups"]]})
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LRScheduler:

@@ -40,7 +40,8 @@ class FitOptions:
     split_by: str = "section"
     device: str = "auto"
     amp: bool | None = None
-    channels_last: bool = False
+    amp_dtype: str = "auto"
+    channels_last: bool | None = None
     compile: bool = False
     workers: int = 2
     resume: str | None = None

@@ -40,8 +40,17 @@ from .distributed import (
     wrap_ddp,
 )
 from .gauges import TrainingMetrics
+from .hardware import (
+    amp_dtype,
+    compile_model,
+    fused_optimizer,
+    grad_scaler,
+    precision_name,
+    tune_backends,
+    use_channels_last,
+)
 from .loop import EpochProgress, StepParts, run_epoch, validate
-from .optim import make_optimizer, make_scheduler
+from .optim import load_optimizer_state, make_optimizer, make_scheduler
 from .options import FitOptions
 from .pretrained import load_backbone_weights
 from .provenance import check_resume_data, training_spots
@@ -129,7 +138,8 @@ def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pr
     log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
              options.arch, len(spec.panel), len(spec.aux))
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if options.channels_last else model
+    channels_last = use_channels_last(options.channels_last, device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def freeze(model: BrstNet, pretrained: str | None) -> None:
@@ -139,14 +149,6 @@ def freeze(model: BrstNet, pretrained: str | None) -> None:
         log.warning("--freeze-backbone without --pretrained: the heads learn from randomly initialised features")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("backbone frozen (eval mode, no gradient): %d trainable parameters in the heads", trainable)
-
-
-def amp_dtype(options: FitOptions, device: torch.device) -> torch.dtype | None:
-    """float16 on GPUs, bfloat16 on CPUs; ``--amp`` defaults to on for GPUs only."""
-    enabled = options.amp if options.amp is not None else device.type == "cuda"
-    if not enabled:
-        return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 def make_loaders(options: FitOptions, index, spec: RunSpec, ctx: DistContext, device: torch.device):
@@ -172,9 +174,12 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
     """The model as stepped (DDP, compiled), optimiser, schedule, scaler and input pipeline."""
     warmup_steps = round(options.warmup_epochs * steps_per_epoch)
     stepped = wrap_ddp(model, ctx, device)
-    stepped = torch.compile(stepped) if options.compile else stepped
-    optimizer = make_optimizer(model, options.lr, options.momentum, options.weight_decay, options.optimizer)
-    dtype = amp_dtype(options, device)
+    stepped = compile_model(stepped, device) if options.compile else stepped
+    optimizer = make_optimizer(model, options.lr, options.momentum, options.weight_decay, options.optimizer,
+                               fused=fused_optimizer(device))
+    dtype = amp_dtype(options.amp, options.amp_dtype, device)
+    log.info("precision on %s: %s autocast%s", device, precision_name(dtype),
+             " with a GradScaler" if dtype == torch.float16 else "")
     aux_cols = torch.from_numpy(index.gene_columns(spec.aux)).to(device) if spec.aux else None
     return StepParts(
         model=stepped, model_input=ModelInput(spec.stain, spec.data_config["input_size"], spec.data_config["mean"],
@@ -182,8 +187,8 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
         main_target=spec.main_target.to(device), aux_target=spec.aux_target.to(device) if spec.aux_target else None,
         main_cols=torch.from_numpy(index.gene_columns(spec.panel)).to(device), aux_cols=aux_cols,
         aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps, warmup_steps),
-        device=device, amp_dtype=dtype,
-        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, channels_last=options.channels_last)
+        device=device, amp_dtype=dtype, scaler=grad_scaler(dtype, device),
+        channels_last=use_channels_last(options.channels_last, device))
 
 
 def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
@@ -205,6 +210,7 @@ def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: S
         "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density,
         "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
+        "precision": precision_name(parts.amp_dtype),
         "rng": rng_state(), "metrics": {"history": state.history, "best": state.best, "partial": state.partial},
         "options": options.to_dict(), "brst_version": importlib.metadata.version("brst"),
     }
@@ -213,7 +219,7 @@ def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: S
 def restore(ckpt: dict, model: BrstNet, parts: StepParts) -> RunState:
     """Load weights, optimiser, schedule and scaler from ``ckpt``; the RNG is restored last."""
     model.load_state_dict(ckpt["model"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(parts.optimizer, ckpt["optimizer"], fused_optimizer(parts.device))
     parts.scheduler.load_state_dict(ckpt["scheduler"])
     if parts.scaler is not None and ckpt.get("scaler"):
         parts.scaler.load_state_dict(ckpt["scaler"])
@@ -337,6 +343,7 @@ def fit(options: FitOptions, ckpt: dict | None = None) -> Path:
 
 def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch.device) -> Path:
     check_sync_bn(options.sync_bn, ctx, device)
+    tune_backends(device)
     index = open_dataset(options.data)
     if ckpt is None:
         warn_if_other_field(options.recipe, float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)))

@@ -81,9 +81,10 @@ class EpochAugmentation:
     stain_jitter: torch.Tensor | None = None
 
     def for_spots(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draws of the spots ``index`` ``(B,)``, on ``device``: ``(B,)`` and ``(B, 2, 3)`` or None."""
-        jitter = None if self.stain_jitter is None else self.stain_jitter[index].to(device)
-        return self.codes[index].to(device), jitter
+        """The draws of the spots ``index`` ``(B,)``, on ``device``: ``(B,)`` and ``(B, 2, 3)`` or None.
+        Copied without waiting for the device (host-to-device from fresh host tensors is safe so)."""
+        jitter = None if self.stain_jitter is None else self.stain_jitter[index].to(device, non_blocking=True)
+        return self.codes[index].to(device, non_blocking=True), jitter
 
 
 def epoch_augmentation(n: int, seed: int, epoch: int, stain_jitter: float = 0.0) -> EpochAugmentation:

@@ -14,6 +14,7 @@ from brst.train.checkpoint import load_checkpoint
 from brst.train.data import open_dataset
 from brst.train.evaluate.predict import predict_expression
 from brst.train.fit.gauges import TrainingMetrics
+from brst.train.fit.hardware import amp_dtype, precision_name
 from brst.train.slide.drawn_genes import checkpoint_validation_r
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,10 +56,11 @@ def test_run_directory(trained, her2st_h5):
     assert not list(out.glob(".*tmp"))
 
 
-def test_checkpoint_is_self_describing_and_predicts(trained, her2st_h5):
+def test_checkpoint_is_self_describing_and_predicts(trained, her2st_h5, device):
     out, _ = trained
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["arch"] == "test_efficientnet" and ckpt["epoch"] == 1
+    assert ckpt["precision"] == precision_name(amp_dtype(None, "auto", device))  # GPUs: bfloat16 where they have it
     assert ckpt["n_main"] == 250 and ckpt["n_aux"] == len(ckpt["aux_genes"]) > 0
     assert ckpt["data_config"]["input_size"] == [3, 32, 32] and ckpt["data_config"]["patch_px"] == 56
     assert ckpt["stain"]["method"] == "macenko" and ckpt["stain"]["fit_info"]["section"] == "C2"

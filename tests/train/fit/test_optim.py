@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brst.train.fit.optim import WARMUP_START, make_optimizer, make_scheduler
+from brst.train.fit.optim import WARMUP_START, load_optimizer_state, make_optimizer, make_scheduler
 from brst.train.fit.sampling import epoch_augmentation
 
 
@@ -50,3 +50,20 @@ def test_stain_jitter_draws_depend_on_seed_and_epoch_only():
     assert (first.stain_jitter[:, 0] - 1).abs().mean() == pytest.approx(0.05 * 0.8, rel=0.35)
     assert epoch_augmentation(40, 0, 3).stain_jitter is None
     assert torch.equal(epoch_augmentation(40, 0, 3).codes, first.codes)  # jitter leaves the flips unchanged
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_state_moves_between_plain_and_fused(name):
+    """A CPU run's optimiser state resumes fused (as on a GPU) and back, and keeps stepping."""
+    model = torch.nn.Linear(3, 2)
+    plain = make_optimizer(model, 1e-3, 0.9, 0.05, name)
+    model(torch.randn(4, 3)).sum().backward()
+    plain.step()
+    fused = make_optimizer(model, 1e-3, 0.9, 0.05, name, fused=True)
+    load_optimizer_state(fused, plain.state_dict(), fused=True)
+    assert fused.param_groups[0]["fused"] is True
+    fused.step()
+    again = make_optimizer(model, 1e-3, 0.9, 0.05, name)
+    load_optimizer_state(again, fused.state_dict(), fused=False)
+    assert again.param_groups[0]["fused"] is None
+    again.step()
