@@ -5,6 +5,9 @@ One TorchServe request (a dict of parameter name -> value) may carry its patch a
 - raw image bytes (PNG, JPEG or TIFF; HTTP body, a multipart file field or a gRPC
   ``input`` entry), with an optional ``um_per_px`` parameter (a multipart form field or a
   gRPC ``input`` entry; TorchServe 0.12 drops query parameters on ``/predictions``);
+- the same places holding a NumPy ``.npy`` file (``application/x-npy``, magic ``\x93NUMPY``)
+  of uint8 pixels ``(H, W, 3)`` or ``(N, H, W, 3)`` (a list form): no encoding to pay for,
+  read without ``np.load``'s pickle path (:func:`~brst.handlers.images.decode_npy`);
 - JSON ``{"image": <base64>, "um_per_px": 0.5}`` (``"data"`` or ``"b64"`` also name the
   image), or ``{"instances": [<that>, ...]}`` for several patches;
 - the KServe v2 envelope ``{"inputs": [{"name", "shape", "datatype", "data"}],
@@ -35,7 +38,7 @@ import numpy as np
 
 from .errors import RejectedInput, shown
 from .geometry import PatchGeometry
-from .images import SCALE_KEY, DecodeLimits, check_pixels, decode_image, to_patch
+from .images import NPY_MAGIC, SCALE_KEY, DecodeLimits, check_pixels, decode_image, decode_npy, to_patch
 
 #: parameter names that may hold the image, in order of preference
 IMAGE_KEYS = ("data", "body", "image", "file", "b64")
@@ -101,9 +104,18 @@ def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: Deco
     scale = parse_um_per_px(row.get(SCALE_KEY))
     payload = _image_payload(row)
     if isinstance(payload, (bytes, bytearray)) and not _looks_like_json(payload):
-        return DecodedRequest([to_patch(decode_image(bytes(payload), limits), scale, geometry, limits)], False)
+        images, many = _binary_images(bytes(payload), limits)
+        return DecodedRequest([to_patch(image, scale, geometry, limits) for image in images], many)
     items, many = _json_items(_as_json(payload, limits), scale, limits)
     return DecodedRequest([to_patch(image, item_scale, geometry, limits) for image, item_scale in items], many)
+
+
+def _binary_images(data: bytes, limits: DecodeLimits) -> tuple[list[np.ndarray] | np.ndarray, bool]:
+    """uint8 ``(H, W, 3)`` images of a binary body (NPY pixels or one encoded image), and whether
+    it was a list form."""
+    if data.startswith(NPY_MAGIC):
+        return decode_npy(data, limits)
+    return [decode_image(data, limits)], False
 
 
 def _image_payload(row: Mapping[str, Any]) -> Any:

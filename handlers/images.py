@@ -3,6 +3,10 @@
 :func:`decode_image` takes PNG, JPEG or TIFF bytes (the only formats Pillow may try): the
 declared pixel count in the header is checked first (decompression-bomb guard), then
 truncation and colour mode (H&E is RGB: grayscale, CMYK and transparent images are refused).
+:func:`decode_npy` takes a NumPy ``.npy`` file of uint8 pixels ``(H, W, 3)`` or ``(N, H, W, 3)``
+(no encoding to pay for; read from its header with :mod:`numpy.lib.format`, never through
+``np.load``'s pickle path): dtype, order, shape, patch count and declared size are checked
+before any pixel is touched.
 :func:`to_patch` centre-crops a patch sent with ``um_per_px`` to the model's field of view
 (:class:`~brst.handlers.geometry.PatchGeometry`) and resamples it to ``patch_px``; without a
 scale the image must be square and is taken to cover the model's field. Bad input raises
@@ -12,17 +16,22 @@ Request envelopes (JSON, KServe v2, multipart) are :mod:`brst.handlers.envelopes
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib import format as npy_format
 from PIL import Image
 
-from .errors import RejectedInput
+from .errors import RejectedInput, shown
 from .geometry import PatchGeometry
 
 #: the only formats Pillow may try (a smaller attack surface than all its plugins)
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF")
 MAGIC_NUMBERS = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+#: the first bytes of a NumPy ``.npy`` file (its format versions 1.0 and 2.0 are read)
+NPY_MAGIC = b"\x93NUMPY"
+NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 SCALE_KEY = "um_per_px"
 
@@ -80,6 +89,62 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     if frames != 1:
         raise RejectedInput("bad_shape", "image", f"has {frames} pages/frames; send one")
     return _rgb_pixels(image)
+
+
+def decode_npy(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, bool]:
+    """A ``.npy`` file of uint8 RGB pixels -> uint8 ``(N, H, W, 3)`` and whether it held ``(N, H, W, 3)``.
+
+    Only the header is parsed (a Python literal, never a pickle); the pixels are a view of ``data``.
+    """
+    if len(data) > limits.max_body_bytes:
+        raise RejectedInput("too_large", "npy", f"{len(data)} bytes exceed the limit of {limits.max_body_bytes}")
+    stream = io.BytesIO(data)
+    shape, fortran_order, dtype = _npy_header(stream)
+    many = _check_npy_layout(shape, dtype, limits)
+    declared, remaining = math.prod(shape), len(data) - stream.tell()
+    if declared != remaining:
+        raise RejectedInput("corrupt", "npy", f"header declares {declared} bytes of pixels, the body holds "
+                                              f"{remaining}")
+    flat = np.frombuffer(data, np.uint8, declared, stream.tell())
+    pixels = flat.reshape(shape[::-1]).transpose() if fortran_order else flat.reshape(shape)
+    return pixels.reshape((-1, *shape[-3:])), many
+
+
+def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a ``.npy`` header (format 1.0 or 2.0).
+
+    numpy's header parser raises many exception types on malformed text (ValueError,
+    SyntaxError, tokenize.TokenError ...); each means ``corrupt``.
+    """
+    try:
+        version = npy_format.read_magic(stream)
+        header = NPY_HEADER_READERS[version](stream) if version in NPY_HEADER_READERS else None
+    except Exception as err:  # noqa: BLE001 - any parser failure means a malformed header
+        raise RejectedInput("corrupt", "npy", "header is truncated or malformed") from err
+    if header is None:
+        raise RejectedInput("bad_encoding", "npy", f"format version {version[0]}.{version[1]} is not 1.0 or 2.0")
+    return header
+
+
+def _check_npy_layout(shape: tuple[int, ...], dtype: np.dtype, limits: DecodeLimits) -> bool:
+    """Refuse anything but uint8 RGB ``(H, W, 3)`` / ``(N, H, W, 3)`` within ``limits``; True for the 4-d form."""
+    if dtype.str != "|u1":
+        raise RejectedInput("bad_encoding", "npy", f"dtype {shown(dtype.str)} is not uint8 ('|u1')")
+    if len(shape) not in (3, 4):
+        if len(shape) == 2:
+            raise RejectedInput("colour_mode", "npy", f"shape {shown(shape)} is grayscale; H&E patches must be RGB")
+        raise RejectedInput("bad_shape", "npy", f"shape {shown(shape)} is not (H, W, 3) or (N, H, W, 3)")
+    if shape[-1] != 3:
+        raise RejectedInput("colour_mode", "npy", f"shape {shown(shape)} is not RGB: H&E patches need "
+                                                  "3 channels, last")
+    if min(shape) < 0:
+        raise RejectedInput("bad_shape", "npy", f"shape {shown(shape)} has a negative size")
+    if len(shape) == 4 and shape[0] == 0:
+        raise RejectedInput("empty", "npy", "holds no patches")
+    if len(shape) == 4 and shape[0] > limits.max_patches:
+        raise RejectedInput("too_large", "npy", f"{shape[0]} patches exceed the limit of {limits.max_patches}")
+    check_pixels(shape[-3], shape[-2], limits)
+    return len(shape) == 4
 
 
 def _open(data: bytes) -> Image.Image:

@@ -56,6 +56,13 @@ def encode(pixels: np.ndarray, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
+def npy_file(array: np.ndarray, **options) -> bytes:
+    """``array`` as a NumPy ``.npy`` file (``np.save``; ``allow_pickle=True`` for object arrays)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, **options)
+    return buffer.getvalue()
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares ``width x height`` RGB pixels (a decompression bomb)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

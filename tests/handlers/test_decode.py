@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
-from serve_fixtures import encode, png_declaring
+from serve_fixtures import encode, npy_file, png_declaring
 
 from brst.handlers.envelopes import decode_request, parse_um_per_px
 from brst.handlers.errors import InputError, RejectedInput
@@ -24,6 +24,13 @@ fixtures_settings = settings(max_examples=40, deadline=None,
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def npy_header(header: str, version: bytes = b"\x01\x00") -> bytes:
+    """A hand-written ``.npy`` header (version 1.0 or 3.0 length field), padded as numpy pads it."""
+    text = header.encode("latin1")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    return b"\x93NUMPY" + version + len(text).to_bytes(2 if version == b"\x01\x00" else 4, "little") + text
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +95,33 @@ def test_list_forms_keep_order_and_say_many(he_patches, native):
     np.testing.assert_array_equal(np.stack(decode_request({"body": doc}, native).patches), pixels)
 
 
+def test_npy_pixels_equal_the_same_pixels_sent_as_png(he_patches, native):
+    """A .npy body of one (H, W, 3) or N (N, H, W, 3) patches, C or Fortran order, raw or as a
+    multipart file beside um_per_px, gives the patches the PNGs of the same pixels give."""
+    pixels = he_patches.pixels[:5]
+    as_png = [decode_request({"body": he_patches.png(i)}, native).patches[0] for i in range(5)]
+    single = decode_request({"body": npy_file(pixels[0])}, native)
+    assert not single.many and len(single.patches) == 1
+    np.testing.assert_array_equal(single.patches[0], as_png[0])
+    scale = str(native.um_per_px).encode()
+    for row in ({"body": npy_file(pixels)}, {"data": npy_file(pixels), "um_per_px": scale},
+                {"body": npy_file(np.asfortranarray(pixels))}, {"body": bytearray(npy_file(pixels))}):
+        batch = decode_request(row, native)
+        assert batch.many and len(batch.patches) == 5
+        np.testing.assert_array_equal(np.stack(batch.patches), np.stack(as_png))
+    fortran_one = decode_request({"body": npy_file(np.asfortranarray(pixels[1]))}, native).patches[0]
+    np.testing.assert_array_equal(fortran_one, as_png[1])
+
+
+def test_npy_with_um_per_px_is_cropped_and_resampled_like_png(he_patches):
+    spec = PatchGeometry.from_pixels(24, 4.0)
+    scale = str(he_patches.um_per_px).encode()
+    from_npy = decode_request({"data": npy_file(he_patches.pixels[:3]), "um_per_px": scale}, spec).patches
+    for i, patch in enumerate(from_npy):
+        from_png = decode_request({"data": he_patches.png(i), "um_per_px": scale}, spec).patches[0]
+        np.testing.assert_array_equal(patch, from_png)
+
+
 def test_um_per_px_resamples_to_the_models_field(he_patches):
     """The same tissue sent at two scales (with their um_per_px) gives nearly the same patch;
     a wrong um_per_px (claiming twice the true scale) does not."""
@@ -143,6 +177,44 @@ def test_bad_inputs_are_rejected_with_a_reason(he_patches, native):
     for reason, rows in cases.items():
         for row in rows:
             assert reject_reason(row, native) == reason, (reason, str(row)[:80])
+
+
+def test_bad_npy_bodies_are_rejected_with_a_reason(he_patches, native):
+    """Everything wrong with a .npy body is refused before a pixel is read (never unpickled)."""
+    pixels = he_patches.pixels[:2]
+    good = npy_file(pixels)
+    data_bytes = pixels.nbytes
+    cases = {
+        "bad_encoding": [npy_file(np.array([{"pickled": 1}], dtype=object), allow_pickle=True),
+                         npy_file(pixels.astype(np.float32)), npy_file(pixels.astype(np.uint16)),
+                         npy_file(pixels.astype(np.int8)),
+                         npy_file(np.zeros((2, 32, 32), np.dtype([("r", "u1"), ("g", "u1"), ("b", "u1")]))),
+                         npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (32, 32, 3), }",
+                                    b"\x03\x00") + bytes(32 * 32 * 3)],
+        "colour_mode": [npy_file(pixels[..., :2]), npy_file(np.concatenate([pixels, pixels[..., :1]], -1)),
+                        npy_file(pixels[0, ..., 0])],
+        "corrupt": [good[:len(good) - 1], good[:len(good) - data_bytes // 2], good[:40], good[:9], good + b"\0",
+                    npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (2, 128, 128, 3)")
+                    + good[-data_bytes:],
+                    npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (1, 128, 128, 3), }")
+                    + good[-data_bytes:],  # declares half the pixels it carries
+                    npy_header("not a python literal") + good[-data_bytes:]],
+        "bad_shape": [npy_file(pixels[None]), npy_file(np.zeros(3, np.uint8)), npy_file(pixels[:, :8, :8]),
+                      npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (-1, 16, 16, 3), }")],
+        "empty": [npy_file(pixels[:0])],
+        "too_large": [npy_file(np.zeros((65, 16, 16, 3), np.uint8)),
+                      npy_header("{'descr': '|u1', 'fortran_order': False, 'shape': (5000, 5000, 3), }")],
+    }
+    for reason, bodies in cases.items():
+        for body in bodies:
+            with pytest.raises(RejectedInput) as info:
+                decode_request({"body": body}, native)
+            assert info.value.reason == reason, (reason, info.value, body[:80])
+            assert str(info.value).startswith("npy: ") or str(info.value).startswith("image: "), str(info.value)
+    limits = DecodeLimits(max_body_bytes=len(good) - 1)
+    assert reject_reason({"body": good}, native, limits) == "too_large"
+    assert reject_reason({"body": good}, native, DecodeLimits(max_patches=1)) == "too_large"
+    assert reject_reason({"body": good}, native, DecodeLimits(max_pixels=100 * 100)) == "too_large"
 
 
 def test_limits_are_configurable(he_patches, native):
@@ -223,3 +295,26 @@ def test_corrupted_images_decode_or_are_rejected(he_patches, native, fmt, edits)
     except RejectedInput:
         return
     assert patch.shape == he_patches.pixels[4].shape and patch.dtype == np.uint8
+
+
+@fixtures_settings
+@given(tail=st.binary(max_size=512))
+def test_any_bytes_after_the_npy_magic_decode_or_are_rejected(tail):
+    spec = PatchGeometry.from_pixels(16, 1.0)
+    for body in (b"\x93NUMPY" + tail, b"\x93NUMPY\x01\x00" + tail):
+        try:
+            decoded = decode_request({"body": body}, spec)
+        except RejectedInput:
+            continue
+        assert all(p.shape == (16, 16, 3) and p.dtype == np.uint8 for p in decoded.patches)
+
+
+@fixtures_settings
+@given(pixels=arrays(np.uint8, st.tuples(st.integers(1, 3), st.integers(16, 40), st.integers(16, 40), st.just(3))),
+       fortran=st.booleans())
+def test_npy_roundtrip_any_rgb(pixels, fortran):
+    side = min(pixels.shape[1:3])
+    square = np.ascontiguousarray(pixels[:, :side, :side])
+    body = npy_file(np.asfortranarray(square) if fortran else square)
+    decoded = decode_request({"body": body}, PatchGeometry.from_pixels(side, 1.0))
+    np.testing.assert_array_equal(np.stack(decoded.patches), square)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from handler_context import handle, make_context, unpack
-from serve_fixtures import encode
+from serve_fixtures import encode, npy_file
 
 from brst.handlers.archive_facts import ARCHIVE_JSON, WEIGHTS_FILE
 from brst.handlers.errors import BrstError
@@ -179,6 +179,20 @@ def test_list_forms_answer_lists_in_order(handler, model_dir, heldout_patches, r
     for answer in answers:
         assert isinstance(answer, list) and len(answer) == 3
         np.testing.assert_allclose([a["values"] for a in answer], reference[False][:3], atol=ATOL)
+
+
+def test_npy_requests_answer_like_png(handler, model_dir, heldout_patches, reference):
+    """uint8 pixels as .npy (a batch, one patch, a multipart part with um_per_px) beside a PNG
+    request in one batch: the same values as in-process."""
+    scale = str(handler.geometry.um_per_px).encode()
+    rows = [{"body": npy_file(heldout_patches[:4])}, {"body": npy_file(heldout_patches[4])},
+            {"data": npy_file(heldout_patches[5:8]), "um_per_px": scale}, {"body": encode(heldout_patches[0], "PNG")}]
+    answers, statuses = handle(handler, rows, model_dir)
+    assert statuses == [200] * 4
+    assert isinstance(answers[0], list) and isinstance(answers[1], dict) and isinstance(answers[2], list)
+    served = [a["values"] for a in answers[0]] + [answers[1]["values"]] + [a["values"] for a in answers[2]]
+    np.testing.assert_allclose(served, reference[False], atol=ATOL)
+    np.testing.assert_allclose(answers[3]["values"], reference[False][0], atol=ATOL)
 
 
 def test_um_per_px_is_resampled_before_the_model(handler, model_dir, heldout_patches, in_process):

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from brst.handlers.errors import BrstError
+from brst.train.slide.endpoint import TRANSFERS
 
 from .params import model_name_option, split_names
 
@@ -71,6 +72,9 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
               help="Endpoint mode: requests in flight.")
 @click.option("--tiles-per-request", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Endpoint mode: tiles in one request.")
+@click.option("--transfer", type=click.Choice(TRANSFERS), default=TRANSFERS[0], show_default=True,
+              help="Endpoint mode: how tiles travel: npy = raw uint8 pixels (a .npy file per request, nothing to "
+                   "encode; a server that refuses it gets png, with a warning), png = base64 PNGs in JSON.")
 @click.option("--retries", type=click.IntRange(0, 20), default=4, show_default=True,
               help="Endpoint mode: attempts after the first (back-off 0.5 s, doubling) before giving up.")
 @click.option("--timeout-s", type=click.FloatRange(0.1, 3600.0), default=60.0, show_default=True,
@@ -81,8 +85,8 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
 def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str, slide: str, out_dir: Path,
                   genes: str | None, top_genes: int, step_um: float, batch_size: int, device: str,
                   um_per_px: float | None, measured: Path | None, section: str | None, gene_r: Path | None,
-                  tile_um: float, tile_px: int, concurrency: int, tiles_per_request: int, retries: int,
-                  timeout_s: float, token: str | None, read_workers: int) -> None:
+                  tile_um: float, tile_px: int, concurrency: int, tiles_per_request: int, transfer: str,
+                  retries: int, timeout_s: float, token: str | None, read_workers: int) -> None:
     """Predict expression over a whole slide: table, AnnData and heatmaps.
 
     Tissue is found on a thumbnail; tiles of the model's patch size sit every --step-um
@@ -94,8 +98,8 @@ def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str
 
     _check_sources(checkpoint, endpoint, measured, section)
     endpoint_options = {"model_name": model_name, "tile_um": tile_um, "tile_px": tile_px, "concurrency": concurrency,
-                        "tiles_per_request": tiles_per_request, "retries": retries, "timeout_s": timeout_s,
-                        "token": token}
+                        "tiles_per_request": tiles_per_request, "transfer": transfer, "retries": retries,
+                        "timeout_s": timeout_s, "token": token}
     predictor, validation = _predictor(checkpoint, endpoint, device, endpoint_options)
     if gene_r is not None:
         validation = table_validation_r(gene_r)

@@ -1,6 +1,7 @@
 """Clients for a served brst model, over HTTP (TorchServe's REST API) or gRPC.
 
-Both send one encoded image (PNG/JPEG/TIFF bytes) per request, with an optional
+Both send one encoded image (PNG/JPEG/TIFF bytes) or a NumPy ``.npy`` file of uint8 pixels
+(``(H, W, 3)`` or ``(N, H, W, 3)``, sent as ``application/x-npy``) per request, with an optional
 ``um_per_px`` (HTTP: a multipart form field beside the image, as TorchServe 0.12 drops query
 parameters on ``/predictions``; gRPC: an ``input`` field), and return the served
 JSON (docs/CONTRACTS.md, "Served response"). A request the model refuses raises
@@ -24,8 +25,9 @@ from urllib.parse import quote, urlsplit
 
 from brst.handlers.errors import BrstError, InputError
 
+#: magic number -> MIME type (NPY: ``brst.handlers.images.NPY_MAGIC``, not imported to keep numpy out)
 IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"II*\x00", "image/tiff"),
-               (b"MM\x00*", "image/tiff"))
+               (b"MM\x00*", "image/tiff"), (b"\x93NUMPY", "application/x-npy"))
 SCALE_KEY = "um_per_px"
 GRPC_IMAGE_KEY = "data"
 
@@ -54,7 +56,7 @@ class HttpResult:
 
 
 def content_type(image: bytes) -> str:
-    """The image's MIME type from its magic number (``application/octet-stream`` if unknown)."""
+    """The body's MIME type from its magic number (``application/octet-stream`` if unknown)."""
     return next((mime for magic, mime in IMAGE_TYPES if image.startswith(magic)), "application/octet-stream")
 
 

@@ -1,12 +1,20 @@
 """A served model (TorchServe, HTTP or gRPC) as a slide predictor.
 
-Tiles go out as lossless PNGs, ``tiles_per_request`` at a time in one JSON request
-(``{"instances": [<base64 PNG>, ...], "um_per_px": ...}``), ``concurrency`` requests in
-flight, so TorchServe's own batching fills its batches. Each tile is ``tile_px`` pixels
-covering ``tile_um`` micrometres around its centre; the handler crops its model's field
+Tiles go out ``tiles_per_request`` at a time, ``concurrency`` requests in flight, so
+TorchServe's own batching fills its batches. With ``transfer="npy"`` (the default) a request
+is one NumPy ``.npy`` file of the tiles' uint8 pixels ``(n, P, P, 3)`` (HTTP: a multipart file
+part beside the ``um_per_px`` field; gRPC: the ``data`` and ``um_per_px`` inputs): nothing to
+encode or decode. With ``transfer="png"`` it is JSON ``{"instances": [<base64 PNG>, ...],
+"um_per_px": ...}``, lossless PNGs that any brst server reads; a server that refuses the NPY
+probe (one from before NPY requests) is used with PNG, with a warning. Each tile is ``tile_px``
+pixels covering ``tile_um`` micrometres around its centre; the handler crops its model's field
 from the centre and resamples it. When ``tile_um``/``tile_px`` are the model's own
 ``patch_um``/``patch_px`` (the defaults are the project's default geometry, 112 µm at
 0.5 µm/px) the served model sees exactly the pixels the local model would.
+
+:meth:`EndpointPredictor.stream` sends each batch's requests as soon as the batch is read and
+keeps up to ``BATCHES_IN_FLIGHT`` batches outstanding, so the server is not idle while the
+client reads the next tiles.
 
 An unreachable or failing server is retried with exponential back-off; after the last
 attempt it is one clear :class:`~brst.handlers.errors.BrstError`. A request the model refuses
@@ -20,13 +28,16 @@ import io
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
+from brst.handlers.images import DecodeLimits
 from brst.train.serve.client import HttpClient, RequestRejected, make_client
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,12 @@ DEFAULT_TILE_UM = 112.0
 DEFAULT_TILE_PX = 224
 #: first back-off delay in seconds; doubled after each failed attempt
 BACKOFF_S = 0.5
+#: how tiles travel: ``npy`` (raw uint8 pixels) or ``png`` (base64 PNGs in JSON)
+TRANSFERS = ("npy", "png")
+#: batches whose requests may be outstanding at once in :meth:`EndpointPredictor.stream`
+BATCHES_IN_FLIGHT = 2
+#: bytes an NPY request may hold (the handler's default body limit) less room for its header
+NPY_MAX_BYTES = DecodeLimits().max_body_bytes - 4096
 
 
 def png_base64(pixels: np.ndarray) -> str:
@@ -43,6 +60,13 @@ def png_base64(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def npy_bytes(tiles: np.ndarray) -> bytes:
+    """A ``.npy`` file of uint8 ``(n, P, P, 3)`` tiles."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(tiles, dtype=np.uint8), allow_pickle=False)
+    return buffer.getvalue()
 
 
 class EndpointPredictor:
@@ -54,40 +78,67 @@ class EndpointPredictor:
         tile_um: field of view sent per tile, micrometres (at least the model's).
         tile_px: pixels a side of each sent tile.
         concurrency: requests in flight.
-        tiles_per_request: tiles per JSON request (TorchServe's limit here: 64).
+        tiles_per_request: tiles per request (the handler's limit: 64; NPY requests also stay
+            under its 8 MiB body limit).
         timeout_s: per-request timeout.
         retries: attempts after the first when the server does not answer.
         token: inference token of a server with token authorization.
+        transfer: ``npy`` (uint8 pixels, falls back to PNG on a server that refuses them) or ``png``.
     """
 
     def __init__(self, endpoint: str, model_name: str, *, tile_um: float = DEFAULT_TILE_UM,
                  tile_px: int = DEFAULT_TILE_PX, concurrency: int = 8, tiles_per_request: int = 8,
-                 timeout_s: float = 60.0, retries: int = 4, token: str | None = None) -> None:
+                 timeout_s: float = 60.0, retries: int = 4, token: str | None = None,
+                 transfer: str = "npy") -> None:
+        if transfer not in TRANSFERS:
+            raise BrstError("--transfer", f"{transfer!r} is not one of {', '.join(TRANSFERS)}")
         self.endpoint = endpoint
         self.client = make_client(endpoint, model_name, token, timeout_s)
-        self._predict_options = {"mime": "application/json"} if isinstance(self.client, HttpClient) else {}
         self.geometry = PatchGeometry(patch_um=tile_um, um_per_px=tile_um / tile_px)
+        self.transfer = transfer
         self.tiles_per_request = tiles_per_request
         self.retries = retries
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slide-request")
-        probe = self._request(np.full((1, self.geometry.patch_px, self.geometry.patch_px, 3), 255, np.uint8))[0]
+        probe = self.pool.submit(self._probe).result()  # on a pool thread, whose connection close() ends
         self.genes = [str(g) for g in probe["genes"]]
         self.units = str(probe["units"])
         self.description = {"mode": "endpoint", "endpoint": endpoint, "model_name": model_name,
                             "model_version": str(probe.get("model_version", "")), "tile_um": tile_um,
-                            "tile_px": tile_px}
-        log.info("served model %s (%s), %d genes in %s", model_name, self.description["model_version"],
-                 len(self.genes), self.units)
+                            "tile_px": tile_px, "transfer": self.transfer}
+        log.info("served model %s (%s), %d genes in %s, tiles sent as %s", model_name,
+                 self.description["model_version"], len(self.genes), self.units, self.transfer)
 
-    def _send(self, body: bytes) -> list[dict]:
-        """One request, retried with back-off while the server does not answer."""
+    def _probe(self) -> dict:
+        """The answer for one white tile; a server refusing NPY is then used with PNG."""
+        tile = np.full((1, self.geometry.patch_px, self.geometry.patch_px, 3), 255, np.uint8)
+        if self.transfer == "npy":
+            try:
+                return self._answers(tile)[0]
+            except RequestRejected as err:
+                log.warning("%s refused tiles as NPY (%s); sending PNG instead (an older brst server?)",
+                            self.endpoint, err.problem)
+                self.transfer = "png"
+        return self._request(tile)[0]
+
+    def _encoded(self, tiles: np.ndarray) -> tuple[bytes, dict]:
+        """The request body for uint8 ``(n, P, P, 3)`` tiles and the client's options for it."""
+        if self.transfer == "npy":
+            return npy_bytes(tiles), {"um_per_px": self.geometry.um_per_px}
+        body = json.dumps({"instances": [png_base64(tile) for tile in tiles],
+                           "um_per_px": self.geometry.um_per_px}).encode()
+        return body, {"mime": "application/json"} if isinstance(self.client, HttpClient) else {}
+
+    def _answers(self, tiles: np.ndarray) -> list[dict]:
+        """One request's answers, retried with back-off while the server does not answer;
+        a refusal raises :class:`RequestRejected`."""
+        body, options = self._encoded(tiles)
         delay_s, attempt = BACKOFF_S, 0
         while True:
             try:
-                answer = self.client.predict(body, subject="tile", **self._predict_options)
-                return answer if isinstance(answer, list) else [answer]
-            except RequestRejected as err:
-                raise BrstError(f"--endpoint {self.endpoint}", f"the model refused a tile: {err.problem}") from None
+                answer = self.client.predict(body, subject="tile", **options)
+                break
+            except RequestRejected:
+                raise
             except BrstError as err:
                 attempt += 1
                 if attempt > self.retries:
@@ -96,20 +147,53 @@ class EndpointPredictor:
                 log.warning("endpoint attempt %d failed (%s); retrying in %.1f s", attempt, err.problem, delay_s)
                 time.sleep(delay_s)
                 delay_s *= 2
-
-    def _request(self, tiles: np.ndarray) -> list[dict]:
-        body = json.dumps({"instances": [png_base64(tile) for tile in tiles],
-                           "um_per_px": self.geometry.um_per_px}).encode()
-        answers = self._send(body)
+        answers = answer if isinstance(answer, list) else [answer]
         if len(answers) != len(tiles):
             raise BrstError(f"--endpoint {self.endpoint}", f"answered {len(answers)} results for {len(tiles)} tiles")
         return answers
 
+    def _request(self, tiles: np.ndarray) -> list[dict]:
+        """One request's answers; a refusal is a :class:`BrstError` naming the endpoint."""
+        try:
+            return self._answers(tiles)
+        except RequestRejected as err:
+            raise BrstError(f"--endpoint {self.endpoint}", f"the model refused a tile: {err.problem}") from None
+
+    def _per_request(self) -> int:
+        """Tiles per request: ``tiles_per_request``, fewer where an NPY body would pass the limit."""
+        if self.transfer == "png":
+            return self.tiles_per_request
+        tile_bytes = self.geometry.patch_px ** 2 * 3
+        return max(1, min(self.tiles_per_request, NPY_MAX_BYTES // tile_bytes))
+
+    def _submit(self, patches: np.ndarray) -> list[Future]:
+        """Send uint8 ``(B, P, P, 3)`` tiles as requests on the pool; their futures in order."""
+        step = self._per_request()
+        return [self.pool.submit(self._request, patches[i:i + step]) for i in range(0, len(patches), step)]
+
+    @staticmethod
+    def _collect(futures: list[Future]) -> np.ndarray:
+        """The answers of one batch's requests: float32 ``(B, G)``."""
+        return np.asarray([a["values"] for f in futures for a in f.result()], dtype=np.float32)
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """uint8 ``(B, P, P, 3)`` batches -> float32 ``(B, G)`` each, in order; each batch's requests
+        are sent as soon as it arrives, up to ``BATCHES_IN_FLIGHT`` batches outstanding."""
+        pending: deque[list[Future]] = deque()
+        try:
+            for patches in batches:
+                pending.append(self._submit(patches))
+                if len(pending) >= BATCHES_IN_FLIGHT:
+                    yield self._collect(pending.popleft())
+            while pending:
+                yield self._collect(pending.popleft())
+        finally:
+            for future in (f for futures in pending for f in futures):
+                future.cancel()
+
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``, requests sent concurrently."""
-        chunks = [patches[i:i + self.tiles_per_request] for i in range(0, len(patches), self.tiles_per_request)]
-        answers = [a for chunk in self.pool.map(self._request, chunks) for a in chunk]
-        return np.asarray([a["values"] for a in answers], dtype=np.float32)
+        return self._collect(self._submit(patches))
 
     def close(self) -> None:
         """Stop the request threads and close the connection."""

@@ -4,11 +4,12 @@ The served endpoint's predictor is :class:`brst.train.slide.endpoint.EndpointPre
 local one wraps the one inference path, :class:`brst.handlers.predictor.Predictor`. Both take
 uint8 tiles already cut at the model's geometry (``patch_px`` pixels at ``um_per_px``) and
 return expression on the model's target scale (``units``), so the two modes give the same
-numbers up to floating point.
+numbers up to floating point. ``stream`` maps an iterable of batches to their expression in
+order; the endpoint's keeps requests in flight across batches.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ class SlidePredictor(Protocol):
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``."""
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """uint8 ``(B, P, P, 3)`` batches -> float32 ``(B, G)`` each, in order."""
 
     def close(self) -> None:
         """Release threads and connections."""
@@ -50,6 +54,10 @@ class LocalPredictor:
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         return self.predictor(torch.from_numpy(patches).to(self.predictor.device)).float().cpu().numpy()
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Each batch through the model as it arrives."""
+        return map(self, batches)
 
     def close(self) -> None:
         """Nothing to release: the model goes with the object."""

@@ -77,18 +77,19 @@ class SlideJob:
 
 def predict_points(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
                    slide_um_per_px: float, batch_size: int, desc: str, read_workers: int = 2) -> np.ndarray:
-    """Expression at tile centres, streamed in batches under a progress bar.
+    """Expression at tile centres, streamed in batches through ``predictor.stream`` under a progress bar.
 
     Shape: pixel_x, pixel_y (N,) slide pixels -> (N, G) float32 in ``predictor.units``.
     """
     values = np.empty((len(pixel_x), len(predictor.genes)), dtype=np.float32)
     done = 0
+    batches = iter_patch_batches(image, pixel_x, pixel_y, slide_um_per_px, predictor.geometry, batch_size,
+                                 workers=read_workers)
     with tqdm(total=len(pixel_x), desc=desc, unit="tile") as bar:
-        for patches in iter_patch_batches(image, pixel_x, pixel_y, slide_um_per_px, predictor.geometry,
-                                          batch_size, workers=read_workers):
-            values[done:done + len(patches)] = predictor(patches)
-            done += len(patches)
-            bar.update(len(patches))
+        for predicted in predictor.stream(batches):
+            values[done:done + len(predicted)] = predicted
+            done += len(predicted)
+            bar.update(len(predicted))
     return values
 
 

@@ -1,6 +1,7 @@
 """A real TorchServe on free loopback ports, serving an archive of a real (short) fit.
 
-Checks: HTTP and gRPC answer what the in-process model computes (to ``ATOL``), our
+Checks: HTTP and gRPC answer what the in-process model computes (to ``ATOL``; PNG and
+``.npy`` bodies), our
 metric names are on ``/metrics``, bad inputs get HTTP 400 / gRPC INVALID_ARGUMENT with a
 JSON message and the next good request is still answered, a bad request does not fail
 the good ones batched with it, the ``predict`` command works over both protocols, token
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_fixtures import LOCAL_CONFIG, encode, png_declaring
+from serve_fixtures import LOCAL_CONFIG, encode, npy_file, png_declaring
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -103,6 +104,26 @@ def test_um_per_px_is_used_over_both_protocols(served_model, http, grpc_client, 
     for client in (http, grpc_client):
         answer = client.predict(encode(finer, "PNG"), um_per_px=finer_um_per_px)
         np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
+
+
+def test_npy_pixels_over_both_protocols(served_model, http, grpc_client, heldout_patches, expected):
+    """uint8 pixels as a .npy file (application/x-npy body, multipart part with um_per_px, gRPC
+    ``data`` input) are answered like the in-process model, a list for (N, H, W, 3)."""
+    from brst.handlers.geometry import PatchGeometry
+    from brst.train.checkpoint import load_checkpoint
+    from brst.train.serve.client import content_type
+
+    spec = PatchGeometry.from_data_config(load_checkpoint(served_model.checkpoint)["data_config"])
+    body = npy_file(heldout_patches[:5])
+    assert content_type(body) == "application/x-npy"
+    for client in (http, grpc_client):
+        for scale in (None, spec.um_per_px):
+            answers = client.predict(body, um_per_px=scale)
+            np.testing.assert_allclose([a["values"] for a in answers], expected[:5], atol=ATOL)
+        single = client.predict(npy_file(heldout_patches[6]))
+        np.testing.assert_allclose(single["values"], expected[6], atol=ATOL)
+    result = http.post(npy_file(heldout_patches[:2].astype(np.float32)))
+    assert result.status == 400 and "uint8" in result.json()["message"]
 
 
 def test_our_metric_names_reach_prometheus(served_metrics_text):

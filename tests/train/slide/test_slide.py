@@ -9,7 +9,11 @@ fitted value is used.
 """
 from __future__ import annotations
 
+import http.server
 import json
+import logging
+import threading
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -64,9 +68,9 @@ def checkpoint(served_checkpoint: Path) -> Path:
 @pytest.fixture(scope="module")
 def c2_um_per_px(her2st_root: Path) -> float:
     """C2's resolution as the HER2ST reader fits it from the spot grid (what prepare cut with)."""
-    from brst.train.data.readers.her2st import read_sections
+    from brst.train.data.readers import read_sections
 
-    return read_sections(her2st_root, ["C2"])[0].um_per_px
+    return read_sections("her2st", her2st_root, ["C2"])[0].um_per_px
 
 
 @pytest.fixture(scope="module")
@@ -398,10 +402,13 @@ def test_endpoint_down_is_one_clear_error(tmp_path: Path, her2st_root: Path):
 
 @pytest.mark.serve
 @pytest.mark.slow
-@pytest.mark.parametrize(("protocol", "geometry"), [("http", "model"), ("grpc", "model"), ("http", "default")])
-def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, served_model, her2st_root: Path,
-                                          tmp_path: Path):
-    """Served predictions of a slide equal the local model's on the same tiles.
+@pytest.mark.parametrize(("protocol", "geometry", "transfer"), [
+    ("http", "model", "npy"), ("grpc", "model", "npy"), ("http", "default", "npy"), ("http", "model", "png"),
+    ("grpc", "model", "png")])
+def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, transfer: str, served_model,
+                                          her2st_root: Path, tmp_path: Path):
+    """Served predictions of a slide equal the local model's on the same tiles, tiles sent as
+    uint8 pixels (``npy``, the default) or PNGs.
 
     ``model``: tiles sent at the model's own geometry (112 um in 56 px): the handler's crop
     and resample is the identity, so the only difference is float32 batching; tolerance
@@ -423,7 +430,7 @@ def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, served_m
     result = run_cli("--endpoint", endpoint, "--model-name", served_model.name,
                      "--slide", str(slide_path(her2st_root, "C2")), "--out", str(out),
                      "--um-per-px", str(HER2ST_UM_PER_PX), "--step-um", "400", "--genes", ",".join(GENES_DRAWN),
-                     "--concurrency", "4", "--tiles-per-request", "3", *tile)
+                     "--concurrency", "4", "--tiles-per-request", "3", "--transfer", transfer, *tile)
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "predictions.csv", index_col="tile")
     assert 30 < len(table) < 80
@@ -440,6 +447,100 @@ def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, served_m
         assert np.nanmin(pearson_r(served, expected)) >= 0.98
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["mode"] == "endpoint" and summary["units"] == local.units
+    assert summary["model"]["transfer"] == transfer
+
+
+def served_tiles(served_model, heldout_patches: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The served model's tile geometry (EndpointPredictor options) and 13 held-out tiles at it."""
+    from brst.train.checkpoint import load_checkpoint
+
+    config = load_checkpoint(served_model.checkpoint)["data_config"]
+    tiles = np.concatenate([heldout_patches, heldout_patches[::-1][:5]])
+    return {"tile_um": config["patch_um"], "tile_px": config["patch_px"]}, tiles
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_endpoint_stream_yields_batches_in_order(protocol: str, served_model, heldout_patches, in_process):
+    """Requests of several batches in flight at once still come back batch by batch, in order,
+    each equal to the in-process model on its tiles; ``__call__`` and the local stream agree."""
+    from brst.train.checkpoint import load_checkpoint
+    from brst.train.slide.endpoint import EndpointPredictor
+    from brst.train.slide.predictors import LocalPredictor
+
+    geometry, tiles = served_tiles(served_model, heldout_patches)
+    sizes = [3, 5, 1, 4]
+    batches = np.split(tiles, np.cumsum(sizes)[:-1])
+    endpoint = (served_model.endpoints.inference if protocol == "http"
+                else f"grpc://{served_model.endpoints.grpc_inference}")
+    predictor = EndpointPredictor(endpoint, served_model.name, concurrency=4, tiles_per_request=2, **geometry)
+    local = LocalPredictor(load_checkpoint(served_model.checkpoint), torch.device("cpu"))
+    try:
+        assert predictor.transfer == "npy"
+        streamed = list(predictor.stream(iter(batches)))
+        called = predictor(tiles)
+    finally:
+        predictor.close()
+    assert [len(v) for v in streamed] == sizes
+    expected = in_process(tiles)
+    np.testing.assert_allclose(np.concatenate(streamed), expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(called, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(list(local.stream(iter(batches)))), expected, rtol=0, atol=1e-5)
+
+
+class RefusesNpy(http.server.BaseHTTPRequestHandler):
+    """A server from before NPY requests: answers a .npy body as brst 0.2 did (400, not an
+    image) and passes every other request on to the real TorchServe at ``upstream``."""
+
+    upstream = ""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b"\x93NUMPY" in body[:1024]:
+            status, answer = 400, json.dumps({"code": 400, "type": "InternalServerException",
+                                              "message": "image: is not a PNG/JPEG/TIFF image"}).encode()
+        else:
+            request = urllib.request.Request(self.upstream + self.path, data=body, method="POST",
+                                             headers={"Content-Type": self.headers["Content-Type"]})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, answer = response.status, response.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args) -> None:
+        """Quiet: the test reads the predictor's log, not the server's."""
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_a_server_refusing_npy_gets_png(served_model, heldout_patches, in_process, caplog):
+    """Against a server that refuses .npy bodies, the predictor warns once, sends PNGs, and
+    the values are the model's."""
+    from brst.train.slide.endpoint import EndpointPredictor
+
+    geometry, tiles = served_tiles(served_model, heldout_patches)
+    handler = type("Handler", (RefusesNpy,), {"upstream": served_model.endpoints.inference})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="brst.train.slide.endpoint"):
+            predictor = EndpointPredictor(f"http://127.0.0.1:{server.server_address[1]}", served_model.name,
+                                          tiles_per_request=4, **geometry)
+        try:
+            values = np.concatenate(list(predictor.stream(iter([tiles[:6], tiles[6:]]))))
+        finally:
+            predictor.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert predictor.transfer == "png" and predictor.description["transfer"] == "png"
+    assert "refused tiles as NPY" in caplog.text and "not a PNG/JPEG/TIFF image" in caplog.text
+    np.testing.assert_allclose(values, in_process(tiles), rtol=0, atol=1e-4)
 
 
 def write_large_pyramidal_tiff(her2st_root: Path, path: Path, side_px: int = 40_000) -> tuple[int, int]:
