@@ -48,6 +48,7 @@ from brst.handlers.targets import TargetTransform
 from brst.train.checkpoint import load_checkpoint, save_checkpoint
 from brst.train.data.patches import cut_patch
 from brst.train.data.readers.her2st import read_sections
+from brst.train.fit.hardware import precision_name
 from brst.train.serve.archiver import ServeSettings, build_archive
 from brst.train.serve.client import GrpcClient, HttpClient
 from brst.train.serve.torchserve import TorchServe
@@ -198,7 +199,7 @@ def main() -> None:
                       "input_size": ckpt["data_config"]["input_size"][-1], "patches": len(pngs),
                       "device": args.device, "batch": args.batch, "torch_threads": torch.get_num_threads(),
                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                      "precision": str(reference.predictor.amp_dtype or "float32").removeprefix("torch."),
+                      "precision": precision_name(reference.predictor.amp_dtype),
                       "rounds": args.rounds,
                       "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
                       "runs": {k: round(v, 2) for k, v in runs.items()},

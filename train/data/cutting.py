@@ -13,7 +13,6 @@ section's patches in order, ``threads`` sections in flight.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
@@ -25,8 +24,6 @@ from brst.handlers.geometry import PatchGeometry
 from .patches import cut_patch
 from .readers.base import Section, SlideImage
 from .readers.images import DecodedImage
-
-log = logging.getLogger(__name__)
 
 
 def default_threads() -> int:
