@@ -90,11 +90,15 @@ class Predictor:
         return values.mean(0), (values.std(0, unbiased=False) if self.tta else None)
 
     @torch.inference_mode()
-    def z_scores(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 patches ``(B, H, W, 3)`` on the device -> main-head z-scores ``(B, G)`` float32 (view mean)."""
-        return self._views(self.model_input(patches)).mean(0)
+    def z_scores(self, patches: torch.Tensor, stain_source: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 patches ``(B, H, W, 3)`` on the device -> main-head z-scores ``(B, G)`` float32 (view mean).
+
+        ``stain_source`` ``(B, K)``: each patch's slide stain statistics (see :class:`ModelInput`)."""
+        return self._views(self.model_input(patches, stain_source=stain_source)).mean(0)
 
     @torch.inference_mode()
-    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 patches ``(B, H, W, 3)`` on the device -> expression ``(B, G)`` float32 (view mean)."""
-        return self.expression(self.model_input(patches))[0]
+    def __call__(self, patches: torch.Tensor, stain_source: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 patches ``(B, H, W, 3)`` on the device -> expression ``(B, G)`` float32 (view mean).
+
+        ``stain_source`` ``(B, K)``: each patch's slide stain statistics (see :class:`ModelInput`)."""
+        return self.expression(self.model_input(patches, stain_source=stain_source))[0]

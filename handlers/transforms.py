@@ -88,7 +88,9 @@ class ModelInput(nn.Module):
     Shape:
         - Input: uint8 ``(B, H, W, 3)`` or ``(B, 3, H, W)`` (float in [0, 1] also accepted);
           ``dihedral_codes`` ``(B,)`` and ``stain_jitter`` ``(B, 2, 3)`` (HED scale and shift,
-          :func:`brst.handlers.density.hed_jitter`): training only, between stain and resize.
+          :func:`brst.handlers.density.hed_jitter`): training only, between stain and resize;
+          ``stain_source`` ``(B, K)``: each patch's slide stain statistics, for a normaliser of
+          scope ``"slide"`` (:mod:`brst.handlers.stain.base`), else None.
         - Output: ``(B, 3, S, S)`` float32.
     """
 
@@ -111,8 +113,8 @@ class ModelInput(nn.Module):
                    data_config["mean"], data_config["std"])
 
     def forward(self, x: torch.Tensor, dihedral_codes: torch.Tensor | None = None,
-                stain_jitter: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.stain(channels_first(x))  # normalisers take uint8 and give float [0, 1]
+                stain_jitter: torch.Tensor | None = None, stain_source: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.stain(channels_first(x), stain_source)  # normalisers take uint8 and give float [0, 1]
         if stain_jitter is not None:
             x = hed_jitter(x, stain_jitter[:, 0], stain_jitter[:, 1])
         if dihedral_codes is not None:

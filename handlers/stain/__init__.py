@@ -9,11 +9,11 @@ giving float [0, 1]. Patches without enough tissue pass through unchanged;
 from .base import NoStain, StainNormalizer
 from .fused import FUSED_CPU_REMIX
 from .macenko import Macenko, MacenkoReference, macenko_normalize, macenko_normalize_flagged, macenko_stains
-from .registry import METHODS, fit_stain, make_stain, stain_from_json
+from .registry import METHODS, fit_stain, make_stain, stain_from_json, statistics_from_dict
 from .reinhard import Reinhard, ReinhardReference, reinhard_normalize, reinhard_normalize_flagged, reinhard_stats
 
 __all__ = [
     "FUSED_CPU_REMIX", "METHODS", "Macenko", "MacenkoReference", "NoStain", "Reinhard", "ReinhardReference", "StainNormalizer",
     "fit_stain", "macenko_normalize", "macenko_normalize_flagged", "macenko_stains", "make_stain",
-    "reinhard_normalize", "reinhard_normalize_flagged", "reinhard_stats", "stain_from_json",
+    "reinhard_normalize", "reinhard_normalize_flagged", "reinhard_stats", "stain_from_json", "statistics_from_dict",
 ]

@@ -242,6 +242,33 @@ def _remix_pixels_eager(x: torch.Tensor, remix: torch.Tensor, bias: torch.Tensor
     return out
 
 
+def macenko_normalize_from(x: torch.Tensor, ref: MacenkoReference, source: MacenkoReference, *, io: float = 240.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Macenko-map a batch from given source stains (e.g. its slide's) to ``ref``.
+
+    Every pixel of a patch goes through the same 3x3 map, tissue or not, so a slide's
+    patches keep their differences in stain amount. ``ok`` is False (and the patch passes
+    through) where the source is degenerate: parallel stain vectors, near-zero or
+    non-finite concentrations.
+
+    Args:
+        x: uint8 or float in [0, 1].
+        ref: the reference stain matrix and concentration percentiles.
+        source: per patch ``stain_matrix (B, 3, 2)`` and ``max_concentration (B, 2)``.
+        io: transmitted light intensity (0..255 scale).
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``, ``(B,)``.
+    """
+    check_image(x)
+    stains, max_conc = source.stain_matrix.to(torch.float32), source.max_concentration.to(torch.float32)
+    unmix, ok = _unmixing(stains)
+    ok = ok & (max_conc > MIN_CONCENTRATION).all(dim=-1)
+    ok = ok & torch.isfinite(stains).all(dim=(1, 2)) & torch.isfinite(max_conc).all(dim=-1)
+    remix = _remix_matrix(ref, max_conc, unmix, ok)
+    bias = math.log(io / 255.0) - math.log(io) * remix.sum(dim=-1, keepdim=True)
+    return pass_through(_remix_pixels(x, remix, bias), x, ok), ok
+
+
 def macenko_normalize(x: torch.Tensor, ref: MacenkoReference, **params: Any) -> torch.Tensor:
     """Macenko-normalise a batch to ``ref`` (patches without enough tissue pass through).
 
@@ -283,18 +310,28 @@ class Macenko(StainNormalizer):
     def reference(self) -> MacenkoReference:
         return MacenkoReference(self.stain_matrix, self.max_concentration)
 
-    def forward_flagged(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_patch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return macenko_normalize_flagged(x, self.reference, **self.params)
+
+    def from_source(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``source (B, 8)``: stain matrix (row-major) and concentration percentiles per patch."""
+        stains = source[:, :6].reshape(-1, 3, 2)
+        return macenko_normalize_from(x, self.reference, MacenkoReference(stains, source[:, 6:]), io=self.io)
 
     def patch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 8)``: the stain matrix (row-major) and the two concentration percentiles; ``ok (B,)``."""
         (stains, max_conc), _, ok = macenko_stains(x, **self.params)
         return torch.cat([stains.flatten(1), max_conc], dim=1), ok
 
+    def canonical_statistics(self, stats: torch.Tensor) -> torch.Tensor:
+        """``(8,)`` with the stain columns renormalised to unit length (a median of unit vectors is not)."""
+        stains = stats[:6].reshape(3, 2)
+        return torch.cat([(stains / stains.norm(dim=0, keepdim=True)).flatten(), stats[6:]])
+
     def set_reference(self, stats: torch.Tensor) -> None:
-        """Load ``(8,)`` statistics; stain columns are renormalised to unit length (a median of unit vectors is not)."""
-        stains = stats[:6].view(3, 2)
-        self.stain_matrix.copy_(stains / stains.norm(dim=0, keepdim=True))
+        """Load ``(8,)`` statistics (stain columns renormalised: :meth:`canonical_statistics`)."""
+        stats = self.canonical_statistics(stats)
+        self.stain_matrix.copy_(stats[:6].view(3, 2))
         self.max_concentration.copy_(stats[6:])
 
     def reference_dict(self) -> dict[str, Any]:

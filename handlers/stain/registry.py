@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from brst.handlers.errors import BrstError
 
 from .base import JSON_VERSION, NoStain, PatchSource, StainNormalizer
@@ -66,27 +68,57 @@ def stain_from_json(data: dict[str, Any]) -> StainNormalizer:
     reference = data.get("reference", {})
     if not isinstance(reference, dict):
         raise BrstError("stain reference", "'reference' must be an object")
-    _load_reference(module, reference)
+    for name, tensor in checked_fields(module, reference, "stain reference").items():
+        getattr(module, name).copy_(tensor)
+    module.with_scope(data.get("scope", "patch"), data.get("fallback", "patch"))
     module.fit_info = dict(data.get("fit_info", {}))
     return module
 
 
-def _load_reference(module: StainNormalizer, reference: dict[str, Any]) -> None:
-    """Copy reference values into the module's buffers, checking names, shapes and values."""
+def statistics_from_dict(module: StainNormalizer, values: Any, subject: str = "stain statistics") -> torch.Tensor:
+    """A slide's source statistics from their named form (:meth:`StainNormalizer.statistics_dict`).
+
+    Checked like a reference (field names, shapes, finite, positive where they must be) and
+    canonicalised; a Macenko matrix whose stain vectors are (nearly) parallel is refused.
+
+    Returns:
+        float64 ``(K,)``.
+
+    Raises:
+        BrstError: naming ``subject`` and what is wrong.
+    """
+    if not isinstance(values, dict):
+        raise BrstError(subject, f"expected an object with fields {sorted(dict(module.named_buffers()))}")
+    fields = checked_fields(module, values, subject)
+    stats = module.canonical_statistics(torch.cat([fields[name].double().flatten()
+                                                   for name, _ in module.named_buffers()]))
+    _, ok = module.from_source(torch.full((1, 3, 2, 2), 128, dtype=torch.uint8), stats.float().unsqueeze(0))
+    if not bool(ok.all()):
+        raise BrstError(subject, f"{module.method} statistics are degenerate (parallel stain vectors, "
+                                 "near-zero concentrations or a flat channel)")
+    return stats
+
+
+def checked_fields(module: StainNormalizer, values: dict[str, Any], subject: str) -> dict[str, torch.Tensor]:
+    """Each of the module's buffer fields in ``values`` as a float32 tensor of the buffer's shape.
+
+    Raises:
+        BrstError: missing or extra fields, not numbers, wrong shape, non-finite, not positive.
+    """
     buffers = dict(module.named_buffers())
-    if set(reference) != set(buffers):
-        raise BrstError("stain reference", f"{module.method} needs reference fields {sorted(buffers)}, "
-                        f"got {sorted(reference)}")
-    for name, values in reference.items():
+    if set(values) != set(buffers):
+        raise BrstError(subject, f"{module.method} needs reference fields {sorted(buffers)}, got {sorted(map(str, values))[:8]}")
+    fields = {}
+    for name, value in values.items():
         try:
-            tensor = buffers[name].new_tensor(values)
-        except (TypeError, ValueError) as err:
-            raise BrstError("stain reference", f"{name!r} is not a list of numbers ({err})") from err
+            tensor = buffers[name].new_tensor(value)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+            raise BrstError(subject, f"{name!r} is not a list of numbers ({type(err).__name__})") from None
         if tensor.shape != buffers[name].shape:
-            raise BrstError("stain reference", f"{name!r} has shape {list(tensor.shape)}, "
-                            f"expected {list(buffers[name].shape)}")
+            raise BrstError(subject, f"{name!r} has shape {list(tensor.shape)}, expected {list(buffers[name].shape)}")
         if not all(math.isfinite(v) for v in tensor.flatten().tolist()):
-            raise BrstError("stain reference", f"{name!r} holds non-finite values")
+            raise BrstError(subject, f"{name!r} holds non-finite values")
         if name in module.POSITIVE and not bool((tensor > 0).all()):
-            raise BrstError("stain reference", f"{name!r} must be positive, got {values}")
-        buffers[name].copy_(tensor)
+            raise BrstError(subject, f"{name!r} must be positive")
+        fields[name] = tensor
+    return fields

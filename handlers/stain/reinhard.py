@@ -105,6 +105,33 @@ def _normalize_patches(x: torch.Tensor, ref: ReinhardReference, params: dict[str
     return pass_through(lab_to_rgb(shifted, clip=True), x, ok), ok
 
 
+def reinhard_normalize_from(x: torch.Tensor, ref: ReinhardReference, source: ReinhardReference
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reinhard-map a batch from given source Lab statistics (e.g. its slide's) to ``ref``.
+
+    ``ok`` is False (and the patch passes through) where a source std is flat or not finite.
+
+    Args:
+        x: uint8 or float in [0, 1].
+        ref: reference Lab mean and std.
+        source: per patch Lab ``mean (B, 3)`` and ``std (B, 3)``.
+
+    Shape: ``(B, 3, H, W)`` -> ``(B, 3, H, W)``, ``(B,)``.
+    """
+    check_image(x)
+    mean, std = source.mean.to(torch.float32), source.std.to(torch.float32)
+    ok = (std > MIN_STD).all(dim=-1) & torch.isfinite(mean).all(dim=-1) & torch.isfinite(std).all(dim=-1)
+    safe_std = torch.where(ok.unsqueeze(-1), std, torch.ones_like(std))
+    safe_mean = torch.where(ok.unsqueeze(-1), mean, torch.zeros_like(mean))
+    out = torch.empty(x.shape, dtype=torch.float32 if x.dtype == torch.uint8 else x.dtype, device=x.device)
+    for rows in patch_chunks(x):
+        lab = rgb_to_lab(to_float_image(x[rows]))
+        scale = (ref.std.to(lab) / safe_std[rows])[..., None, None]
+        shifted = (lab - safe_mean[rows][..., None, None]) * scale + ref.mean.to(lab)[:, None, None]
+        out[rows] = lab_to_rgb(shifted, clip=True)
+    return pass_through(out, x, ok), ok
+
+
 def reinhard_normalize(x: torch.Tensor, ref: ReinhardReference, **params: Any) -> torch.Tensor:
     """Reinhard-normalise a batch to ``ref`` (patches without enough tissue pass through).
 
@@ -139,8 +166,12 @@ class Reinhard(StainNormalizer):
     def reference(self) -> ReinhardReference:
         return ReinhardReference(self.mean, self.std)
 
-    def forward_flagged(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_patch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reinhard_normalize_flagged(x, self.reference, **self.params)
+
+    def from_source(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``source (B, 6)``: Lab means then stds per patch."""
+        return reinhard_normalize_from(x, self.reference, ReinhardReference(source[:, :3], source[:, 3:]))
 
     def patch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 6)``: Lab means then stds (over the ``max_sample_px`` sub-grid); ``ok (B,)``."""

@@ -123,11 +123,14 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
               help="With --embedding-ridge: local encoder weights (.pth/.safetensors, e.g. UNI) [default: the "
                    "scored model's own backbone]; nothing is downloaded.")
 @click.option("--ridge-arch", help="timm architecture of --ridge-encoder [default: the scored model's].")
+@click.option("--stain-shift", is_flag=True,
+              help="Also re-stain each held-out section as a whole at increasing magnitudes (another lab's "
+                   "stain) and score model and darkness on each: stain_shift.csv/.json/.png.")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
              holdout: tuple[str, ...], split_by: str | None, select: str, tta: bool, allow_training_spots: bool,
              device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool, ridge_encoder: str | None,
-             ridge_arch: str | None) -> None:
+             ridge_arch: str | None, stain_shift: bool) -> None:
     """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots.
 
     Any other option is a training option of `fit` (used with --cv/--holdout), e.g.
@@ -139,6 +142,8 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
     from brst.train.evaluate.crossval import make_folds, run_crossval
     from brst.train.evaluate.fold import evaluate_checkpoint
     from brst.train.evaluate.report import format_report, write_report
+    from brst.train.evaluate.stain_shift import crossval_shift_scores, stain_shift_scores
+    from brst.train.evaluate.stain_shift_report import format_shift, write_stain_shift
     from brst.train.fit.distributed import resolve_device
     from brst.train.fit.provenance import check_panel_genes, check_patch_geometry, scoring_integrity
 
@@ -171,6 +176,8 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
                                        embedding_ridge=ridge)]
         header = {"mode": "checkpoint", "checkpoint": str(checkpoint), "arch": ckpt["arch"],
                   "fit_options": ckpt["options"], "integrity": integrity}
+        shifted = (lambda: stain_shift_scores(ckpt, index, train_idx, test_idx, tta=tta,
+                                              device=resolve_device(device))) if stain_shift else None
     else:
         options = _training_options(ctx, data, device)
         index = open_dataset(options.data)
@@ -181,6 +188,11 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
                                                                                ridge_arch, folds[0].by))
         header = {"mode": cv or "holdout", "arch": options.arch, "fit_options": options.to_dict(),
                   "select": select}
+        shifted = (lambda: crossval_shift_scores(options, index, folds, out, select=select, tta=tta,
+                                                 device=resolve_device(options.device))) if stain_shift else None
     header.update({"data": [str(path) for path in index.files], "tta": tta})
     summary = write_report(out, results, index, header, top_genes)
     click.echo(format_report(summary))
+    if shifted is not None:
+        click.echo(format_shift(write_stain_shift(out, shifted(), f"stain shift: {header['arch']} "
+                                                                   f"({summary['units']})")))

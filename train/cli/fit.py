@@ -19,7 +19,7 @@ from brst.train.fit.optim import OPTIMIZERS
 from brst.train.fit.options import DEMO_DATASET, FitOptions, resume_options
 from brst.train.fit.recipes import RECIPES, recipe_defaults
 
-from .params import stain_choice, target_choice
+from .params import stain_choice, stain_scope_choices, target_choice
 
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 #: each option's default is FitOptions' own (written once, in brst.train.fit.options)
@@ -90,6 +90,12 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
               help="log1p(count) (the paper's) or log1p(count per 10k); z-scored per gene.")
 @click.option("--stain", type=stain_choice(), default=DEFAULTS["stain"], show_default=True)
 @click.option("--stain-reference", help="Training section the stain reference is fitted on [default: first].")
+@click.option("--stain-scope", type=stain_scope_choices()[0], default=DEFAULTS["stain_scope"], show_default=True,
+              help="Estimate the stain to normalise from each patch, or once per slide over its tissue "
+                   "(keeps differences within a slide, removes those between labs).")
+@click.option("--stain-fallback", type=stain_scope_choices()[1], default=DEFAULTS["stain_fallback"],
+              show_default=True, help="With --stain-scope slide: what a served patch sent without its slide's "
+                                      "stain statistics gets: its own estimate, or no normalisation.")
 @click.option("--input-size", type=click.IntRange(16), help="Model input side in px [default: the arch's].")
 @click.option("--holdout", multiple=True, help="Validation patient(s)/section(s) [default: the last one].")
 @click.option("--split-by", type=click.Choice(["section", "patient"]), default=DEFAULTS["split_by"],

@@ -38,6 +38,13 @@ def stain_choice() -> click.Choice:
     return click.Choice(list(METHODS))
 
 
+def stain_scope_choices() -> tuple[click.Choice, click.Choice]:
+    """The stain scopes and fallbacks of :mod:`brst.handlers.stain.base`."""
+    from brst.handlers.stain.base import FALLBACKS, SCOPES
+
+    return click.Choice(list(SCOPES)), click.Choice(list(FALLBACKS))
+
+
 def target_choice() -> click.Choice:
     """The target definitions of :data:`brst.handlers.targets.KINDS`."""
     from brst.handlers.targets import KINDS

@@ -34,6 +34,7 @@ class PatchIndex:
             array_x, array_y, file_index, row`` (``row``: position inside its file).
         um_per_px, patch_px: patch geometry (equal in every file).
         attrs: the first file's attributes.
+        file_attrs: every file's attributes, in order.
     """
 
     files: list[str]
@@ -45,6 +46,7 @@ class PatchIndex:
     patch_px: int
     attrs: dict
     columns: list[np.ndarray] = field(repr=False, default_factory=list)
+    file_attrs: list[dict] = field(repr=False, default_factory=list)
     _handles: dict = field(repr=False, default_factory=dict)
     _pid: int = field(repr=False, default=-1)
 
@@ -203,5 +205,5 @@ def open_dataset(paths: PathLike | Sequence[PathLike]) -> PatchIndex:
         files=[str(path) for path in files], genes=genes, panel=panel,
         aux_genes=np.array([gene for gene in genes if gene not in panel_set], dtype=object),
         spots=spots, um_per_px=float(attrs["um_per_px"]), patch_px=int(attrs["patch_px"]), attrs=attrs,
-        columns=columns,
+        columns=columns, file_attrs=[p["attrs"] for p in parts],
     )

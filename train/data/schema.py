@@ -1,7 +1,9 @@
-"""The HDF5 patch-dataset schema (version 1): names, types and the checks a reader makes.
+"""The HDF5 patch-dataset schema (version 2): names, types and the checks a reader makes.
 
 See docs/CONTRACTS.md. A file is valid when its ``schema_version`` is known and its
-``complete`` attribute (written last) is true.
+``complete`` attribute (written last) is true. Version 2 adds the ``slide_stain`` attribute
+(each section's stain statistics, :mod:`brst.train.data.slide_stain`); version-1 files are
+still read (their slide stain is estimated when a run needs it).
 """
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ import numpy as np
 
 from brst.handlers.errors import BrstError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this brst reads
+READABLE_VERSIONS = (1, 2)
+#: file attribute (schema 2) holding each section's slide stain statistics (:mod:`brst.train.data.slide_stain`)
+SLIDE_STAIN_ATTR = "slide_stain"
 STR = h5py.string_dtype("utf-8")
 #: per-spot datasets under /spots and their on-disk types
 SPOT_FIELDS: dict[str, object] = {
@@ -61,12 +67,12 @@ def open_checked(path: str | Path) -> h5py.File:
 
 
 def check_attrs(handle: h5py.File, path: Path) -> None:
-    """Raise :class:`BrstError` unless ``handle`` is a complete schema-1 patch dataset."""
+    """Raise :class:`BrstError` unless ``handle`` is a complete patch dataset of a readable schema."""
     version = handle.attrs.get("schema_version")
     if version is None:
         raise BrstError(path, "not a brst patch dataset (no schema_version attribute)")
-    if int(version) != SCHEMA_VERSION:
-        raise BrstError(path, f"schema_version {version} is not supported (this brst reads {SCHEMA_VERSION})")
+    if int(version) not in READABLE_VERSIONS:
+        raise BrstError(path, f"schema_version {version} is not supported (this brst reads {list(READABLE_VERSIONS)})")
     if not bool(handle.attrs.get("complete", False)):
         raise BrstError(path, "incomplete dataset (no complete flag): its writer was interrupted; prepare it again")
     missing = [name for name in REQUIRED_ATTRS if name not in handle.attrs]

@@ -1,4 +1,4 @@
-"""Write one HDF5 patch dataset (schema 1), section by section, ``complete`` flag last.
+"""Write one HDF5 patch dataset (schema 2), section by section, ``complete`` flag last.
 
 Use it inside :func:`brst.train.atomic.atomic_path` so a reader never sees a partial file::
 
@@ -21,11 +21,12 @@ import scipy.sparse
 from brst.handlers.errors import BrstError
 
 from .readers.base import Section
-from .schema import SCHEMA_VERSION, SPOT_FIELDS, STR, brst_version
+from .schema import SCHEMA_VERSION, SLIDE_STAIN_ATTR, SPOT_FIELDS, STR, brst_version
 
 
 class DatasetWriter:
-    """Create a schema-1 file for ``n_spots`` spots and fill it in order.
+    """Create a schema-2 file for ``n_spots`` spots and fill it in order; each section's slide
+    stain (:func:`~brst.train.data.slide_stain.section_stain`) is estimated as it is appended.
 
     Args:
         path: file to create (normally a temporary name, renamed when complete).
@@ -40,6 +41,7 @@ class DatasetWriter:
                  attrs: dict) -> None:
         self.n_spots, self.patch_px, self.written = n_spots, int(attrs["patch_px"]), 0
         self.genes = list(genes)
+        self.stains: dict[str, dict] = {}
         self.file = h5py.File(path, "w")
         file = self.file
         file.attrs.update({
@@ -92,11 +94,17 @@ class DatasetWriter:
             self.file[f"spots/{name}"][lo:hi] = values
         self.file["patches"][lo:hi] = patches
         self.file["counts"][lo:hi] = counts.toarray()
+        from .slide_stain import section_stain  # torch: not loaded by the commands that only read files
+
+        self.stains[section.section] = section_stain(patches)
         self.written = hi
 
     def finish(self) -> None:
         """Check every row was written, then set ``complete`` (the last thing written)."""
         if self.written != self.n_spots:
             raise BrstError(self.file.filename, f"wrote {self.written} of {self.n_spots} spots")
+        from .slide_stain import stain_attribute
+
+        self.file.attrs[SLIDE_STAIN_ATTR] = stain_attribute(self.stains)
         self.file.attrs["complete"] = True
         self.file.flush()

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from brst.handlers.errors import BrstError
 from brst.handlers.model import create_backbone, data_config, model_from_checkpoint
 from brst.handlers.transforms import ModelInput
+from brst.train.data.batches import spot_batches
+from brst.train.data.slide_stain import slide_stain_table
 from brst.train.fit.density_expert import choose_penalty, ridge_fit
 from brst.train.fit.pretrained import load_backbone_weights
 
@@ -100,10 +101,10 @@ def embed(backbone: torch.nn.Module, model_input: ModelInput, index, idx: np.nda
 
     Shape: idx ``(n,)`` -> ``(n, D)`` float64, D = ``backbone.num_features``.
     """
-    parts = []
-    for start in tqdm(range(0, len(idx), batch_size), desc="embeddings", unit="batch", leave=False):
-        patches = torch.from_numpy(np.asarray(index.patches(idx[start:start + batch_size]))).to(device)
-        parts.append(backbone(model_input(patches)).double().cpu())
+    table = slide_stain_table(index, model_input.stain)
+    parts = [backbone(model_input(patches, stain_source=source)).double().cpu()
+             for patches, source in spot_batches(index, idx, device, batch_size=batch_size, stain_table=table,
+                                                 desc="embeddings")]
     return torch.cat(parts).numpy() if parts else np.zeros((0, backbone.num_features))
 
 

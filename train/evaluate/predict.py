@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from brst.handlers.predictor import Predictor
+from brst.train.data.batches import spot_batches
+from brst.train.data.slide_stain import slide_stain_table
 
 
 def predict_expression(ckpt: dict, index, idx: np.ndarray, *, tta: bool = False, batch_size: int = 64,
@@ -27,11 +28,8 @@ def predict_expression(ckpt: dict, index, idx: np.ndarray, *, tta: bool = False,
     Shape: idx (n,) -> (n, n_main) float64 in ``log1p(count)`` or ``log1p(count per 10k)``.
     """
     predictor = Predictor.from_checkpoint(ckpt, device, tta=tta)
-    idx = np.asarray(idx)
-    outputs = []
-    with tqdm(total=len(idx), desc="predict" + (" (TTA x8)" if tta else ""), unit="spot", leave=False) as bar:
-        for start in range(0, len(idx), batch_size):
-            patches = torch.from_numpy(np.asarray(index.patches(idx[start:start + batch_size])))
-            outputs.append(predictor(patches.to(predictor.device)).double().cpu())
-            bar.update(len(patches))
+    table = slide_stain_table(index, predictor.model_input.stain)
+    outputs = [predictor(patches, source).double().cpu()
+               for patches, source in spot_batches(index, idx, predictor.device, batch_size=batch_size,
+                                                   stain_table=table, desc="predict" + (" (TTA x8)" if tta else ""))]
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, ckpt["n_main"]))

@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from brst.handlers.errors import BrstError
 from brst.train.accuracy import pearson_r
+from brst.train.data.batches import spot_batches
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,22 @@ def choose_penalty(x: np.ndarray, y: np.ndarray, groups: np.ndarray, penalties: 
 
 @torch.no_grad()
 def raw_statistics(model, model_input, index, idx: np.ndarray, device: torch.device,
-                   batch_size: int = 64) -> np.ndarray:
+                   stain_table: torch.Tensor | None = None, batch_size: int = 64) -> np.ndarray:
     """Unstandardised density statistics of the spots ``idx`` on the unaugmented model input.
+
+    ``stain_table`` ``(len(index), K)``: each spot's slide stain statistics, for a slide-scope
+    normaliser (:func:`brst.train.data.slide_stain.slide_stain_table`), else None.
 
     Shape: idx ``(N,)`` -> ``(N, model.density.num_features)`` float64.
     """
-    parts = []
-    for start in tqdm(range(0, len(idx), batch_size), desc="density statistics", unit="batch", leave=False):
-        patches = torch.from_numpy(index.patches(idx[start:start + batch_size])).to(device)
-        parts.append(model.density.raw(model_input(patches)).double().cpu())
+    parts = [model.density.raw(model_input(patches, stain_source=source)).double().cpu()
+             for patches, source in spot_batches(index, idx, device, batch_size=batch_size, stain_table=stain_table,
+                                                 desc="density statistics")]
     return torch.cat(parts).numpy()
 
 
 def fit_density_expert(model, model_input, index, train_idx: np.ndarray, groups: np.ndarray,
-                       targets: np.ndarray, device: torch.device) -> dict:
+                       targets: np.ndarray, device: torch.device, stain_table: torch.Tensor | None = None) -> dict:
     """Standardise the statistics and fit ``model.density_head`` by ridge (penalty by inner CV).
 
     Args:
@@ -102,12 +104,13 @@ def fit_density_expert(model, model_input, index, train_idx: np.ndarray, groups:
         model_input: the run's :class:`~brst.handlers.transforms.ModelInput` (no augmentation).
         train_idx: ``(N,)`` training spots; ``groups`` ``(N,)`` their sections or patients.
         targets: ``(N, K)`` z-scored panel targets of those spots.
+        stain_table: each spot's slide stain statistics (see :func:`raw_statistics`), or None.
 
     Returns:
         ``{"penalty": float, "inner_mean_r": {penalty: r}, "inner_groups": [names]}`` (kept in
         the checkpoint).
     """
-    raw = raw_statistics(model, model_input, index, train_idx, device)
+    raw = raw_statistics(model, model_input, index, train_idx, device, stain_table)
     model.density.fit(torch.from_numpy(raw).float().to(device))
     mean, std = model.density.feature_mean.double().cpu().numpy(), model.density.feature_std.double().cpu().numpy()
     x = (raw - mean) / std

@@ -36,6 +36,8 @@ class StepParts:
             a batch's ``counts`` (``aux_cols`` is None without an auxiliary head).
         amp_dtype: autocast dtype, or None for full precision.
         scaler: a GradScaler for float16 autocast, else None.
+        stain_table: ``(N, K)`` each dataset spot's slide stain statistics on the device, for a
+            slide-scope stain normaliser (:mod:`brst.train.data.slide_stain`), else None.
     """
 
     model: torch.nn.Module
@@ -51,6 +53,11 @@ class StepParts:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
+    stain_table: torch.Tensor | None = None
+
+    def stain_source(self, spots: torch.Tensor) -> torch.Tensor | None:
+        """Slide stain statistics ``(B, K)`` of the spots (their index in the dataset), or None."""
+        return None if self.stain_table is None else self.stain_table[spots.to(self.stain_table.device)]
 
 
 @torch.no_grad()
@@ -63,7 +70,7 @@ def batch_tensors(parts: StepParts, batch: dict, augmentation: EpochAugmentation
     counts = batch["counts"].to(parts.device, non_blocking=True)
     library_size = batch["library_size"].to(parts.device, non_blocking=True)
     codes, jitter = (None, None) if augmentation is None else augmentation.for_spots(batch["index"], parts.device)
-    x = parts.model_input(patches, codes, jitter)
+    x = parts.model_input(patches, codes, jitter, parts.stain_source(batch["index"]))
     if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y_main = parts.main_target(counts[:, parts.main_cols], library_size)
@@ -149,7 +156,8 @@ def validate(model: torch.nn.Module, parts: StepParts, loader: Iterable[dict], g
     predictor = Predictor(model, parts.model_input, amp_dtype=parts.amp_dtype)
     predicted, measured = [], []
     for batch in loader:
-        predicted.append(predictor.z_scores(batch["patch"].to(parts.device)).cpu())
+        source = parts.stain_source(batch["index"])
+        predicted.append(predictor.z_scores(batch["patch"].to(parts.device), source).cpu())
         library_size = batch["library_size"].to(parts.device)
         measured.append(parts.main_target(batch["counts"].to(parts.device)[:, parts.main_cols], library_size).cpu())
     model.train()

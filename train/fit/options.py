@@ -35,6 +35,8 @@ class FitOptions:
     target: str = "log1p"
     stain: str = "macenko"
     stain_reference: str | None = None
+    stain_scope: str = "patch"
+    stain_fallback: str = "patch"
     input_size: int | None = None
     holdout: list[str] = field(default_factory=list)
     split_by: str = "section"

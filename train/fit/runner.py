@@ -26,6 +26,7 @@ from brst.handlers.transforms import ModelInput
 from brst.train.checkpoint import resolve_checkpoint
 from brst.train.data import PatchDataset, open_dataset
 from brst.train.data.fingerprint import data_fingerprint
+from brst.train.data.slide_stain import slide_stain_table
 
 from .density_expert import fit_density_expert
 from .distributed import (
@@ -120,7 +121,8 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
     aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
     return RunSpec(train_idx, val_idx, holdout, panel, aux,
                    fit_targets(index, train_idx, panel, options.target), fit_targets(index, train_idx, aux, options.target),
-                   fit_stain_reference(index, train_idx, options.stain, options.stain_reference, device),
+                   fit_stain_reference(index, train_idx, options.stain, options.stain_reference, options.stain_scope,
+                                       options.stain_fallback, device),
                    run_data_config(options.arch, options.input_size, index), fingerprint, spots,
                    {"crops": list(DEFAULT_CROPS)} if options.density_expert else None)
 
@@ -188,7 +190,11 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
         main_cols=torch.from_numpy(index.gene_columns(spec.panel)).to(device), aux_cols=aux_cols,
         aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps, warmup_steps),
         device=device, amp_dtype=dtype, scaler=grad_scaler(dtype, device),
-        channels_last=use_channels_last(options.channels_last, device))
+        channels_last=use_channels_last(options.channels_last, device), stain_table=_on(slide_stain_table(index, spec.stain), device))
+
+
+def _on(table: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if table is None else table.to(device)
 
 
 def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
@@ -197,7 +203,8 @@ def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by
     library_size = torch.from_numpy(index.spots["library_size"][spec.train_idx].astype(np.float64))
     targets = parts.main_target(counts.to(parts.device), library_size.to(parts.device)).double().cpu().numpy()
     groups = np.asarray(index.spots[split_by][spec.train_idx]).astype(str)
-    return fit_density_expert(model, parts.model_input, index, spec.train_idx, groups, targets, parts.device)
+    return fit_density_expert(model, parts.model_input, index, spec.train_idx, groups, targets, parts.device,
+                              parts.stain_table)
 
 
 def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, state: RunState) -> dict:

@@ -76,11 +76,12 @@ def stain_reference_spots(index, train_idx: np.ndarray, section: str | None) -> 
     return section, spots[::step][:STAIN_FIT_PATCHES]
 
 
-def fit_stain_reference(index, train_idx: np.ndarray, method: str, section: str | None,
+def fit_stain_reference(index, train_idx: np.ndarray, method: str, section: str | None, scope: str, fallback: str,
                         device: torch.device) -> torch.nn.Module:
-    """Fit the stain normaliser on training patches of one reference section."""
+    """Fit the stain normaliser on training patches of one reference section; ``scope`` says
+    whether it maps each patch's own stain or its slide's (``fallback``: without the slide's)."""
     section, spots = stain_reference_spots(index, train_idx, section)
-    module = fit_stain(method, index.patches(spots), device=str(device))
+    module = fit_stain(method, index.patches(spots), device=str(device)).with_scope(scope, fallback)
     module.fit_info = {**module.fit_info, "section": str(section)}
     log.info("stain %s fitted on %d patches of section %s", method, len(spots), section)
     return module

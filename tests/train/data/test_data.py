@@ -68,7 +68,7 @@ def test_round_trip_one_file(tmp_path):
     np.testing.assert_allclose(index.spots["pixel_x"], np.concatenate([s.pixel_x for s, _ in parts]))
     np.testing.assert_array_equal(index.spots["library_size"], np.concatenate([s.library_size for s, _ in parts]))
     assert np.isnan(index.spots["array_y"]).all() and index.spots["array_x"][6] == 0
-    assert index.attrs["schema_version"] == 1 and index.attrs["complete"]
+    assert index.attrs["schema_version"] == 2 and index.attrs["complete"]
     with h5py.File(index.files[0]) as handle:
         assert handle["patches"].chunks == (1, PATCH_PX, PATCH_PX, 3) and handle["counts"].compression == "gzip"
 
