@@ -16,7 +16,8 @@ Two modes:
 
 Either way every held-out section is scored on its own (a patient's and a fold's figures
 are the means over their sections; ``--pooled`` adds each fold's sections pooled, labelled so),
-and the model is reported beside the two baselines (patch darkness, log library size) on the same spots, and with ``--embedding-ridge`` beside a ridge on frozen embeddings
+and the model is reported beside the two baselines (patch darkness, log library size) on the
+same spots, and with ``--embedding-ridge`` beside a ridge on frozen embeddings
 (:mod:`brst.train.evaluate.embedding_ridge`); see :mod:`brst.train.evaluate.report` for the files written.
 """
 from __future__ import annotations
@@ -129,9 +130,9 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
 @click.option("--ridge-arch", help="timm architecture of --ridge-encoder [default: the scored model's].")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
-             holdout: tuple[str, ...], split_by: str | None, select: str, pooled: bool, tta: bool, allow_training_spots: bool,
-             device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool, ridge_encoder: str | None,
-             ridge_arch: str | None) -> None:
+             holdout: tuple[str, ...], split_by: str | None, select: str, pooled: bool, tta: bool,
+             allow_training_spots: bool, device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool,
+             ridge_encoder: str | None, ridge_arch: str | None) -> None:
     """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots, per section.
 
     Any other option is a training option of `fit` (used with --cv/--holdout), e.g.

@@ -87,8 +87,8 @@ def write_report(out_dir: str | Path, results: list[FoldResult], index, header: 
                "patients": patient_summaries(scores, genes),
                "folds": [result.summary(pooled=pooled) for result in results],
                "cv": cv_summary(scores, genes)}
-    write_csv_atomic(out_dir / "sections.csv", [row for section in summary["sections"] for row in _section_rows(section)])
-    write_csv_atomic(out_dir / "patients.csv", [row for patient in summary["patients"] for row in _patient_rows(patient)])
+    write_csv_atomic(out_dir / "sections.csv", [row for s in summary["sections"] for row in _section_rows(s)])
+    write_csv_atomic(out_dir / "patients.csv", [row for p in summary["patients"] for row in _patient_rows(p)])
     write_csv_atomic(out_dir / "folds.csv", [row for fold in summary["folds"] for row in _fold_rows(fold)])
     write_csv_atomic(out_dir / "genes.csv", [
         row for score in scores
@@ -96,7 +96,8 @@ def write_report(out_dir: str | Path, results: list[FoldResult], index, header: 
                              score.per_gene, genes)])
     if pooled:
         write_csv_atomic(out_dir / "genes_pooled.csv", [
-            row for result in results for row in gene_rows({"fold": result.name, "scope": POOLED}, result.pooled, genes)])
+            row for result in results
+            for row in gene_rows({"fold": result.name, "scope": POOLED}, result.pooled, genes)])
     medians = {name: stats["median_r_per_gene"] for name, stats in summary["cv"]["predictors"].items()}
     write_csv_atomic(out_dir / "genes_cv.csv", [
         {"gene": gene, **{f"median_r_{name}": values[k] for name, values in medians.items()}}

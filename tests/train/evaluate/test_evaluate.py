@@ -62,7 +62,8 @@ def test_holdout_mode_trains_scores_and_prints(holdout_run, index):
         assert np.isfinite([stats["mean_r"], stats["amae"], stats["armse"]]).all(), name
         assert f" {name}  " in printed
     (section,) = summary["sections"]
-    assert section["section"] == "C2" and section["predictors"]["model"]["mean_r"] == fold["predictors"]["model"]["mean_r"]
+    assert section["section"] == "C2"
+    assert section["predictors"]["model"]["mean_r"] == fold["predictors"]["model"]["mean_r"]
     assert fold["margin_over_darkness"]["mean_r"] == pytest.approx(
         fold["predictors"]["model"]["mean_r"] - fold["predictors"]["darkness"]["mean_r"])
     assert "genes with median r > 0" in printed and "model minus darkness" in printed
