@@ -46,7 +46,7 @@ def evaluate(arch: str, target: str, args: argparse.Namespace) -> tuple[Path, fl
 
 
 def row(arch: str, target: str, out: Path, seconds: float) -> str:
-    """One markdown row from an evaluation's summary.json (its single fold)."""
+    """One markdown row from an evaluation's summary.json (its single fold: the mean over its sections)."""
     fold = json.loads((out / "summary.json").read_text())["folds"][0]
     r = {name: fold["predictors"][name]["mean_r"] for name in COLUMNS}
     positive = fold["predictors"]["model"]["n_positive"]

@@ -111,15 +111,15 @@ def summarize(per_gene: dict[str, np.ndarray], genes: Sequence[str], top: int = 
         "n_genes": int(r.size),
         "n_positive": int(np.sum(r > 0)),
         "n_good": int(np.sum(r > GOOD_R)),
-        "mean_r": _nan_stat(np.nanmean, r),
-        "median_r": _nan_stat(np.nanmedian, r),
+        "mean_r": nan_stat(np.nanmean, r),
+        "median_r": nan_stat(np.nanmedian, r),
         "amae": float(np.mean(per_gene["mae"])),
         "armse": float(np.mean(per_gene["rmse"])),
         "best_genes": best_genes(r, genes, top),
     }
 
 
-def _nan_stat(stat, values: np.ndarray) -> float:
+def nan_stat(stat, values: np.ndarray) -> float:
     """``stat`` over the non-NaN values, NaN when there are none (without numpy's warning)."""
     values = values[~np.isnan(values)]
     return float(stat(values)) if values.size else float("nan")
@@ -137,16 +137,16 @@ def summarize_folds(r_folds: np.ndarray, genes: Sequence[str], top: int = 10) ->
         n_positive and mean r, and the best genes by median r.
     """
     r_folds = np.atleast_2d(np.asarray(r_folds, dtype=np.float64))
-    median = np.array([_nan_stat(np.nanmedian, column) for column in r_folds.T])
+    median = np.array([nan_stat(np.nanmedian, column) for column in r_folds.T])
     return {
         "n_folds": int(r_folds.shape[0]),
         "n_genes": int(r_folds.shape[1]),
         "median_r_per_gene": [float(v) for v in median],
         "n_median_positive": int(np.sum(median > 0)),
         "n_median_good": int(np.sum(median > GOOD_R)),
-        "mean_of_median_r": _nan_stat(np.nanmean, median),
-        "median_of_median_r": _nan_stat(np.nanmedian, median),
+        "mean_of_median_r": nan_stat(np.nanmean, median),
+        "median_of_median_r": nan_stat(np.nanmedian, median),
         "fold_mean_n_positive": float(np.mean(np.sum(r_folds > 0, axis=1))),
-        "fold_mean_r": _nan_stat(np.nanmean, np.array([_nan_stat(np.nanmean, row) for row in r_folds])),
+        "fold_mean_r": nan_stat(np.nanmean, np.array([nan_stat(np.nanmean, row) for row in r_folds])),
         "best_genes": best_genes(median, genes, top),
     }

@@ -14,8 +14,10 @@ Two modes:
   ``fit`` option (``--target``, ``--stain``, ``--input-size``, ``--batch-size`` ...) is passed
   to training as is.
 
-Either way the model is reported beside the two baselines (patch darkness, log library
-size) on the same spots, and with ``--embedding-ridge`` beside a ridge on frozen embeddings
+Either way every held-out section is scored on its own (a patient's and a fold's figures
+are the means over their sections; ``--pooled`` adds each fold's sections pooled, labelled so),
+and the model is reported beside the two baselines (patch darkness, log library size) on the
+same spots, and with ``--embedding-ridge`` beside a ridge on frozen embeddings
 (:mod:`brst.train.evaluate.embedding_ridge`); see :mod:`brst.train.evaluate.report` for the files written.
 """
 from __future__ import annotations
@@ -108,6 +110,9 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
 @click.option("--select", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="With --cv/--holdout: score each fold's last epoch, or its best epoch chosen on an inner "
                    "validation group of the training data (the held-out groups are never seen).")
+@click.option("--pooled", is_flag=True,
+              help="Also score each fold's held-out sections pooled into one set (labelled 'pooled'); every "
+                   "section is always scored on its own.")
 @click.option("--tta", is_flag=True, help="Average over the 8 flips/rotations (dihedral test-time augmentation).")
 @click.option("--allow-training-spots", is_flag=True,
               help="With --checkpoint: score spots the model was trained on anyway (the report says so).")
@@ -128,10 +133,10 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
                    "stain) and score model and darkness on each: stain_shift.csv/.json/.png.")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
-             holdout: tuple[str, ...], split_by: str | None, select: str, tta: bool, allow_training_spots: bool,
-             device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool, ridge_encoder: str | None,
-             ridge_arch: str | None, stain_shift: bool) -> None:
-    """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots.
+             holdout: tuple[str, ...], split_by: str | None, select: str, pooled: bool, tta: bool,
+             allow_training_spots: bool, device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool,
+             ridge_encoder: str | None, ridge_arch: str | None) -> None:
+    """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots, per section.
 
     Any other option is a training option of `fit` (used with --cv/--holdout), e.g.
     --arch efficientnet_b0 --epochs 5 --target lognorm --input-size 64 --stain none.
@@ -191,7 +196,7 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
         shifted = (lambda: crossval_shift_scores(options, index, folds, out, select=select, tta=tta,
                                                  device=resolve_device(options.device))) if stain_shift else None
     header.update({"data": [str(path) for path in index.files], "tta": tta})
-    summary = write_report(out, results, index, header, top_genes)
+    summary = write_report(out, results, index, header, top_genes, pooled)
     click.echo(format_report(summary))
     if shifted is not None:
         click.echo(format_shift(write_stain_shift(out, shifted(), f"stain shift: {header['arch']} "

@@ -19,7 +19,7 @@ from brst.train.fit.optim import OPTIMIZERS
 from brst.train.fit.options import DEMO_DATASET, FitOptions, resume_options
 from brst.train.fit.recipes import RECIPES, recipe_defaults
 
-from .params import stain_choice, stain_scope_choices, target_choice
+from .params import split_names, stain_choice, stain_scope_choices, target_choice
 
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 #: each option's default is FitOptions' own (written once, in brst.train.fit.options)
@@ -37,8 +37,8 @@ def _checked_data(paths: list[str]) -> list[str]:
 
 def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict | None]:
     """Options of a fresh run, or (``--resume``) the run's own options plus runtime ones."""
-    params = {**params, "data": list(params["data"]) or [DEMO_DATASET], "holdout": list(params["holdout"]),
-              "exclude": list(params["exclude"])}
+    params = {**params, "data": list(params["data"]) or [DEMO_DATASET],
+              "holdout": split_names(params["holdout"]) or [], "exclude": split_names(params["exclude"]) or []}
     if params["resume"]:
         ckpt = load_checkpoint(params["resume"])
         given = {name: params[name] for name in params if ctx.get_parameter_source(name) in EXPLICIT}
@@ -97,11 +97,13 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
               show_default=True, help="With --stain-scope slide: what a served patch sent without its slide's "
                                       "stain statistics gets: its own estimate, or no normalisation.")
 @click.option("--input-size", type=click.IntRange(16), help="Model input side in px [default: the arch's].")
-@click.option("--holdout", multiple=True, help="Validation patient(s)/section(s) [default: the last one].")
+@click.option("--holdout", multiple=True,
+              help="Validation patient(s)/section(s): repeat or comma-separate [default: the last one].")
 @click.option("--split-by", type=click.Choice(["section", "patient"]), default=DEFAULTS["split_by"],
               show_default=True)
 @click.option("--exclude", multiple=True,
-              help="Patient(s)/section(s) left out of the run entirely: neither trained nor validated on.")
+              help="Patient(s)/section(s) left out of the run entirely: neither trained nor validated on "
+                   "(repeat or comma-separate).")
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp/--no-amp", default=DEFAULTS["amp"], help="Mixed precision [default: on for GPUs].")
 @click.option("--amp-dtype", type=click.Choice(AMP_DTYPES), default=DEFAULTS["amp_dtype"], show_default=True,

@@ -1,7 +1,8 @@
 """Cross-validation: one model per held-out patient or section, each scored beside the baselines.
 
 ``lopo`` holds out each patient in turn (ST-Net's protocol), ``loso`` each section, and an
-explicit holdout list is one fold (the paper's code held out two fixed patients). Each
+explicit holdout list is one fold (the paper's code held out two fixed patients). A fold holding
+several sections is scored section by section (:mod:`brst.train.evaluate.sections`). Each
 fold trains with :func:`brst.train.fit.runner.fit` into ``OUT/folds/<fold>/``; the held-out
 spots are that run's validation set, which only *monitors* training: the fold is scored
 with ``last.pt``, so no choice is made on the held-out spots. With ``select="best"``

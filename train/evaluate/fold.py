@@ -3,8 +3,10 @@
 A fold is a set of training spots (the baselines' lines are fitted there) and a set of
 held-out spots; the model's predictions for the held-out spots come from
 :mod:`brst.train.evaluate.predict`. Everything is compared on the expression scale of the
-model's target (``log1p(count)`` or ``log1p(count per 10k)``), gene by gene; the margin
-is the model's figure minus the image-only baseline's (darkness) on the same genes.
+model's target (``log1p(count)`` or ``log1p(count per 10k)``), gene by gene and section by
+section (:mod:`brst.train.evaluate.sections`): a fold's figures are the means over its
+sections, and its pooled figures (all its spots as one set) are reported only when asked for.
+The margin is the model's figure minus the image-only baseline's (darkness) on the same genes.
 """
 from __future__ import annotations
 
@@ -12,27 +14,23 @@ import csv
 import io
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from brst.handlers.targets import KINDS, expression
-from brst.train.accuracy import gene_metrics, summarize
+from brst.train.accuracy import gene_metrics
 from brst.train.atomic import write_bytes_atomic
 
 from .baselines import baseline_predictions
 from .embedding_ridge import NAME as EMBEDDING_RIDGE
 from .embedding_ridge import EmbeddingRidge
 from .predict import predict_expression
+from .sections import POOLED, SectionScore, group_summary, score_sections, scored
 
 log = logging.getLogger(__name__)
-
-#: the image-only baseline the model's margin is measured against
-IMAGE_BASELINE = "darkness"
-#: columns of the per-fold table (one row per fold and predictor)
-FOLD_COLUMNS = ("fold", "predictor", "n_spots", "n_genes", "n_positive", "n_good",
-                "mean_r", "median_r", "amae", "armse")
 
 
 def measured_expression(index, idx: np.ndarray, genes: list[str], kind: str) -> np.ndarray:
@@ -59,8 +57,9 @@ class FoldResult:
             they were fitted in-sample on the held-out spots).
         measured: (n, K) measured expression.
         predicted: predictor name -> (n, K) predicted expression.
+        sections, patients: (n,) the section and the patient of each held-out spot.
         fits: facts of fitted comparison predictors (``embedding_ridge``: encoder, penalty ...).
-        per_gene: predictor name -> ``{"r", "mae", "rmse"}`` arrays of shape (K,).
+        per_section: each held-out section scored on its own (sorted by section).
     """
 
     name: str
@@ -70,48 +69,44 @@ class FoldResult:
     n_train: int
     measured: np.ndarray
     predicted: dict[str, np.ndarray]
+    sections: np.ndarray
+    patients: np.ndarray
     fits: dict[str, dict] = field(default_factory=dict)
-    per_gene: dict[str, dict[str, np.ndarray]] = field(init=False)
+    per_section: list[SectionScore] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.per_gene = {name: gene_metrics(pred, self.measured) for name, pred in self.predicted.items()}
+        self.per_section = score_sections(self.name, self.measured, self.predicted, self.sections, self.patients)
+
+    @cached_property
+    def pooled(self) -> dict[str, dict[str, np.ndarray]]:
+        """Predictor name -> ``{"r", "mae", "rmse"}`` (K,) over all the fold's spots as one set."""
+        return {name: gene_metrics(values, self.measured) for name, values in self.predicted.items()}
 
     @property
     def units(self) -> str:
         return KINDS[self.kind]
 
-    def summary(self, top: int = 10) -> dict:
-        """Plain-type summary: every predictor's statistics and the margin over darkness."""
-        predictors = {name: summarize(scores, self.genes, top) for name, scores in self.per_gene.items()}
+    def summary(self, top: int = 10, pooled: bool = False) -> dict:
+        """Plain-type summary: every predictor's statistics and the margin over darkness, as means over the
+        fold's sections (:func:`brst.train.evaluate.sections.group_summary`); with ``pooled``, also
+        ``"pooled"``: the same over all the fold's spots as one set."""
         extra = {"fits": self.fits} if self.fits else {}
+        if pooled:
+            extra["pooled"] = {"scope": POOLED, **scored(self.pooled, self.genes, top)}
         return {
             "fold": self.name, "kind": self.kind, "units": self.units,
             "n_spots": int(len(self.test_idx)), "n_train_spots": int(self.n_train),
             "baselines_in_sample": self.n_train == 0,
-            "predictors": predictors,
-            "margin_over_darkness": margin(predictors["model"], predictors[IMAGE_BASELINE],
-                                           self.per_gene["model"]["r"], self.per_gene[IMAGE_BASELINE]["r"]),
+            **group_summary(self.per_section, self.genes, top),
             **extra,
         }
-
-
-def margin(model: dict, baseline: dict, model_r: np.ndarray, baseline_r: np.ndarray) -> dict:
-    """The model's figures minus a baseline's, and how many genes the model predicts better.
-
-    Shape: model_r (K,), baseline_r (K,).
-    """
-    return {
-        "mean_r": model["mean_r"] - baseline["mean_r"],
-        "median_r": model["median_r"] - baseline["median_r"],
-        "n_positive": model["n_positive"] - baseline["n_positive"],
-        "n_genes_better": int(np.sum(model_r > baseline_r)),
-    }
 
 
 def score_fold(name: str, index, train_idx: np.ndarray, test_idx: np.ndarray, genes: list[str],
                kind: str, model_prediction: np.ndarray, features: dict[str, np.ndarray],
                extra: dict[str, np.ndarray] | None = None, fits: dict[str, dict] | None = None) -> FoldResult:
-    """Fit the baselines on ``train_idx``, score them, the model and ``extra`` predictors on ``test_idx``.
+    """Fit the baselines on ``train_idx``, score them, the model and ``extra`` predictors on ``test_idx``,
+    each held-out section on its own.
 
     Args:
         index: the PatchIndex.
@@ -137,28 +132,9 @@ def score_fold(name: str, index, train_idx: np.ndarray, test_idx: np.ndarray, ge
     return FoldResult(name=name, genes=list(genes), kind=kind, test_idx=test_idx, n_train=len(train_idx),
                       measured=measured_expression(index, test_idx, genes, kind),
                       predicted={"model": np.asarray(model_prediction, dtype=np.float64), **baselines,
-                                 **(extra or {})}, fits=dict(fits or {}))
-
-
-def fold_rows(summary: dict) -> list[dict]:
-    """One table row per predictor of a fold summary (columns :data:`FOLD_COLUMNS`)."""
-    return [
-        {"fold": summary["fold"], "predictor": name, "n_spots": summary["n_spots"],
-         **{key: stats[key] for key in FOLD_COLUMNS[3:]}}
-        for name, stats in summary["predictors"].items()
-    ]
-
-
-def gene_rows(result: FoldResult) -> list[dict]:
-    """One row per gene: r, MAE and RMSE of every predictor, and the model's margin in r."""
-    rows = []
-    for k, gene in enumerate(result.genes):
-        row = {"fold": result.name, "gene": gene}
-        for metric in ("r", "mae", "rmse"):
-            row.update({f"{metric}_{name}": float(result.per_gene[name][metric][k]) for name in result.per_gene})
-        row["margin_r"] = row["r_model"] - row[f"r_{IMAGE_BASELINE}"]
-        rows.append(row)
-    return rows
+                                 **(extra or {})},
+                      sections=np.asarray(index.spots["section"][test_idx]),
+                      patients=np.asarray(index.spots["patient"][test_idx]), fits=dict(fits or {}))
 
 
 def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:

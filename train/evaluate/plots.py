@@ -81,29 +81,38 @@ def tissue_figure(pixel_x: np.ndarray, pixel_y: np.ndarray, measured: np.ndarray
     return fig
 
 
-def plot_fold(result, index, out_dir: str | Path, top_genes: int = 4) -> list[Path]:
-    """The ranked-r figure of a fold and one tissue figure per held-out section.
+def _best(r: np.ndarray, top: int) -> np.ndarray:
+    """Columns of the ``top`` highest r (NaN last). Shape: (K,) -> (top,)."""
+    return np.argsort(np.where(np.isnan(r), -np.inf, r))[::-1][:top]
+
+
+def plot_fold(result, index, out_dir: str | Path, top_genes: int = 4, pooled: bool = False) -> list[Path]:
+    """Per held-out section of a fold, its ranked-r figure and its tissue figure; with ``pooled``, also
+    the ranked-r figure of the fold's spots pooled.
 
     Args:
         result: a :class:`brst.train.evaluate.fold.FoldResult`.
         index: the PatchIndex the result's ``test_idx`` refers to.
-        out_dir: folder for ``ranked_r_<fold>.png`` and ``tissue_<fold>[_<section>].png``.
-        top_genes: how many of the model's best genes to draw on the tissue.
+        out_dir: folder for ``ranked_r_<section>.png``, ``tissue_<section>.png`` and ``ranked_r_<fold>_pooled.png``.
+        top_genes: how many of the model's best genes (in that section) to draw on the tissue.
     """
     out_dir = Path(out_dir)
-    r_model = result.per_gene["model"]["r"]
-    paths = [save_png(ranked_r_figure({name: s["r"] for name, s in result.per_gene.items()},
-                                      f"held out: {result.name} ({result.units})"),
-                      out_dir / f"ranked_r_{result.name}.png")]
-    best = np.argsort(np.where(np.isnan(r_model), -np.inf, r_model))[::-1][:top_genes]
-    sections = index.spots["section"][result.test_idx]
-    for section in np.unique(sections):
-        rows = sections == section
+    paths = []
+    for score in result.per_section:
+        r_model = score.per_gene["model"]["r"]
+        paths.append(save_png(ranked_r_figure({name: s["r"] for name, s in score.per_gene.items()},
+                                              f"held out: section {score.section} ({result.units})"),
+                              out_dir / f"ranked_r_{score.section}.png"))
+        best = _best(r_model, top_genes)
+        rows = result.sections == score.section
         spots = result.test_idx[rows]
         fig = tissue_figure(index.spots["pixel_x"][spots], index.spots["pixel_y"][spots],
                             result.measured[rows][:, best], result.predicted["model"][rows][:, best],
                             [result.genes[k] for k in best], r_model[best],
-                            f"section {section}, {result.units}")
-        name = result.name if section == result.name else f"{result.name}_{section}"
-        paths.append(save_png(fig, out_dir / f"tissue_{name}.png"))
+                            f"section {score.section}, {result.units}")
+        paths.append(save_png(fig, out_dir / f"tissue_{score.section}.png"))
+    if pooled:
+        paths.append(save_png(ranked_r_figure({name: s["r"] for name, s in result.pooled.items()},
+                                              f"POOLED: {result.name} as one set ({result.units})"),
+                              out_dir / f"ranked_r_{result.name}_pooled.png"))
     return paths

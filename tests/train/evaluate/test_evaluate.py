@@ -60,11 +60,15 @@ def test_holdout_mode_trains_scores_and_prints(holdout_run, index):
     for name, stats in fold["predictors"].items():
         assert stats["n_genes"] == 250 and 0 <= stats["n_positive"] <= 250, name
         assert np.isfinite([stats["mean_r"], stats["amae"], stats["armse"]]).all(), name
-        assert f"{name:>12}" in printed
+        assert f" {name}  " in printed
+    (section,) = summary["sections"]
+    assert section["section"] == "C2"
+    assert section["predictors"]["model"]["mean_r"] == fold["predictors"]["model"]["mean_r"]
     assert fold["margin_over_darkness"]["mean_r"] == pytest.approx(
         fold["predictors"]["model"]["mean_r"] - fold["predictors"]["darkness"]["mean_r"])
     assert "genes with median r > 0" in printed and "model minus darkness" in printed
-    for name in ("folds.csv", "genes.csv", "genes_cv.csv", "ranked_r_C2.png", "tissue_C2.png"):
+    for name in ("folds.csv", "sections.csv", "patients.csv", "genes.csv", "genes_cv.csv", "ranked_r_C2.png",
+                 "tissue_C2.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "folds" / "C2" / "last.pt").is_file()
 
@@ -122,7 +126,7 @@ def test_baselines_fitted_in_sample_when_no_training_spot(index):
     summary = result.summary()
     assert summary["baselines_in_sample"] and summary["n_train_spots"] == 0
     reference = np.abs([np.corrcoef(features["darkness"][test_idx], measured[:, g])[0, 1] for g in range(20)])
-    np.testing.assert_allclose(result.per_gene["darkness"]["r"], reference, atol=1e-9)
+    np.testing.assert_allclose(result.per_section[0].per_gene["darkness"]["r"], reference, atol=1e-9)
     assert summary["predictors"]["model"]["mean_r"] == pytest.approx(1.0)
 
 
@@ -172,14 +176,14 @@ def test_report_over_several_folds(index, tmp_path):
         noisy = measured + rng.normal(0.0, 1.0, measured.shape)
         results.append(score_fold(section, index, train_idx, test_idx, genes, "log1p", noisy, features))
     summary = write_report(tmp_path, results, index, {"mode": "loso"}, top_genes=1)
-    expected = np.median([result.per_gene["model"]["r"] for result in results], axis=0)
+    expected = np.median([result.per_section[0].per_gene["model"]["r"] for result in results], axis=0)
     with open(tmp_path / "genes_cv.csv") as handle:
         rows = list(csv.DictReader(handle))
     np.testing.assert_allclose([float(row["median_r_model"]) for row in rows], expected, atol=1e-5)
     assert summary["cv"]["predictors"]["model"]["n_median_good"] == int(np.sum(expected > 0.5))
     assert {"ranked_r_cv.png", "tissue_C4.png", "tissue_C5.png"} <= set(summary["pictures"])
     assert all((tmp_path / name).stat().st_size > 0 for name in summary["pictures"])
-    assert "across 2 fold(s)" in format_report(summary)
+    assert "across 2 section(s)" in format_report(summary)
 
 
 # --- integrity (issue 13): the data and spots a checkpoint was trained on ---------------------------------------
