@@ -80,16 +80,19 @@ def choose_penalty(x: np.ndarray, y: np.ndarray, groups: np.ndarray, penalties: 
 
 
 @torch.no_grad()
-def raw_statistics(model, model_input, index, idx: np.ndarray, device: torch.device,
+def raw_statistics(features, model_input, index, idx: np.ndarray, device: torch.device,
                    batch_size: int = 64) -> np.ndarray:
-    """Unstandardised density statistics of the spots ``idx`` on the unaugmented model input.
+    """Unstandardised per-patch features of the spots ``idx`` on the unaugmented model input.
 
-    Shape: idx ``(N,)`` -> ``(N, model.density.num_features)`` float64.
+    ``features`` maps model input ``(B, 3, S, S)`` to ``(B, F)``: the density expert's
+    ``model.density.raw``, or the in-domain score's features.
+
+    Shape: idx ``(N,)`` -> ``(N, F)`` float64.
     """
     parts = []
     for start in tqdm(range(0, len(idx), batch_size), desc="density statistics", unit="batch", leave=False):
         patches = torch.from_numpy(index.patches(idx[start:start + batch_size])).to(device)
-        parts.append(model.density.raw(model_input(patches)).double().cpu())
+        parts.append(features(model_input(patches)).double().cpu())
     return torch.cat(parts).numpy()
 
 
@@ -107,7 +110,7 @@ def fit_density_expert(model, model_input, index, train_idx: np.ndarray, groups:
         ``{"penalty": float, "inner_mean_r": {penalty: r}, "inner_groups": [names]}`` (kept in
         the checkpoint).
     """
-    raw = raw_statistics(model, model_input, index, train_idx, device)
+    raw = raw_statistics(model.density.raw, model_input, index, train_idx, device)
     model.density.fit(torch.from_numpy(raw).float().to(device))
     mean, std = model.density.feature_mean.double().cpu().numpy(), model.density.feature_std.double().cpu().numpy()
     x = (raw - mean) / std
