@@ -72,7 +72,8 @@ class RunSpec:
     """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input.
 
     ``data`` is the training data's fingerprint and ``spots`` the training and validation
-    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint.
+    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint, as does ``domain``,
+    the in-domain score (:mod:`brst.train.fit.domain_calibration`; None where it could not be fitted).
     """
 
     train_idx: np.ndarray

@@ -147,18 +147,27 @@ def plan_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str,
     return SlidePlan(image, um_per_px, tissue, grid, draw, measured)
 
 
-def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor) -> np.ndarray:
-    """Predictions at the measured spots, in ``plan.measured.genes`` order. Shape: (n, K) float64."""
+def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions at the measured spots, in ``plan.measured.genes`` order, and their in-domain scores
+    (None without a score). Shape: (n, K) float64, (n,) float32."""
     measured = plan.measured
-    values = predict_points(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
-                            job.batch_size, f"spots of {measured.section}", job.read_workers)
-    return values[:, [predictor.genes.index(g) for g in measured.genes]].astype(np.float64)
+    values, scores = predict_points_scored(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
+                                           job.batch_size, f"spots of {measured.section}", job.read_workers)
+    values = values[:, [predictor.genes.index(g) for g in measured.genes]].astype(np.float64)
+    return values, None if predictor.domain_threshold is None else scores
 
 
-def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: np.ndarray, draw: list[str]) -> dict:
-    """The r table, the spot table and the side-by-side picture; returns their summary."""
+def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: tuple[np.ndarray, np.ndarray | None],
+                    draw: list[str], domain_threshold: float | None) -> dict:
+    """The r table, the spot table (with each spot's in-domain score and flag where the model has a
+    score) and the side-by-side picture; returns their summary."""
+    predicted, scores = predicted
     table = gene_table(measured, predicted)
-    for name, frame in ((GENE_R, table), (MEASURED_SPOTS, spot_table(measured, predicted))):
+    spots = spot_table(measured, predicted)
+    if scores is not None:
+        spots.insert(3, "domain_score", scores)
+        spots.insert(4, "out_of_domain", scores > domain_threshold)
+    for name, frame in ((GENE_R, table), (MEASURED_SPOTS, spots)):
         with atomic_path(job.out_dir / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.9g")
     shown = [g for g in draw if g in measured.genes]
@@ -223,7 +232,8 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
                "units": predictor.units, "genes_drawn": plan.draw, "tiles_per_s": tiles_per_s,
                "model": predictor.description, "domain": domain_summary(slide_map)}
     if plan.measured is not None:
-        summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw)
+        summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw,
+                                              predictor.domain_threshold)
     summary["seconds"] = time.perf_counter() - started
     write_json_atomic(job.out_dir / SUMMARY, summary)
     return summary

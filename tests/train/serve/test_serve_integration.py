@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_fixtures import LOCAL_CONFIG, encode, npy_file, png_declaring
+from serve_fixtures import LOCAL_CONFIG, encode, npy_file, png_declaring, scrape_metrics
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -148,7 +148,6 @@ def test_answers_and_metrics_carry_the_domain_score(served_model, http, grpc_cli
 
     from brst.handlers.predictor import Predictor
     from brst.train.checkpoint import load_checkpoint
-    from serve_fixtures import scrape_metrics
 
     ckpt = load_checkpoint(served_model.checkpoint)
     _, expected = Predictor.from_checkpoint(ckpt).predict(torch.from_numpy(heldout_patches[:2]))

@@ -379,6 +379,12 @@ def test_measured_section_next_to_predicted(c2_local: Path, her2st_h5: Path, che
     predicted = spots[[f"predicted_{g}" for g in ckpt["genes"]]].to_numpy()
     np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(spots[[f"measured_{g}" for g in ckpt["genes"]]].to_numpy(), measured, rtol=1e-6)
+    from brst.handlers.predictor import Predictor
+
+    _, scores = Predictor.from_checkpoint(ckpt).predict(torch.from_numpy(np.asarray(index.patches(idx))))
+    np.testing.assert_allclose(spots["domain_score"], scores.numpy(), rtol=1e-4, atol=1e-4)
+    assert (spots["out_of_domain"] == (spots["domain_score"] > ckpt["domain"]["threshold"])).all()
+    assert spots["out_of_domain"].mean() <= 0.05  # C2 is one of the model's training sections
     r_table = pd.read_csv(c2_local / "gene_r.csv").set_index("gene")
     assert len(r_table) == len(ckpt["genes"]) and (r_table["n_spots"] == len(idx)).all()
     np.testing.assert_allclose(r_table.loc[ckpt["genes"], "r"].to_numpy(), pearson_r(expected, measured),
