@@ -2,7 +2,8 @@
 
 An unpacked ``.mar`` (the worker's ``model_dir``) holds ``brst-weights.pt`` (the model's state
 dict, loaded with ``weights_only=True``) and ``brst-model.json`` (docs/CONTRACTS.md, "Archive
-JSON": arch, genes, target, stain reference, data config, model version, ``weights_sha256``).
+JSON": arch, genes, target, stain reference, data config, in-domain score, model version,
+``weights_sha256``).
 The archive is written by :mod:`brst.train.serve.archiver`; this module only reads it.
 """
 from __future__ import annotations

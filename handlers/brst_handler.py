@@ -15,8 +15,11 @@ A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the bas
 - ``inference``: stain-normalises the whole batch on the device and runs the model under
   ``torch.inference_mode`` (autocast on GPU), optionally averaging the eight dihedral
   transforms (``handler: {tta: true}`` in model-config.yaml) with a per-gene ``spread``;
-- ``postprocess``: per patch ``{"genes", "values", "units", "model_version"}`` on the
-  expression scale (the target transform's inverse).
+- ``postprocess``: per patch ``{"genes", "values", "units", "model_version", "domain"}`` on the
+  expression scale (the target transform's inverse); ``domain`` is the patch's in-domain score
+  ``{"score", "out_of_domain", "threshold"}`` (:mod:`brst.handlers.domain`), or null for an
+  archive without one. The scores also go to ``/metrics`` (``brst_domain_score``,
+  ``brst_out_of_domain_total``).
 
 TorchServe 0.12's gRPC frontend ignores per-request status codes, so when *every* request
 of a batch fails with the same message the handler raises ``PredictionException(400)``,
@@ -113,22 +116,29 @@ class BrstHandler(BaseHandler):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def inference(self, batch: DecodedBatch) -> tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None]:
-        """The batch, with expression ``(N, G)`` and TTA spread ``(N, G)`` or None (CPU float32)."""
+    def inference(self, batch: DecodedBatch) -> tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None,
+                                                      torch.Tensor | None]:
+        """The batch, with expression ``(N, G)``, TTA spread ``(N, G)`` or None, and in-domain
+        scores ``(N,)`` or None (CPU float32)."""
         if len(batch.patches) == 0:
-            return batch, None, None
+            return batch, None, None, None
         with torch.inference_mode():
             pixels = torch.from_numpy(batch.patches).to(self.device, non_blocking=True)
             with self.brst_metrics.timer(STAIN_SECONDS, self._synchronize):
                 x = self.predictor.model_input(pixels)
             with self.brst_metrics.timer(INFERENCE_SECONDS, self._synchronize):
                 values, spread = self.predictor.expression(x)
+                scores = self.predictor.domain_scores(x)
         self.brst_metrics.patches(len(batch.patches))
-        return batch, values.cpu(), None if spread is None else spread.cpu()
+        if scores is not None:
+            scores = scores.cpu()
+            self.brst_metrics.domain(scores.tolist(), int(self.predictor.domain.out_of_domain(scores).sum()))
+        return batch, values.cpu(), None if spread is None else spread.cpu(), scores
 
-    def postprocess(self, prediction: tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None]) -> list[str]:
+    def postprocess(self, prediction: tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None,
+                                            torch.Tensor | None]) -> list[str]:
         """One JSON text per request: a patch's answer, a list of them, or an error."""
-        batch, values, spread = prediction
+        batch, values, spread, scores = prediction
         answers = []
         for idx, many in enumerate(batch.many):
             self.context.set_response_content_type(idx, JSON_TYPE)
@@ -136,14 +146,22 @@ class BrstHandler(BaseHandler):
                 self.context.set_response_status(BAD_REQUEST, "Bad Request", idx)
                 answers.append(json.dumps(error_body(batch.errors[idx])))
                 continue
-            rows = [self._patch_answer(values[i], None if spread is None else spread[i])
+            rows = [self._patch_answer(values[i], None if spread is None else spread[i],
+                                       None if scores is None else float(scores[i]))
                     for i in (batch.owner == idx).nonzero()[0]]
             answers.append(json.dumps(rows if many else rows[0]))
         return answers
 
-    def _patch_answer(self, values: torch.Tensor, spread: torch.Tensor | None) -> dict:
+    def _patch_answer(self, values: torch.Tensor, spread: torch.Tensor | None, score: float | None) -> dict:
         answer = {"genes": self.facts["genes"], "values": values.tolist(), "units": self.facts["units"],
-                  "model_version": self.facts["model_version"]}
+                  "model_version": self.facts["model_version"], "domain": self._domain_answer(score)}
         if spread is not None:
             answer["spread"] = spread.tolist()
         return answer
+
+    def _domain_answer(self, score: float | None) -> dict | None:
+        """``{"score", "out_of_domain", "threshold"}`` of one patch, or None without an in-domain score."""
+        if score is None:
+            return None
+        threshold = self.predictor.domain.threshold
+        return {"score": score, "out_of_domain": score > threshold, "threshold": threshold}

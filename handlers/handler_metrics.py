@@ -22,6 +22,8 @@ STAIN_SECONDS = "brst_stain_seconds"
 INFERENCE_SECONDS = "brst_inference_seconds"
 BATCH_SIZE = "brst_batch_size"
 WORKER_STARTS = "brst_worker_starts_total"
+DOMAIN_SCORE = "brst_domain_score"
+OUT_OF_DOMAIN = "brst_out_of_domain_total"
 
 
 class HandlerMetrics:
@@ -41,6 +43,8 @@ class HandlerMetrics:
                          for name in (DECODE_SECONDS, STAIN_SECONDS, INFERENCE_SECONDS)}
         self._batch_size = add(BATCH_SIZE, "count", ["ModelName"], MetricTypes.GAUGE)
         self._starts = add(WORKER_STARTS, "count", ["ModelName"], MetricTypes.COUNTER)
+        self._domain_score = add(DOMAIN_SCORE, "score", ["ModelName"], MetricTypes.HISTOGRAM)
+        self._out_of_domain = add(OUT_OF_DOMAIN, "count", ["ModelName"], MetricTypes.COUNTER)
 
     def started(self) -> None:
         """Count a worker that finished loading the model (a restart shows as a second one)."""
@@ -50,6 +54,12 @@ class HandlerMetrics:
         """Count ``n`` patches answered, and record the batch size."""
         self._patches.add_or_update(n, [self.model_name])
         self._batch_size.add_or_update(n, [self.model_name])
+
+    def domain(self, scores: list[float], n_out_of_domain: int) -> None:
+        """Observe each patch's in-domain score and count the patches flagged out of domain."""
+        for score in scores:
+            self._domain_score.add_or_update(score, [self.model_name])
+        self._out_of_domain.add_or_update(n_out_of_domain, [self.model_name])
 
     def rejected(self, reason: str) -> None:
         self._rejected.add_or_update(1, [self.model_name, reason])

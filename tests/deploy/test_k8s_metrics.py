@@ -69,6 +69,24 @@ def test_alert_rules_cover_what_the_hospital_watches():
         assert needed in watched, needed
 
 
+def test_out_of_domain_alert_fires_on_the_flagged_share_over_15_minutes():
+    """The rule is (flagged patches / patches answered) over 15 minutes > 20 %, held 15 minutes."""
+    rule = next(rule for rule in rules() if rule["alert"] == "BrstOutOfDomainShareHigh")
+    assert promql_parser.parse_duration(rule["for"]) == promql_parser.parse_duration("15m")
+    expr = promql_parser.parse(rule["expr"])
+    assert str(expr.op) == ">" and isinstance(expr.rhs, promql_parser.NumberLiteral) and expr.rhs.val == 0.2
+    share = expr.lhs
+    while isinstance(share, promql_parser.ParenExpr):
+        share = share.expr
+    assert str(share.op) == "/"
+    assert k8s.metric_names(str(share.lhs)) == {"brst_out_of_domain_total"}
+    assert k8s.metric_names(str(share.rhs)) == {"brst_patches_total"}
+    windows = []
+    promql_parser.walk(expr, pre_visit=lambda node: windows.append(node.range)
+                       if isinstance(node, promql_parser.MatrixSelector) else None)
+    assert windows and all(window == promql_parser.parse_duration("15m") for window in windows)
+
+
 def test_rule_file_is_usable_without_the_prometheus_operator():
     """``yq '.spec' brst-alerts.yaml`` gives a plain Prometheus rule file: groups and nothing else."""
     spec = k8s.load_yaml_file(k8s.ALERT_RULES)["spec"]

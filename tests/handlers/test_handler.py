@@ -72,6 +72,7 @@ def test_archive_carries_what_the_handler_needs(model_dir, served_checkpoint):
     assert facts["genes"] == ckpt["genes"] and facts["aux_genes"] == ckpt["aux_genes"]
     assert facts["arch"] == ckpt["arch"] and facts["data_config"] == ckpt["data_config"]
     assert facts["stain"] == ckpt["stain"] and facts["target"]["mean"] == pytest.approx(ckpt["target"]["mean"])
+    assert facts["domain"] == ckpt["domain"] and facts["domain"]["threshold"] > 0
     assert facts["units"] == "log1p(count)" and facts["model_version"].startswith("resnet18-e")
     state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     assert set(state) == set(ckpt["model"]) and all(torch.equal(state[k], ckpt["model"][k]) for k in state)
@@ -139,6 +140,48 @@ def test_served_values_equal_in_process(handler, model_dir, heldout_patches, ref
         assert answer["genes"] == ckpt["genes"] and answer["units"] == "log1p(count)"
         assert answer["model_version"] == handler.facts["model_version"] and "spread" not in answer
         np.testing.assert_allclose(answer["values"], expected, atol=ATOL)
+
+
+def test_answers_carry_the_in_domain_score(handler, model_dir, heldout_patches, served_checkpoint):
+    """Each patch's ``domain`` is the checkpoint's own score of it; white glass is out of domain."""
+    from brst.handlers.predictor import Predictor
+
+    ckpt = load_checkpoint(served_checkpoint)
+    glass = np.full((1, *heldout_patches.shape[1:]), 242, np.uint8)
+    patches = np.concatenate([heldout_patches, glass])
+    _, expected = Predictor.from_checkpoint(ckpt).predict(torch.from_numpy(patches))
+    answers, statuses = handle(handler, [{"body": encode(p, "PNG")} for p in patches], model_dir)
+    assert statuses == [200] * len(patches)
+    threshold = ckpt["domain"]["threshold"]
+    for answer, score in zip(answers, expected.tolist()):
+        assert set(answer["domain"]) == {"score", "out_of_domain", "threshold"}
+        assert answer["domain"]["score"] == pytest.approx(score, abs=1e-4)
+        assert answer["domain"]["threshold"] == threshold
+        assert answer["domain"]["out_of_domain"] == (answer["domain"]["score"] > threshold)
+    assert answers[-1]["domain"]["out_of_domain"]
+
+
+def test_an_archive_without_the_score_answers_null(model_dir, heldout_patches, reference, tmp_path, caplog):
+    """An archive from before the in-domain score (no ``domain`` in its JSON) serves as before."""
+    import shutil
+
+    from brst.handlers.brst_handler import BrstHandler
+
+    old = Path(shutil.copytree(model_dir, tmp_path / "old"))
+    facts = json.loads((old / ARCHIVE_JSON).read_text())
+    del facts["domain"]
+    (old / ARCHIVE_JSON).write_text(json.dumps(facts))
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING):
+            instance = BrstHandler()
+            instance.initialize(make_context(old, 1))
+        answers, statuses = handle(instance, [{"body": encode(p, "PNG")} for p in heldout_patches[:3]], old)
+    finally:
+        torch.set_num_threads(threads)
+    assert sum("no in-domain calibration" in r.getMessage() for r in caplog.records) == 1
+    assert statuses == [200] * 3 and all(answer["domain"] is None for answer in answers)
+    np.testing.assert_allclose([a["values"] for a in answers], reference[False][:3], atol=ATOL)
 
 
 def test_a_bad_request_does_not_fail_its_batch(handler, model_dir, heldout_patches, reference, caplog):

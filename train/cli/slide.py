@@ -1,8 +1,9 @@
 """``brst-train predict-slide``: a whole-slide expression map from a checkpoint or a served model.
 
 Writes into ``--out``: ``predictions.csv`` (one row per tile), ``predictions.h5ad`` (AnnData
-for scanpy/squidpy), ``heatmaps/<gene>.png``, ``summary.json``; with ``--measured``
-also ``gene_r.csv``, ``measured_spots.csv`` and ``measured_vs_predicted.png``.
+for scanpy/squidpy), ``heatmaps/<gene>.png``, ``summary.json``, and for a model with an in-domain
+score its map ``domain_score.png`` (per-tile ``domain_score``/``out_of_domain`` in the table and
+``obs``); with ``--measured`` also ``gene_r.csv``, ``measured_spots.csv`` and ``measured_vs_predicted.png``.
 """
 from __future__ import annotations
 

@@ -80,16 +80,18 @@ def choose_penalty(x: np.ndarray, y: np.ndarray, groups: np.ndarray, penalties: 
 
 
 @torch.no_grad()
-def raw_statistics(model, model_input, index, idx: np.ndarray, device: torch.device,
+def raw_statistics(features, model_input, index, idx: np.ndarray, device: torch.device,
                    stain_table: torch.Tensor | None = None, batch_size: int = 64) -> np.ndarray:
-    """Unstandardised density statistics of the spots ``idx`` on the unaugmented model input.
+    """Unstandardised per-patch features of the spots ``idx`` on the unaugmented model input.
 
-    ``stain_table`` ``(len(index), K)``: each spot's slide stain statistics, for a slide-scope
-    normaliser (:func:`brst.train.data.slide_stain.slide_stain_table`), else None.
+    ``features`` maps model input ``(B, 3, S, S)`` to ``(B, F)``: the density expert's
+    ``model.density.raw``, or the in-domain score's features. ``stain_table`` ``(len(index), K)``:
+    each spot's slide stain statistics, for a slide-scope normaliser
+    (:func:`brst.train.data.slide_stain.slide_stain_table`), else None.
 
-    Shape: idx ``(N,)`` -> ``(N, model.density.num_features)`` float64.
+    Shape: idx ``(N,)`` -> ``(N, F)`` float64.
     """
-    parts = [model.density.raw(model_input(patches, stain_source=source)).double().cpu()
+    parts = [features(model_input(patches, stain_source=source)).double().cpu()
              for patches, source in spot_batches(index, idx, device, batch_size=batch_size, stain_table=stain_table,
                                                  desc="density statistics")]
     return torch.cat(parts).numpy()
@@ -110,7 +112,7 @@ def fit_density_expert(model, model_input, index, train_idx: np.ndarray, groups:
         ``{"penalty": float, "inner_mean_r": {penalty: r}, "inner_groups": [names]}`` (kept in
         the checkpoint).
     """
-    raw = raw_statistics(model, model_input, index, train_idx, device, stain_table)
+    raw = raw_statistics(model.density.raw, model_input, index, train_idx, device, stain_table)
     model.density.fit(torch.from_numpy(raw).float().to(device))
     mean, std = model.density.feature_mean.double().cpu().numpy(), model.density.feature_std.double().cpu().numpy()
     x = (raw - mean) / std

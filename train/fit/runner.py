@@ -29,6 +29,7 @@ from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.slide_stain import slide_stain_table
 
 from .density_expert import fit_density_expert
+from .domain_calibration import calibrate_domain
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -72,7 +73,8 @@ class RunSpec:
     """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input.
 
     ``data`` is the training data's fingerprint and ``spots`` the training and validation
-    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint.
+    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint, as does ``domain``,
+    the in-domain score (:mod:`brst.train.fit.domain_calibration`; None where it could not be fitted).
     """
 
     train_idx: np.ndarray
@@ -87,6 +89,7 @@ class RunSpec:
     data: dict = field(default_factory=dict)
     spots: dict = field(default_factory=dict)
     density: dict | None = None
+    domain: dict | None = None
 
 
 @dataclass
@@ -214,7 +217,7 @@ def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: S
         "n_main": len(spec.panel), "n_aux": len(spec.aux), "target": spec.main_target.to_dict(),
         "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
         "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
-        "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density,
+        "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density, "domain": spec.domain,
         "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "precision": precision_name(parts.amp_dtype),
@@ -364,6 +367,8 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     state = restore(ckpt, model, parts) if ckpt is not None else RunState()
     if ckpt is None and spec.density is not None:
         spec.density["fit"] = fit_density(spec, model, parts, index, options.split_by)
+    spec.domain = ckpt.get("domain") if ckpt is not None else calibrate_domain(
+        parts.model_input, spec.data_config, index, spec.train_idx, parts.device, parts.stain_table)
     if ctx.is_main:
         run.write_options(options.to_dict())
         run.write_genes(spec.panel, spec.aux, spec.main_target.to_dict())

@@ -10,7 +10,8 @@ The archive holds, besides TorchServe's ``MAR-INF/MANIFEST.json``:
   augmentation around the same module;
 - ``brst-model.json``: everything the handler needs (docs/CONTRACTS.md, "Archive JSON"):
   arch, genes, aux_genes, target transform and statistics, stain reference, data config,
-  model version, units, brst version and the ``weights_sha256`` checked at load;
+  in-domain score (or null), model version, units, brst version and the ``weights_sha256``
+  checked at load;
 - ``model-config.yaml``: TorchServe's per-model settings (batch size, max batch delay,
   workers, response timeout) and a ``handler`` section (test-time augmentation, limits);
 - ``brst-signature.json`` when signed (``--sign KEY``): Ed25519 over the weights' and the JSON's
@@ -72,7 +73,7 @@ def archive_facts(ckpt: dict, model_version: str, weights_sha256: str) -> dict:
     return {"format": ARCHIVE_FORMAT, "arch": ckpt["arch"], "genes": list(ckpt["genes"]),
             "aux_genes": list(ckpt["aux_genes"]), "target": target.to_dict(), "units": target.units,
             "stain": ckpt["stain"], "data_config": ckpt["data_config"], "density": ckpt.get("density"),
-            "model_version": model_version,
+            "domain": ckpt.get("domain"), "model_version": model_version,
             "weights_sha256": weights_sha256, "brst_version": ckpt.get("brst_version", _brst_version())}
 
 

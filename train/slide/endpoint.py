@@ -102,6 +102,8 @@ class EndpointPredictor:
         probe = self.pool.submit(self._probe).result()  # on a pool thread, whose connection close() ends
         self.genes = [str(g) for g in probe["genes"]]
         self.units = str(probe["units"])
+        domain = probe.get("domain")
+        self.domain_threshold = None if domain is None else float(domain["threshold"])
         self.description = {"mode": "endpoint", "endpoint": endpoint, "model_name": model_name,
                             "model_version": str(probe.get("model_version", "")), "tile_um": tile_um,
                             "tile_px": tile_px, "transfer": self.transfer}
@@ -172,13 +174,17 @@ class EndpointPredictor:
         return [self.pool.submit(self._request, patches[i:i + step]) for i in range(0, len(patches), step)]
 
     @staticmethod
-    def _collect(futures: list[Future]) -> np.ndarray:
-        """The answers of one batch's requests: float32 ``(B, G)``."""
-        return np.asarray([a["values"] for f in futures for a in f.result()], dtype=np.float32)
+    def _collect(futures: list[Future]) -> tuple[np.ndarray, np.ndarray]:
+        """The answers of one batch's requests: expression float32 ``(B, G)`` and in-domain scores
+        float32 ``(B,)`` (NaN where an answer has none)."""
+        answers = [a for f in futures for a in f.result()]
+        scores = [np.nan if a.get("domain") is None else a["domain"]["score"] for a in answers]
+        return np.asarray([a["values"] for a in answers], dtype=np.float32), np.asarray(scores, dtype=np.float32)
 
-    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """uint8 ``(B, P, P, 3)`` batches -> float32 ``(B, G)`` each, in order; each batch's requests
-        are sent as soon as it arrives, up to ``BATCHES_IN_FLIGHT`` batches outstanding."""
+    def stream_scored(self, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """uint8 ``(B, P, P, 3)`` batches -> (float32 ``(B, G)``, float32 ``(B,)`` in-domain scores) each,
+        in order; each batch's requests are sent as soon as it arrives, up to ``BATCHES_IN_FLIGHT``
+        batches outstanding."""
         pending: deque[list[Future]] = deque()
         try:
             for patches in batches:
@@ -191,9 +197,13 @@ class EndpointPredictor:
             for future in (f for futures in pending for f in futures):
                 future.cancel()
 
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """uint8 ``(B, P, P, 3)`` batches -> float32 ``(B, G)`` each, in order (see :meth:`stream_scored`)."""
+        return (values for values, _ in self.stream_scored(batches))
+
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``, requests sent concurrently."""
-        return self._collect(self._submit(patches))
+        return self._collect(self._submit(patches))[0]
 
     def close(self) -> None:
         """Stop the request threads and close the connection."""

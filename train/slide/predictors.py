@@ -5,7 +5,9 @@ local one wraps the one inference path, :class:`brst.handlers.predictor.Predicto
 uint8 tiles already cut at the model's geometry (``patch_px`` pixels at ``um_per_px``) and
 return expression on the model's target scale (``units``), so the two modes give the same
 numbers up to floating point. ``stream`` maps an iterable of batches to their expression in
-order; the endpoint's keeps requests in flight across batches.
+order; the endpoint's keeps requests in flight across batches. ``stream_scored`` does the same
+and adds each tile's in-domain score (:mod:`brst.handlers.domain`; NaN for a model without
+one, whose ``domain_threshold`` is then None).
 """
 from __future__ import annotations
 
@@ -25,12 +27,17 @@ class SlidePredictor(Protocol):
     units: str
     geometry: PatchGeometry
     description: dict
+    domain_threshold: float | None
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``."""
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """uint8 ``(B, P, P, 3)`` batches -> float32 ``(B, G)`` each, in order."""
+
+    def stream_scored(self, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """uint8 ``(B, P, P, 3)`` batches -> (float32 ``(B, G)`` expression, float32 ``(B,)`` in-domain
+        scores, NaN where the model has none) each, in order."""
 
     def close(self) -> None:
         """Release threads and connections."""
@@ -49,6 +56,8 @@ class LocalPredictor:
         self.genes = [str(g) for g in ckpt["genes"]]
         self.units = self.predictor.target.units
         self.geometry = PatchGeometry.from_data_config(ckpt["data_config"])
+        domain = self.predictor.domain
+        self.domain_threshold = None if domain is None else domain.threshold
         self.description = {"mode": "local", "arch": str(ckpt["arch"]), "device": str(device),
                             "brst_version": str(ckpt.get("brst_version", "")), "epoch": int(ckpt.get("epoch", -1))}
 
@@ -58,6 +67,16 @@ class LocalPredictor:
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Each batch through the model as it arrives."""
         return map(self, batches)
+
+    def scored(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``(B, P, P, 3)`` -> expression float32 ``(B, G)`` and in-domain scores float32 ``(B,)``."""
+        values, scores = self.predictor.predict(torch.from_numpy(patches).to(self.predictor.device))
+        scores = np.full(len(patches), np.nan, np.float32) if scores is None else scores.float().cpu().numpy()
+        return values.float().cpu().numpy(), scores
+
+    def stream_scored(self, batches: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each batch through the model as it arrives, with its in-domain scores."""
+        return map(self.scored, batches)
 
     def close(self) -> None:
         """Nothing to release: the model goes with the object."""

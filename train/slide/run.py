@@ -26,7 +26,7 @@ from brst.train.evaluate.plots import save_png, tissue_figure
 
 from .drawn_genes import genes_to_draw
 from .measured import MeasuredSection, check_inside, gene_table, grid_origin, load_measured, spot_table
-from .outputs import SlideMap, write_h5ad, write_heatmaps, write_table
+from .outputs import SlideMap, write_domain_map, write_h5ad, write_heatmaps, write_table
 from .predictors import SlidePredictor
 from .tile_grid import TileGrid, TissueMask, find_tiles
 from .tiles import iter_patch_batches, slide_um_per_px
@@ -39,6 +39,7 @@ THUMBNAIL_PX = 2048
 DEFAULT_TOP_GENES = 6
 #: output names inside ``--out``
 TABLE, H5AD, HEATMAPS, SUMMARY = "predictions.csv", "predictions.h5ad", "heatmaps", "summary.json"
+DOMAIN_PNG = "domain_score.png"
 MEASURED_SPOTS, GENE_R, MEASURED_PNG = "measured_spots.csv", "gene_r.csv", "measured_vs_predicted.png"
 
 
@@ -75,22 +76,34 @@ class SlideJob:
         object.__setattr__(self, "slide", str(self.slide))  # a Path is welcome; a URL must keep its "//"
 
 
-def predict_points(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
-                   slide_um_per_px: float, batch_size: int, desc: str, read_workers: int = 2) -> np.ndarray:
-    """Expression at tile centres, streamed in batches through ``predictor.stream`` under a progress bar.
+def predict_points_scored(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                          slide_um_per_px: float, batch_size: int, desc: str,
+                          read_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Expression and in-domain scores at tile centres, streamed in batches through
+    ``predictor.stream_scored`` under a progress bar.
 
-    Shape: pixel_x, pixel_y (N,) slide pixels -> (N, G) float32 in ``predictor.units``.
+    Shape: pixel_x, pixel_y (N,) slide pixels -> (N, G) float32 in ``predictor.units`` and (N,) float32
+    scores (NaN for a model without one).
     """
     values = np.empty((len(pixel_x), len(predictor.genes)), dtype=np.float32)
+    scores = np.empty(len(pixel_x), dtype=np.float32)
     done = 0
     batches = iter_patch_batches(image, pixel_x, pixel_y, slide_um_per_px, predictor.geometry, batch_size,
                                  workers=read_workers)
     with tqdm(total=len(pixel_x), desc=desc, unit="tile") as bar:
-        for predicted in predictor.stream(batches):
+        for predicted, scored in predictor.stream_scored(batches):
             values[done:done + len(predicted)] = predicted
+            scores[done:done + len(predicted)] = scored
             done += len(predicted)
             bar.update(len(predicted))
-    return values
+    return values, scores
+
+
+def predict_points(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                   slide_um_per_px: float, batch_size: int, desc: str, read_workers: int = 2) -> np.ndarray:
+    """Expression at tile centres (:func:`predict_points_scored` without the scores). Shape: (N,) -> (N, G)."""
+    return predict_points_scored(predictor, image, pixel_x, pixel_y, slide_um_per_px, batch_size, desc,
+                                 read_workers)[0]
 
 
 @dataclass(frozen=True)
@@ -134,18 +147,27 @@ def plan_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str,
     return SlidePlan(image, um_per_px, tissue, grid, draw, measured)
 
 
-def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor) -> np.ndarray:
-    """Predictions at the measured spots, in ``plan.measured.genes`` order. Shape: (n, K) float64."""
+def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions at the measured spots, in ``plan.measured.genes`` order, and their in-domain scores
+    (None without a score). Shape: (n, K) float64, (n,) float32."""
     measured = plan.measured
-    values = predict_points(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
-                            job.batch_size, f"spots of {measured.section}", job.read_workers)
-    return values[:, [predictor.genes.index(g) for g in measured.genes]].astype(np.float64)
+    values, scores = predict_points_scored(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
+                                           job.batch_size, f"spots of {measured.section}", job.read_workers)
+    values = values[:, [predictor.genes.index(g) for g in measured.genes]].astype(np.float64)
+    return values, None if predictor.domain_threshold is None else scores
 
 
-def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: np.ndarray, draw: list[str]) -> dict:
-    """The r table, the spot table and the side-by-side picture; returns their summary."""
+def _write_measured(job: SlideJob, measured: MeasuredSection, predicted: tuple[np.ndarray, np.ndarray | None],
+                    draw: list[str], domain_threshold: float | None) -> dict:
+    """The r table, the spot table (with each spot's in-domain score and flag where the model has a
+    score) and the side-by-side picture; returns their summary."""
+    predicted, scores = predicted
     table = gene_table(measured, predicted)
-    for name, frame in ((GENE_R, table), (MEASURED_SPOTS, spot_table(measured, predicted))):
+    spots = spot_table(measured, predicted)
+    if scores is not None:
+        spots.insert(3, "domain_score", scores)
+        spots.insert(4, "out_of_domain", scores > domain_threshold)
+    for name, frame in ((GENE_R, table), (MEASURED_SPOTS, spots)):
         with atomic_path(job.out_dir / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.9g")
     shown = [g for g in draw if g in measured.genes]
@@ -169,6 +191,17 @@ def _write_map(job: SlideJob, slide_map: SlideMap, draw: list[str], validation_r
     write_h5ad(slide_map, job.out_dir / H5AD, var)
     notes = {g: f"validation r = {validation_r[g]:.2f}" for g in draw if g in validation_r}
     write_heatmaps(slide_map, draw, job.out_dir / HEATMAPS, notes)
+    write_domain_map(slide_map, job.out_dir / DOMAIN_PNG)
+
+
+def domain_summary(slide_map: SlideMap) -> dict | None:
+    """``summary.json``'s ``domain``: threshold, tiles out of domain and their share (None without a score)."""
+    flagged = slide_map.out_of_domain()
+    if flagged is None:
+        return None
+    return {"threshold": slide_map.domain_threshold, "tiles_out_of_domain": int(flagged.sum()),
+            "share_out_of_domain": float(flagged.mean()) if len(flagged) else 0.0,
+            "median_score": float(np.median(slide_map.domain_score)) if len(flagged) else None}
 
 
 def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float] | None = None) -> dict:
@@ -179,8 +212,8 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
     grid = plan.grid
     try:
         predict_started = time.perf_counter()
-        values = predict_points(predictor, plan.image, grid.pixel_x, grid.pixel_y, plan.um_per_px,
-                                job.batch_size, "tiles", job.read_workers)
+        values, scores = predict_points_scored(predictor, plan.image, grid.pixel_x, grid.pixel_y, plan.um_per_px,
+                                               job.batch_size, "tiles", job.read_workers)
         tiles_per_s = len(grid) / (time.perf_counter() - predict_started)
         measured_values = _predict_measured(job, plan, predictor) if plan.measured is not None else None
     finally:
@@ -188,7 +221,8 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
     slide_map = SlideMap(
         slide=job.slide, library_id=source_name(job.slide), grid=grid, genes=predictor.genes, values=values,
         units=predictor.units, thumbnail=plan.tissue.thumbnail, scale=plan.tissue.scale,
-        um_per_px=plan.um_per_px,
+        um_per_px=plan.um_per_px, domain_score=None if predictor.domain_threshold is None else scores,
+        domain_threshold=predictor.domain_threshold,
         provenance={**predictor.description, "step_um": job.step_um, "tile_um": predictor.geometry.side_um,
                     "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     _write_map(job, slide_map, plan.draw, validation_r)
@@ -196,9 +230,10 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
                "height_px": plan.image.height, "tiles": len(grid), "step_um": job.step_um,
                "tile_um": predictor.geometry.side_um, "tissue_fraction": plan.tissue.fraction,
                "units": predictor.units, "genes_drawn": plan.draw, "tiles_per_s": tiles_per_s,
-               "model": predictor.description}
+               "model": predictor.description, "domain": domain_summary(slide_map)}
     if plan.measured is not None:
-        summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw)
+        summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw,
+                                              predictor.domain_threshold)
     summary["seconds"] = time.perf_counter() - started
     write_json_atomic(job.out_dir / SUMMARY, summary)
     return summary

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_fixtures import LOCAL_CONFIG, encode, npy_file, png_declaring
+from serve_fixtures import LOCAL_CONFIG, encode, npy_file, png_declaring, scrape_metrics
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -137,6 +138,38 @@ def test_our_metric_names_reach_prometheus(served_metrics_text):
     assert re.search(r'^brst_patches_total{ModelName="brst",.*} [1-9]', served_metrics_text, flags=re.M)
     assert re.search(r'^brst_rejected_inputs_total{.*reason="empty".*} [1-9]', served_metrics_text, flags=re.M)
     assert types["ts_inference_requests_total"] == "counter"  # TorchServe's own, beside ours
+
+
+def test_answers_and_metrics_carry_the_domain_score(served_model, http, grpc_client, heldout_patches,
+                                                    served_metrics_text):
+    """HTTP and gRPC answers carry the checkpoint's in-domain score and flag; /metrics has its histogram
+    and the count of flagged patches (a request of white glass adds one)."""
+    import torch
+
+    from brst.handlers.predictor import Predictor
+    from brst.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(served_model.checkpoint)
+    _, expected = Predictor.from_checkpoint(ckpt).predict(torch.from_numpy(heldout_patches[:2]))
+    for pixels, score in zip(heldout_patches[:2], expected.tolist()):
+        for answer in (http.predict(encode(pixels, "PNG")), grpc_client.predict(encode(pixels, "PNG"))):
+            assert answer["domain"]["score"] == pytest.approx(score, abs=1e-4)
+            assert answer["domain"]["threshold"] == ckpt["domain"]["threshold"]
+            assert answer["domain"]["out_of_domain"] == (score > ckpt["domain"]["threshold"])
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", served_metrics_text, flags=re.M))
+    assert types["brst_domain_score"] == "histogram" and types["brst_out_of_domain_total"] == "counter"
+    assert re.search(r'^brst_domain_score_count{ModelName="brst",.*} [1-9]', served_metrics_text, flags=re.M)
+
+    def flagged(text: str) -> float:
+        return float(re.search(r'^brst_out_of_domain_total{ModelName="brst",.*} (\S+)$', text, flags=re.M).group(1))
+
+    before = flagged(served_metrics_text)
+    glass = http.predict(encode(np.full(heldout_patches.shape[1:], 242, np.uint8), "PNG"))
+    assert glass["domain"]["out_of_domain"]
+    deadline = time.monotonic() + 30
+    while flagged(scrape_metrics(served_model.endpoints.metrics, "brst_out_of_domain_total")) < before + 1:
+        assert time.monotonic() < deadline, "the flagged patch never reached /metrics"
+        time.sleep(0.5)
 
 
 def bad_inputs(patch: np.ndarray) -> dict[str, tuple[bytes, str]]:

@@ -242,6 +242,54 @@ def test_local_outputs_open_with_anndata(c2_local: Path, checkpoint: Path, c2_um
             assert png.format == "PNG" and png.width > 300
 
 
+def test_local_map_carries_the_in_domain_score(c2_local: Path, checkpoint: Path, her2st_root: Path,
+                                               c2_um_per_px: float):
+    """Per tile: the model's own score of that tile and its flag, in the table and ``obs``; the
+    threshold in ``uns``; a picture of the score; the flagged count in the summary."""
+    import anndata
+
+    from brst.train.checkpoint import load_checkpoint
+    from brst.train.slide.predictors import LocalPredictor
+
+    predictor = LocalPredictor(load_checkpoint(checkpoint), torch.device("cpu"))
+    table = pd.read_csv(c2_local / "predictions.csv", index_col="tile")
+    adata = anndata.read_h5ad(c2_local / "predictions.h5ad")
+    threshold = predictor.domain_threshold
+    assert threshold > 0 and adata.uns["brst"]["domain_threshold"] == pytest.approx(threshold)
+    np.testing.assert_allclose(adata.obs["domain_score"], table["domain_score"], rtol=1e-6)
+    assert (adata.obs["out_of_domain"].to_numpy(bool) == (table["domain_score"] > threshold).to_numpy()).all()
+    assert (table["out_of_domain"] == (table["domain_score"] > threshold)).all()
+    sample = table.iloc[::20]
+    patches = read_patches(open_image(slide_path(her2st_root, "C2")), sample["pixel_x"].to_numpy(),
+                           sample["pixel_y"].to_numpy(), predictor.geometry.side_px(c2_um_per_px),
+                           predictor.geometry.patch_px)
+    np.testing.assert_allclose(predictor.scored(patches)[1], sample["domain_score"], rtol=1e-4, atol=1e-4)
+    # C2 is a training section: most of its tiles lie in domain
+    assert table["out_of_domain"].mean() < 0.25
+    summary = json.loads((c2_local / "summary.json").read_text())
+    assert summary["domain"]["threshold"] == pytest.approx(threshold)
+    assert summary["domain"]["tiles_out_of_domain"] == int(table["out_of_domain"].sum())
+    with Image.open(c2_local / "domain_score.png") as png:
+        assert png.format == "PNG" and png.width > 300 and np.asarray(png.convert("RGB")).std() > 20
+
+
+def test_a_checkpoint_without_the_score_maps_without_it(tmp_path: Path, checkpoint: Path, her2st_root: Path):
+    """An older checkpoint (no ``domain``): the same map, no score columns, no picture, ``domain`` null."""
+    from brst.train.checkpoint import load_checkpoint, save_checkpoint
+
+    old = {key: value for key, value in load_checkpoint(checkpoint).items() if key != "domain"}
+    save_checkpoint(tmp_path / "old.pt", old)
+    out = tmp_path / "out"
+    result = run_cli("--checkpoint", str(tmp_path / "old.pt"), "--slide", str(slide_path(her2st_root, "C2")),
+                     "--out", str(out), "--um-per-px", str(HER2ST_UM_PER_PX), "--step-um", "800",
+                     "--genes", "ERBB2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "predictions.csv", index_col="tile")
+    assert len(table) > 5 and "domain_score" not in table and "out_of_domain" not in table
+    assert not (out / "domain_score.png").exists()
+    assert json.loads((out / "summary.json").read_text())["domain"] is None
+
+
 def _painted_share(drawn: Path, background: Path) -> float:
     """Share of a figure's pixels that differ (by > 30 grey levels) from the same figure without the gene."""
     with Image.open(drawn) as a, Image.open(background) as b:
@@ -331,6 +379,12 @@ def test_measured_section_next_to_predicted(c2_local: Path, her2st_h5: Path, che
     predicted = spots[[f"predicted_{g}" for g in ckpt["genes"]]].to_numpy()
     np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(spots[[f"measured_{g}" for g in ckpt["genes"]]].to_numpy(), measured, rtol=1e-6)
+    from brst.handlers.predictor import Predictor
+
+    _, scores = Predictor.from_checkpoint(ckpt).predict(torch.from_numpy(np.asarray(index.patches(idx))))
+    np.testing.assert_allclose(spots["domain_score"], scores.numpy(), rtol=1e-4, atol=1e-4)
+    assert (spots["out_of_domain"] == (spots["domain_score"] > ckpt["domain"]["threshold"])).all()
+    assert spots["out_of_domain"].mean() <= 0.05  # C2 is one of the model's training sections
     r_table = pd.read_csv(c2_local / "gene_r.csv").set_index("gene")
     assert len(r_table) == len(ckpt["genes"]) and (r_table["n_spots"] == len(idx)).all()
     np.testing.assert_allclose(r_table.loc[ckpt["genes"], "r"].to_numpy(), pearson_r(expected, measured),
@@ -445,6 +499,12 @@ def test_endpoint_gives_the_local_numbers(protocol: str, geometry: str, transfer
     else:
         np.testing.assert_allclose(served, expected, rtol=0, atol=0.1)
         assert np.nanmin(pearson_r(served, expected)) >= 0.98
+    _, local_scores = local.scored(patches)
+    if geometry == "model":
+        np.testing.assert_allclose(table["domain_score"], local_scores, rtol=0, atol=1e-3)
+    else:
+        assert np.corrcoef(table["domain_score"], local_scores)[0, 1] > 0.95
+    assert (table["out_of_domain"] == (table["domain_score"] > local.domain_threshold)).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["mode"] == "endpoint" and summary["units"] == local.units
     assert summary["model"]["transfer"] == transfer
