@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from urllib.parse import quote
 
 import numpy as np
@@ -353,6 +354,8 @@ def test_the_64_image_request_is_refused_fast_and_the_worker_stays(served):
         parallel = list(pool.map(timed_post, range(8)))
     assert [status for status, _, _ in parallel] == [400] * 8
     assert max(seconds for _, _, seconds in parallel) < 5.0, [round(s, 2) for _, _, s in parallel]
+    logging.getLogger(__name__).info("the 64-image request refused over HTTP in %.3f s; eight at once in %.3f s "
+                                     "at most", seconds, max(seconds for _, _, seconds in parallel))
     code, message = send_grpc(served, entry)
     assert code == "INVALID_ARGUMENT" or (code == "OK" and b"budget" in message), (code, message[:300])
     served.assert_healthy("http", after="the 64-image request")
