@@ -12,9 +12,11 @@ A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the bas
 - ``preprocess``: decodes and validates every request of the batch (:mod:`brst.handlers.envelopes`,
   :mod:`brst.handlers.images`); a bad request is answered with HTTP 400 and a JSON
   ``{"code", "type", "message"}`` while the batch's other requests go on;
-- ``inference``: stain-normalises the whole batch on the device and runs the model under
-  ``torch.inference_mode`` (autocast on GPU), optionally averaging the eight dihedral
-  transforms (``handler: {tta: true}`` in model-config.yaml) with a per-gene ``spread``;
+- ``inference``: stain-normalises the batch on the device and runs the model under
+  ``torch.inference_mode`` (autocast on GPU), in chunks of at most ``forward_patches`` patches
+  (``handler: {forward_patches: 64}`` in model-config.yaml), so the memory a batch needs is
+  bounded whatever its requests hold; optionally averaging the eight dihedral
+  transforms (``handler: {tta: true}``) with a per-gene ``spread``;
 - ``postprocess``: per patch ``{"genes", "values", "units", "model_version", "domain"}`` on the
   expression scale (the target transform's inverse); ``domain`` is the patch's in-domain score
   ``{"score", "out_of_domain", "threshold"}`` (:mod:`brst.handlers.domain`), or null for an
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 BAD_REQUEST = 400
 JSON_TYPE = "application/json"
+#: most patches in one forward pass (stain normalisation and model), unless the archive says otherwise
+FORWARD_PATCHES = 64
 
 
 def worker_device(gpu_id: object) -> torch.device:
@@ -78,6 +82,10 @@ class BrstHandler(BaseHandler):
         weights = context.manifest["model"].get("serializedFile", WEIGHTS_FILE)
         self._check_signature(properties["model_dir"])
         self.tta = bool(handler_settings.get("tta", False))
+        self.forward_patches = handler_settings.get("forward_patches", FORWARD_PATCHES)
+        if type(self.forward_patches) is not int or self.forward_patches < 1:
+            raise BrstError("model-config.yaml handler.forward_patches", f"{self.forward_patches!r} is not a "
+                                                                         "positive integer")
         self.predictor, self.facts = Predictor.from_archive(properties["model_dir"], self.device, weights, tta=self.tta)
         self.geometry = PatchGeometry.from_data_config(self.facts["data_config"])
         self.limits = DecodeLimits(**handler_settings.get("limits", {}))
@@ -119,21 +127,29 @@ class BrstHandler(BaseHandler):
     def inference(self, batch: DecodedBatch) -> tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None,
                                                       torch.Tensor | None]:
         """The batch, with expression ``(N, G)``, TTA spread ``(N, G)`` or None, and in-domain
-        scores ``(N,)`` or None (CPU float32)."""
+        scores ``(N,)`` or None (CPU float32), computed ``forward_patches`` patches at a time."""
         if len(batch.patches) == 0:
             return batch, None, None, None
+        chunks = [self._forward(batch.patches[start:start + self.forward_patches])
+                  for start in range(0, len(batch.patches), self.forward_patches)]
+        self.brst_metrics.patches(len(batch.patches))
+        values, spread, scores = (None if chunks[0][k] is None else torch.cat([chunk[k] for chunk in chunks])
+                                  for k in range(3))
+        if scores is not None:
+            self.brst_metrics.domain(scores.tolist(), int(self.predictor.domain.out_of_domain(scores).sum()))
+        return batch, values, spread, scores
+
+    def _forward(self, patches) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """uint8 ``(B, P, P, 3)`` (numpy) -> expression ``(B, G)``, spread ``(B, G)`` or None and
+        in-domain scores ``(B,)`` or None, on the CPU."""
         with torch.inference_mode():
-            pixels = torch.from_numpy(batch.patches).to(self.device, non_blocking=True)
+            pixels = torch.from_numpy(patches).to(self.device, non_blocking=True)
             with self.brst_metrics.timer(STAIN_SECONDS, self._synchronize):
                 x = self.predictor.model_input(pixels)
             with self.brst_metrics.timer(INFERENCE_SECONDS, self._synchronize):
                 values, spread = self.predictor.expression(x)
                 scores = self.predictor.domain_scores(x)
-        self.brst_metrics.patches(len(batch.patches))
-        if scores is not None:
-            scores = scores.cpu()
-            self.brst_metrics.domain(scores.tolist(), int(self.predictor.domain.out_of_domain(scores).sum()))
-        return batch, values.cpu(), None if spread is None else spread.cpu(), scores
+        return values.cpu(), None if spread is None else spread.cpu(), None if scores is None else scores.cpu()
 
     def postprocess(self, prediction: tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None,
                                             torch.Tensor | None]) -> list[str]:

@@ -15,13 +15,18 @@ One TorchServe request (a dict of parameter name -> value) may carry its patch a
   ``UINT8`` (pixels, shape ``[H, W, 3]`` or ``[N, H, W, 3]``).
 
 Everything is checked before it costs memory or time: body size, the declared pixel
-count in the image header (decompression-bomb guard), format, truncation, colour mode
-(H&E is RGB: grayscale, CMYK and transparent images are refused) and patch scale. A patch
+count in each image header (decompression-bomb guard) and summed over the request (its
+budget, checked from the headers before the first image is decoded), format, truncation,
+colour mode (H&E is RGB: grayscale, CMYK and transparent images are refused) and patch
+scale. The images of a request are then decoded, cropped, resampled and released one at a
+time, so a request never holds more than one full-size image. A patch
 sent with ``um_per_px`` is centre-cropped to the model's field of view (``patch_um``) and
 resampled to the model's ``patch_px``; without it the patch must be square and is taken
 to cover the model's field of view. Bad input raises :class:`~brst.handlers.errors.RejectedInput`,
 an :class:`~brst.handlers.errors.InputError` that names a ``reason`` for the metrics; its message
 quotes at most a few characters of the request (it is logged) and never decoder internals.
+Any other exception while decoding one request (a bug, an input nobody foresaw) is logged with
+its traceback and answers that request alone with a generic ``decode_failed`` refusal.
 Decoding and cropping one image is :mod:`brst.handlers.images`.
 """
 from __future__ import annotations
@@ -29,19 +34,38 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
 
 from .errors import RejectedInput, shown
 from .geometry import PatchGeometry
-from .images import NPY_MAGIC, SCALE_KEY, DecodeLimits, check_pixels, decode_image, decode_npy, to_patch
+from .images import (
+    NPY_MAGIC,
+    SCALE_KEY,
+    DecodeLimits,
+    check_pixels,
+    check_request_pixels,
+    decode_npy,
+    image_patch,
+    open_image,
+    to_patch,
+)
+
+log = logging.getLogger(__name__)
 
 #: parameter names that may hold the image, in order of preference
 IMAGE_KEYS = ("data", "body", "image", "file", "b64")
+#: one image of a request before decoding, with its ``um_per_px``: an opened image (header read,
+#: :func:`~brst.handlers.images.open_image`) or uint8 pixels ``(H, W, 3)`` already in memory
+Source = tuple["Image.Image | np.ndarray", "float | None"]
+#: the answer to a request whose decoding failed unexpectedly (the details are in the server's log)
+DECODE_FAILED = "could not be decoded (an unexpected error, logged by the server)"
 
 
 @dataclass
@@ -77,7 +101,7 @@ class DecodedBatch:
 
 def decode_batch(rows: list[Mapping[str, Any]], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits()
                  ) -> DecodedBatch:
-    """Decode every request of a batch; a bad request is recorded, never raised."""
+    """Decode every request of a batch; a bad request is recorded, never raised, whatever went wrong."""
     patches, owner, many, errors, seconds = [], [], [], {}, []
     for idx, row in enumerate(rows):
         start = time.perf_counter()
@@ -85,6 +109,10 @@ def decode_batch(rows: list[Mapping[str, Any]], geometry: PatchGeometry, limits:
             decoded = decode_request(row, geometry, limits)
         except RejectedInput as err:
             errors[idx] = err
+            decoded = DecodedRequest([], False)
+        except Exception:  # noqa: BLE001 - one request, whatever it holds, never fails the others
+            log.exception("request %d of a batch of %d: decoding failed unexpectedly", idx, len(rows))
+            errors[idx] = RejectedInput("decode_failed", "request", DECODE_FAILED)
             decoded = DecodedRequest([], False)
         seconds.append(time.perf_counter() - start)
         patches += decoded.patches
@@ -104,18 +132,34 @@ def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: Deco
     scale = parse_um_per_px(row.get(SCALE_KEY))
     payload = _image_payload(row)
     if isinstance(payload, (bytes, bytearray)) and not _looks_like_json(payload):
-        images, many = _binary_images(bytes(payload), limits)
-        return DecodedRequest([to_patch(image, scale, geometry, limits) for image in images], many)
-    items, many = _json_items(_as_json(payload, limits), scale, limits)
-    return DecodedRequest([to_patch(image, item_scale, geometry, limits) for image, item_scale in items], many)
+        sources, many = _binary_sources(bytes(payload), scale, limits)
+    else:
+        sources, many = _json_sources(_as_json(payload, limits), scale, limits)
+    return DecodedRequest(_patches(sources, geometry, limits), many)
 
 
-def _binary_images(data: bytes, limits: DecodeLimits) -> tuple[list[np.ndarray] | np.ndarray, bool]:
-    """uint8 ``(H, W, 3)`` images of a binary body (NPY pixels or one encoded image), and whether
-    it was a list form."""
+def _patches(sources: list[Source], geometry: PatchGeometry, limits: DecodeLimits) -> list[np.ndarray]:
+    """The sources' patches, after their declared pixels in all are checked against the request's
+    budget; one image at a time is decoded, cropped, resampled and released."""
+    declared_px = sum(_declared_pixels(source) for source, _ in sources)
+    check_request_pixels(declared_px, len(sources), limits)
+    return [to_patch(source, scale, geometry, limits) if isinstance(source, np.ndarray)
+            else image_patch(source, scale, geometry, limits) for source, scale in sources]
+
+
+def _declared_pixels(source: Image.Image | np.ndarray) -> int:
+    """``width * height`` of a source: from its header, or of its pixels ``(H, W, 3)``."""
+    if isinstance(source, np.ndarray):
+        return source.shape[0] * source.shape[1]
+    return source.width * source.height
+
+
+def _binary_sources(data: bytes, scale: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
+    """The sources of a binary body (NPY pixels or one encoded image), and whether it was a list form."""
     if data.startswith(NPY_MAGIC):
-        return decode_npy(data, limits)
-    return [decode_image(data, limits)], False
+        pixels, many = decode_npy(data, limits)
+        return [(image, scale) for image in pixels], many
+    return [(open_image(data, limits), scale)], False
 
 
 def _image_payload(row: Mapping[str, Any]) -> Any:
@@ -156,28 +200,27 @@ def _as_json(payload: Any, limits: DecodeLimits) -> Any:
         raise RejectedInput("bad_json", "request", f"body is not valid JSON: {err}") from err
 
 
-def _json_items(doc: Any, scale: float | None, limits: DecodeLimits
-                ) -> tuple[list[tuple[np.ndarray, float | None]], bool]:
-    """(image, um_per_px) pairs from a JSON document, and whether it was a list form."""
+def _json_sources(doc: Any, scale: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
+    """The sources of a JSON document, and whether it was a list form."""
     if isinstance(doc, list):
         doc = {"instances": doc}
     if not isinstance(doc, dict):
         raise RejectedInput("bad_json", "request", "JSON must be an object")
     scale = parse_um_per_px(doc.get(SCALE_KEY, _parameters(doc, "parameters").get(SCALE_KEY)), scale)
     if "inputs" in doc:
-        return _kserve_items(doc["inputs"], scale, limits), True
+        return _kserve_sources(doc["inputs"], scale, limits), True
     if "instances" in doc:
         instances = doc["instances"]
         if not isinstance(instances, list) or not instances:
             raise RejectedInput("bad_json", "instances", "must be a non-empty list")
         _check_count(len(instances), limits)
-        return [_json_item(item, scale, limits) for item in instances], True
-    return [_json_item(doc, scale, limits)], False
+        return [_json_source(item, scale, limits) for item in instances], True
+    return [_json_source(doc, scale, limits)], False
 
 
-def _json_item(item: Any, scale: float | None, limits: DecodeLimits) -> tuple[np.ndarray, float | None]:
+def _json_source(item: Any, scale: float | None, limits: DecodeLimits) -> Source:
     if isinstance(item, str):
-        return decode_image(b64decode(item, "image", limits), limits), scale
+        return open_image(b64decode(item, "image", limits), limits), scale
     if not isinstance(item, dict):
         raise RejectedInput("bad_json", "instance", "must be a base64 string or an object")
     key = next((k for k in ("image", "data", "b64") if k in item), None)
@@ -186,26 +229,26 @@ def _json_item(item: Any, scale: float | None, limits: DecodeLimits) -> tuple[np
     value = item[key]
     if isinstance(value, dict) and "b64" in value:
         value = value["b64"]
-    image = decode_image(b64decode(value, key, limits), limits)
+    image = open_image(b64decode(value, key, limits), limits)
     return image, parse_um_per_px(item.get(SCALE_KEY), scale)
 
 
-def _kserve_items(inputs: Any, scale: float | None, limits: DecodeLimits
-                  ) -> list[tuple[np.ndarray, float | None]]:
+def _kserve_sources(inputs: Any, scale: float | None, limits: DecodeLimits) -> list[Source]:
     """Images from KServe v2 ``inputs``: BYTES (base64 images) or UINT8 (pixels)."""
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RejectedInput("bad_json", "inputs", "must be a list holding one tensor object")
     tensor = inputs[0]
     scale = parse_um_per_px(_parameters(tensor, "inputs[0].parameters").get(SCALE_KEY), scale)
-    datatype = str(tensor.get("datatype", "")).upper()
+    datatype = tensor.get("datatype")
     data = tensor.get("data")
     if not isinstance(data, list) or not data:
         raise RejectedInput("bad_json", "inputs[0].data", "must be a non-empty list")
-    if datatype == "BYTES":
+    kind = datatype.upper() if isinstance(datatype, str) else None
+    if kind == "BYTES":
         flat = _flatten(data)
         _check_count(len(flat), limits)
-        return [(decode_image(b64decode(item, "inputs[0].data", limits), limits), scale) for item in flat]
-    if datatype == "UINT8":
+        return [(open_image(b64decode(item, "inputs[0].data", limits), limits), scale) for item in flat]
+    if kind == "UINT8":
         return [(image, scale) for image in _kserve_pixels(tensor.get("shape"), data, limits)]
     raise RejectedInput("bad_json", "inputs[0].datatype", f"{shown(datatype or 'missing')}: use BYTES or UINT8")
 
@@ -236,7 +279,7 @@ def _flatten(data: list) -> list:
 
 def _kserve_pixels(shape: Any, data: list, limits: DecodeLimits) -> list[np.ndarray]:
     """UINT8 pixels ``[H, W, 3]`` or ``[N, H, W, 3]`` -> N images."""
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
+    if not isinstance(shape, list) or not all(type(s) is int and s > 0 for s in shape):
         raise RejectedInput("bad_shape", "inputs[0].shape", f"{shown(shape)} is not a list of positive ints")
     if len(shape) not in (2, 3, 4):
         raise RejectedInput("bad_shape", "inputs[0].shape", f"{shown(shape)} is not [H, W, 3] or [N, H, W, 3]")
@@ -246,16 +289,16 @@ def _kserve_pixels(shape: Any, data: list, limits: DecodeLimits) -> list[np.ndar
                                                               "3 channels, last")
     _check_count(dims[0], limits)
     check_pixels(dims[1], dims[2], limits)
-    try:
-        pixels = np.asarray(_flatten(data), dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise RejectedInput("bad_json", "inputs[0].data", "holds non-integer values") from err
-    if pixels.size != math.prod(dims):
-        raise RejectedInput("bad_shape", "inputs[0].data", f"has {pixels.size} values, shape {shown(shape)} "
+    flat = _flatten(data)
+    if set(map(type, flat)) - {int}:  # type(), not isinstance: True is an int too
+        raise RejectedInput("bad_json", "inputs[0].data", "holds values that are not integers (floats, strings "
+                                                          "or booleans): UINT8 takes integers 0..255")
+    if len(flat) != math.prod(dims):
+        raise RejectedInput("bad_shape", "inputs[0].data", f"has {len(flat)} values, shape {shown(shape)} "
                                                            f"needs {math.prod(dims)}")
-    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+    if flat and (min(flat) < 0 or max(flat) > 255):
         raise RejectedInput("bad_json", "inputs[0].data", "values must be 0..255 for UINT8")
-    return list(pixels.astype(np.uint8).reshape(dims))
+    return list(np.asarray(flat, dtype=np.uint8).reshape(dims))
 
 
 def _check_count(n: int, limits: DecodeLimits) -> None:

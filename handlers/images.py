@@ -1,15 +1,20 @@
 """Image bytes -> an RGB patch at the model's geometry, every check made before it costs memory.
 
-:func:`decode_image` takes PNG, JPEG or TIFF bytes (the only formats Pillow may try): the
-declared pixel count in the header is checked first (decompression-bomb guard), then
-truncation and colour mode (H&E is RGB: grayscale, CMYK and transparent images are refused).
+:func:`open_image` takes PNG, JPEG or TIFF bytes (the only formats Pillow may try) and reads the
+header only: the declared pixel count is checked (decompression-bomb guard, by our own limit,
+never by changing Pillow's process-wide one: :mod:`brst.handlers.pillow_open`) before any pixel
+is decoded, so a request's images can be checked against its budget
+(:func:`check_request_pixels`) first. :func:`image_patch` then decodes one opened image, checks
+truncation and colour mode (H&E is RGB: grayscale, CMYK and transparent images are refused; a
+palette is expanded straight to RGB), crops and resamples it, and releases its pixels.
 :func:`decode_npy` takes a NumPy ``.npy`` file of uint8 pixels ``(H, W, 3)`` or ``(N, H, W, 3)``
 (no encoding to pay for; read from its header with :mod:`numpy.lib.format`, never through
 ``np.load``'s pickle path): dtype, order, shape, patch count and declared size are checked
 before any pixel is touched.
-:func:`to_patch` centre-crops a patch sent with ``um_per_px`` to the model's field of view
-(:class:`~brst.handlers.geometry.PatchGeometry`) and resamples it to ``patch_px``; without a
-scale the image must be square and is taken to cover the model's field. Bad input raises
+:func:`to_patch` (pixels already in memory) and :func:`image_patch` centre-crop a patch sent
+with ``um_per_px`` to the model's field of view (:class:`~brst.handlers.geometry.PatchGeometry`)
+and resample it to ``patch_px``; without a scale the image must be square and is taken to cover
+the model's field. Bad input raises
 :class:`~brst.handlers.errors.RejectedInput`; its message never carries decoder internals.
 Request envelopes (JSON, KServe v2, multipart) are :mod:`brst.handlers.envelopes`.
 """
@@ -25,6 +30,7 @@ from PIL import Image
 
 from .errors import RejectedInput, shown
 from .geometry import PatchGeometry
+from .pillow_open import pil_open
 
 #: the only formats Pillow may try (a smaller attack surface than all its plugins)
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF")
@@ -42,7 +48,10 @@ class DecodeLimits:
 
     Attributes:
         max_body_bytes: largest encoded image (or JSON body) accepted.
-        max_pixels: largest declared ``width * height`` (checked from the header).
+        max_pixels: largest declared ``width * height`` of one image (checked from the header).
+        max_request_pixels: largest sum of the declared ``width * height`` of all images of one
+            request (checked from the headers before any image is decoded; two images at
+            ``max_pixels``, or 64 patches of 724 x 724 px).
         min_side_px: smallest image side.
         max_patches: most patches in one request.
         max_upsample: largest enlargement when a patch is coarser than the model's scale.
@@ -51,6 +60,7 @@ class DecodeLimits:
 
     max_body_bytes: int = 8 * 2**20
     max_pixels: int = 4096 * 4096
+    max_request_pixels: int = 2 * 4096 * 4096
     min_side_px: int = 16
     max_patches: int = 64
     max_upsample: float = 2.0
@@ -66,12 +76,19 @@ def check_pixels(height: int, width: int, limits: DecodeLimits) -> None:
                                                   f"{limits.min_side_px} px a side")
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Encoded PNG/JPEG/TIFF bytes -> uint8 ``(H, W, 3)`` RGB, after every check.
+def check_request_pixels(declared_px: int, n_images: int, limits: DecodeLimits) -> None:
+    """Refuse a request whose ``n_images`` images declare ``declared_px`` pixels in all, over its budget."""
+    if declared_px > limits.max_request_pixels:
+        raise RejectedInput("over_budget", "request", f"its {n_images} images declare {declared_px} pixels in all, "
+                                                      f"over the budget of {limits.max_request_pixels} per request; "
+                                                      "send fewer or smaller images per request")
 
-    The header is read first: the declared size must fit ``limits`` before any pixel is
-    decoded. Pillow's plugins raise many exception types on malformed bytes; each means
-    "not a decodable image" and becomes a :class:`RejectedInput`.
+
+def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """Encoded PNG/JPEG/TIFF bytes -> the image with its header read and checked; no pixel decoded yet.
+
+    The declared size must fit ``limits``. Pillow's plugins raise many exception types on
+    malformed headers; each becomes a :class:`RejectedInput`.
     """
     if not data:
         raise RejectedInput("empty", "image", "is empty")
@@ -80,6 +97,34 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
                                                   f"{limits.max_body_bytes}")
     image = _open(data)
     check_pixels(image.height, image.width, limits)
+    return image
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Encoded PNG/JPEG/TIFF bytes -> uint8 ``(H, W, 3)`` RGB, after every check."""
+    image = open_image(data, limits)
+    try:
+        return np.asarray(_rgb_image(_loaded(image)), dtype=np.uint8)
+    finally:
+        image.close()
+
+
+def image_patch(image: Image.Image, um_per_px: float | None, geometry: PatchGeometry,
+                limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decode an image from :func:`open_image`, crop and resample it as :func:`to_patch` does, and
+    release its pixels (the image is closed, also on error). The field is checked before decoding.
+
+    Shape: -> ``(patch_px, patch_px, 3)`` uint8.
+    """
+    try:
+        box = field_box(image.width, image.height, um_per_px, geometry, limits)
+        return _resample(_rgb_image(_loaded(image)), geometry.patch_px, box)
+    finally:
+        image.close()
+
+
+def _loaded(image: Image.Image) -> Image.Image:
+    """The image with its pixels decoded (one frame only); any decoder failure means ``corrupt``."""
     try:
         frames = getattr(image, "n_frames", 1)
         image.load()
@@ -88,7 +133,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
                                                   f"({type(err).__name__})") from err
     if frames != 1:
         raise RejectedInput("bad_shape", "image", f"has {frames} pages/frames; send one")
-    return _rgb_pixels(image)
+    return image
 
 
 def decode_npy(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, bool]:
@@ -149,9 +194,7 @@ def _check_npy_layout(shape: tuple[int, ...], dtype: np.dtype, limits: DecodeLim
 
 def _open(data: bytes) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as err:
-        raise RejectedInput("too_large", "image", f"declared size is a decompression bomb: {err}") from err
+        return pil_open(io.BytesIO(data), IMAGE_FORMATS)
     except Image.UnidentifiedImageError as err:
         fmt = next((name for magic, name in MAGIC_NUMBERS if data.startswith(magic)), None)
         if fmt is not None:
@@ -162,20 +205,25 @@ def _open(data: bytes) -> Image.Image:
         raise RejectedInput("corrupt", "image", f"has a malformed header ({type(err).__name__})") from err
 
 
-def _rgb_pixels(image: Image.Image) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``; opaque RGBA and palette images are accepted, others refused."""
-    mode = image.mode
-    if mode == "P":
-        image, mode = image.convert("RGBA"), "RGBA"
-    if mode == "RGBA":
-        pixels = np.asarray(image)
-        if pixels[..., 3].min() < 255:
+def _rgb_image(image: Image.Image) -> Image.Image:
+    """The RGB image; opaque RGBA and palette images are converted, others refused.
+
+    A palette without transparency data goes straight to RGB (no RGBA copy); transparency is
+    checked on the alpha channel's extrema (no pixel copy).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and not image.has_transparency_data:
+        return image.convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        if image.getextrema()[3][0] < 255:
             raise RejectedInput("colour_mode", "image", "has transparent pixels; send an opaque RGB image")
-        return np.ascontiguousarray(pixels[..., :3])
-    if mode != "RGB":
-        kind = "grayscale" if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") else mode
-        raise RejectedInput("colour_mode", "image", f"is {kind} (mode {mode}); H&E patches must be RGB")
-    return np.asarray(image, dtype=np.uint8)
+        return image.convert("RGB")
+    mode = image.mode
+    kind = "grayscale" if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") else mode
+    raise RejectedInput("colour_mode", "image", f"is {kind} (mode {mode}); H&E patches must be RGB")
 
 
 def to_patch(pixels: np.ndarray, um_per_px: float | None, geometry: PatchGeometry,
@@ -189,12 +237,25 @@ def to_patch(pixels: np.ndarray, um_per_px: float | None, geometry: PatchGeometr
     Shape: ``(H, W, 3)`` uint8 -> ``(patch_px, patch_px, 3)`` uint8.
     """
     height, width = pixels.shape[:2]
+    box = field_box(width, height, um_per_px, geometry, limits)
+    if _taken_as_is(box, width, height, geometry.patch_px):
+        return np.ascontiguousarray(pixels)
+    return _resample(Image.fromarray(np.ascontiguousarray(pixels)), geometry.patch_px, box)
+
+
+def field_box(width: int, height: int, um_per_px: float | None, geometry: PatchGeometry,
+              limits: DecodeLimits = DecodeLimits()) -> tuple[float, float, float, float]:
+    """The sub-pixel box ``(x0, y0, x1, y1)`` of a ``width x height`` image that covers the model's field.
+
+    With ``um_per_px``: the central ``patch_um`` square (the image must cover it, and be at most
+    ``max_upsample`` coarser than the model); without: the whole image, which must be square.
+    """
     check_pixels(height, width, limits)
     if um_per_px is None:
         if height != width:
             raise RejectedInput("bad_scale", "image", f"{width}x{height} px is not square; send "
                                                       f"{SCALE_KEY} so the model's field can be cropped")
-        return _resample(pixels, geometry.patch_px)
+        return (0, 0, width, height)
     field_um = min(height, width) * um_per_px
     if field_um < geometry.side_um * (1 - limits.scale_tolerance):
         raise RejectedInput("bad_scale", "image", f"covers {field_um:.1f} um, the model needs "
@@ -205,14 +266,17 @@ def to_patch(pixels: np.ndarray, um_per_px: float | None, geometry: PatchGeometr
                                                     f"coarser than the model's {geometry.um_per_px:g} um/px")
     field_px = min(geometry.side_um / um_per_px, height, width)
     left, top = (width - field_px) / 2, (height - field_px) / 2
-    return _resample(pixels, geometry.patch_px, (left, top, left + field_px, top + field_px))
+    return (left, top, left + field_px, top + field_px)
 
 
-def _resample(pixels: np.ndarray, size_px: int, box: tuple[float, float, float, float] | None = None
-              ) -> np.ndarray:
-    """Resample ``pixels`` (or the sub-pixel ``box`` x0, y0, x1, y1 of it) to ``size_px`` square."""
-    height, width = pixels.shape[:2]
-    if box in (None, (0, 0, width, height)) and height == width == size_px:
-        return np.ascontiguousarray(pixels)
-    image = Image.fromarray(np.ascontiguousarray(pixels))
+def _resample(image: Image.Image, size_px: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The sub-pixel ``box`` (x0, y0, x1, y1) of an RGB image resampled to ``size_px`` square, uint8
+    ``(size_px, size_px, 3)``; the whole image at that size is taken as it is."""
+    if _taken_as_is(box, image.width, image.height, size_px):
+        return np.asarray(image, dtype=np.uint8)
     return np.asarray(image.resize((size_px, size_px), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+
+
+def _taken_as_is(box: tuple[float, float, float, float], width: int, height: int, size_px: int) -> bool:
+    """Whether ``box`` is a whole ``width x height`` image that already is ``size_px`` square."""
+    return box == (0, 0, width, height) and width == height == size_px

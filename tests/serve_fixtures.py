@@ -73,6 +73,19 @@ def png_declaring(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def one_bit_png(side_px: int) -> bytes:
+    """An opaque 1-bit palette PNG of ``side_px`` x ``side_px`` pixels (two H&E-like colours): a few KB
+    however many pixels it declares."""
+    from PIL import Image
+
+    image = Image.new("P", (side_px, side_px))
+    image.putpalette([200, 150, 180, 90, 60, 120])
+    image.paste(1, (0, 0, side_px // 2, side_px))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", bits=1)
+    return buffer.getvalue()
+
+
 def _read_spot_centres(spotfile: Path) -> np.ndarray:
     """``(n, 2)`` full-resolution (x, y) pixel centres of the selected spots."""
     table = np.genfromtxt(spotfile, delimiter="\t", names=True)

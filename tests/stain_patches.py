@@ -11,7 +11,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from brst.handlers.pillow_open import pil_open
 
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 
@@ -26,8 +27,7 @@ def spot_centres(her2st_root: Path, section: str) -> np.ndarray:
 def cut_patches(her2st_root: Path, section: str, n_patches: int, patch_px: int = 224, seed: int = 0) -> np.ndarray:
     """``n_patches`` random spot patches of one section: uint8 ``(n, patch_px, patch_px, 3)``."""
     image_path = next((her2st_root / "ST-imgs" / section[0] / section).glob("*.jpg"))
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(image_path) as image:
+    with pil_open(image_path, ("JPEG",)) as image:  # a ~92 Mpx scan: over Pillow's own limit
         image.load()
         half = patch_px // 2
         centres = spot_centres(her2st_root, section).round().astype(int)

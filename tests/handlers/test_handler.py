@@ -288,3 +288,66 @@ def test_handler_on_the_gpu_answers_as_the_cpu(model_dir, heldout_patches, refer
     np.testing.assert_allclose(served, reference[False], atol=GPU_ATOL)
     for row, expected in zip(served, reference[False]):
         assert np.corrcoef(row, expected)[0, 1] > 0.999
+
+
+# ---- budget, hostile values, chunked inference ------------------------------------------------
+
+def nested(depth: int, leaf: object = 0.5) -> list:
+    """``[[[...leaf...]]]``, ``depth`` lists deep, built without recursion."""
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize("depth", [900, 990, 1000])
+def test_a_deeply_nested_value_fails_only_its_request(handler, model_dir, heldout_patches, reference, depth, caplog):
+    png = encode(heldout_patches[0], "PNG")
+    image = base64.b64encode(png).decode()
+    rows = [{"body": png}, {"body": {"image": image, "um_per_px": nested(depth)}},
+            {"data": png, "um_per_px": nested(depth)}, {"body": encode(heldout_patches[1], "PNG")}]
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        answers, statuses = handle(handler, rows, model_dir)
+    assert statuses == [200, 400, 400, 200]
+    np.testing.assert_allclose(answers[0]["values"], reference[False][0], atol=ATOL)
+    np.testing.assert_allclose(answers[3]["values"], reference[False][1], atol=ATOL)
+    for answer in answers[1:3]:
+        assert answer["type"] == "RejectedInput" and answer["message"].startswith("um_per_px: [[...]]")
+    assert "reason:bad_scale" in caplog.text
+
+
+def test_the_64_image_request_is_refused_fast_and_its_batch_answered(handler, model_dir, heldout_patches,
+                                                                      reference, caplog):
+    """64 palette PNGs of 4096 x 4096 px (~2 KB each) beside a good request: refused for the budget
+    in well under a second, the good request answered."""
+    import time
+
+    from serve_fixtures import one_bit_png
+
+    attack = {"body": {"instances": [base64.b64encode(one_bit_png(4096)).decode()] * 64}}
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        answers, statuses = handle(handler, [attack, {"body": encode(heldout_patches[0], "PNG")}], model_dir)
+    assert time.perf_counter() - start < 1.0
+    assert statuses == [400, 200] and "budget" in answers[0]["message"]
+    np.testing.assert_allclose(answers[1]["values"], reference[False][0], atol=ATOL)
+    assert "reason:over_budget" in caplog.text
+
+
+def test_inference_runs_in_chunks_of_forward_patches(model_dir, heldout_patches, reference):
+    """A batch of 8 patches in forward passes of 3, 3 and 2: the same values; a bad setting is refused."""
+    from brst.handlers.brst_handler import BrstHandler
+
+    threads = torch.get_num_threads()
+    chunked = BrstHandler()
+    try:
+        chunked.initialize(make_context(model_dir, 1, {"handler": {"forward_patches": 3}}))
+        passes = []
+        forward = chunked.predictor.expression
+        chunked.predictor.expression = lambda x: passes.append(len(x)) or forward(x)
+        answers, statuses = handle(chunked, [{"body": npy_file(heldout_patches)}], model_dir)
+        with pytest.raises(BrstError, match="forward_patches"):
+            BrstHandler().initialize(make_context(model_dir, 1, {"handler": {"forward_patches": 0}}))
+    finally:
+        torch.set_num_threads(threads)
+    assert statuses == [200] and passes == [3, 3, 2]
+    np.testing.assert_allclose([a["values"] for a in answers[0]], reference[False], atol=ATOL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from urllib.parse import quote
 
 import numpy as np
@@ -326,3 +327,37 @@ def test_um_per_px_reaches_the_handler_over_http(served, he_patches):
         except RequestRejected as err:
             pytest.fail(f"{type(client).__name__}: the um_per_px sent was not used: {err}")
         assert answer["genes"] == served.reference["genes"]
+
+
+@pytest.mark.serve
+def test_the_64_image_request_is_refused_fast_and_the_worker_stays(served):
+    """64 palette PNGs of 4096 x 4096 px in one JSON request (~180 KB, 1.07 Gpx declared; each image
+    within every per-image limit): 400 for the request budget in well under a second over HTTP, also
+    eight at once, refused over gRPC; no worker restart, and the next valid request answered."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_fixtures import one_bit_png, scrape_metrics
+
+    body = json.dumps({"instances": [base64.b64encode(one_bit_png(4096)).decode()] * 64}).encode()
+    entry = BadInput("json_64_palette_4096", body, Expect.REJECT, "over_budget", JSON)
+
+    def timed_post(_: int = 0) -> tuple[int, bytes, float]:
+        start = time.perf_counter()
+        status, answer = send_http(served, entry)
+        return status, answer, time.perf_counter() - start
+
+    status, answer, seconds = timed_post()
+    assert status == 400 and json.loads(answer)["code"] == 400 and "budget" in json.loads(answer)["message"]
+    assert seconds < 1.0, f"refused after {seconds:.2f} s"
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(timed_post, range(8)))
+    assert [status for status, _, _ in parallel] == [400] * 8
+    assert max(seconds for _, _, seconds in parallel) < 5.0, [round(s, 2) for _, _, s in parallel]
+    logging.getLogger(__name__).info("the 64-image request refused over HTTP in %.3f s; eight at once in %.3f s "
+                                     "at most", seconds, max(seconds for _, _, seconds in parallel))
+    code, message = send_grpc(served, entry)
+    assert code == "INVALID_ARGUMENT" or (code == "OK" and b"budget" in message), (code, message[:300])
+    served.assert_healthy("http", after="the 64-image request")
+    served.assert_healthy("grpc", after="the 64-image request")
+    assert 'reason="over_budget"' in scrape_metrics(served.model.endpoints.metrics, 'reason="over_budget"')

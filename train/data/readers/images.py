@@ -23,18 +23,17 @@ and pickles without its decoded pixels or native handle, so worker processes reo
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from brst.handlers.errors import BrstError
+from brst.handlers.pillow_open import pil_open
 
 from .base import SlideImage
 from .dicom_image import DicomImage, is_dicomweb_url
@@ -44,21 +43,13 @@ from .pyramid import RESAMPLE, PyramidImage, fit_thumbnail
 log = logging.getLogger(__name__)
 
 FLAT_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Pillow formats of flat images, opened with :func:`~brst.handlers.pillow_open.pil_open`: slides are
+#: larger than Pillow's decompression-bomb limit (89 megapixels), which stays in force for the process
+FLAT_FORMATS = ("JPEG", "PNG")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".scn", ".bif")
 JPEG_REDUCTIONS = (1, 2, 4, 8)
 _UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: inch, centimetre
 _UM_PER_OME_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}  # OME PhysicalSizeXUnit (default µm)
-
-
-@contextlib.contextmanager
-def no_pixel_limit() -> Iterator[None]:
-    """Let PIL open slides larger than its decompression-bomb limit (89 megapixels)."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _dpi_um_per_px(info: dict) -> float | None:
@@ -80,7 +71,7 @@ class DecodedImage:
         self._reduction = 1
         self._decoding = threading.Lock()
         try:
-            with no_pixel_limit(), Image.open(self.path) as header:
+            with pil_open(self.path, FLAT_FORMATS) as header:
                 self.width, self.height = header.size
                 self.um_per_px = _dpi_um_per_px(header.info)
         except FileNotFoundError:
@@ -108,7 +99,7 @@ class DecodedImage:
             log.debug("decoding %s (%d x %d) at 1/%d", self.path, self.width, self.height, reduction)
             self._pixels = None
             try:
-                with no_pixel_limit(), Image.open(self.path) as image:
+                with pil_open(self.path, FLAT_FORMATS) as image:
                     if reduction > 1:
                         image.draft("RGB", (math.ceil(self.width / reduction), math.ceil(self.height / reduction)))
                     image.load()
@@ -142,7 +133,7 @@ class DecodedImage:
         if self._pixels is not None:
             return fit_thumbnail(self._pixels, self.width, max_px)
         try:
-            with no_pixel_limit(), Image.open(self.path) as image:
+            with pil_open(self.path, FLAT_FORMATS) as image:
                 image.draft("RGB", (max_px, max_px))
                 return fit_thumbnail(image.convert("RGB"), self.width, max_px)
         except (UnidentifiedImageError, OSError) as err:
