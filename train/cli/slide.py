@@ -6,6 +6,7 @@ also ``gene_r.csv``, ``measured_spots.csv`` and ``measured_vs_predicted.png``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -82,20 +83,27 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
 @click.option("--token", envvar="BRST_TS_TOKEN", help="Endpoint mode: inference token (token auth on).")
 @click.option("--read-workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Threads reading tiles from the slide.")
+@click.option("--allow-insecure", is_flag=True, envvar="BRST_ALLOW_INSECURE",
+              help="Send DICOMweb credentials over plain HTTP (dicomweb://) to another machine anyway, with a "
+                   "warning [env BRST_ALLOW_INSECURE=1]; refused otherwise (use dicomwebs://).")
 def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str, slide: str, out_dir: Path,
                   genes: str | None, top_genes: int, step_um: float, batch_size: int, device: str,
                   um_per_px: float | None, measured: Path | None, section: str | None, gene_r: Path | None,
                   tile_um: float, tile_px: int, concurrency: int, tiles_per_request: int, transfer: str,
-                  retries: int, timeout_s: float, token: str | None, read_workers: int) -> None:
+                  retries: int, timeout_s: float, token: str | None, read_workers: int,
+                  allow_insecure: bool) -> None:
     """Predict expression over a whole slide: table, AnnData and heatmaps.
 
     Tissue is found on a thumbnail; tiles of the model's patch size sit every --step-um
     on it, are read at the model's um/px whatever the slide's, and go through the local
     model (GPU when present) or the served endpoint in batches.
     """
+    from brst.train.data.readers.dicom_image import ALLOW_INSECURE_ENV
     from brst.train.slide.drawn_genes import table_validation_r
     from brst.train.slide.run import SlideJob, run_slide
 
+    if allow_insecure:  # the environment reaches every place (and process) that opens the slide
+        os.environ[ALLOW_INSECURE_ENV] = "1"
     _check_sources(checkpoint, endpoint, measured, section)
     endpoint_options = {"model_name": model_name, "tile_um": tile_um, "tile_px": tile_px, "concurrency": concurrency,
                         "tiles_per_request": tiles_per_request, "transfer": transfer, "retries": retries,
