@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fit_helpers import TINY, max_weight_difference, metrics_rows, computed, one_thread, run_cli  # noqa: F401
+from fit_helpers import TINY, computed, free_port, max_weight_difference, metrics_rows, one_thread, run_cli  # noqa: F401
 
 from brst.handlers.errors import BrstError
 from brst.train.checkpoint import load_checkpoint
@@ -121,3 +121,27 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_finishes(her2st_h5
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, STEPS)
     assert max_weight_difference(a["model"], b["model"]) == 0.0
     assert [computed(r) for r in metrics_rows(full)] == [computed(r) for r in metrics_rows(part)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_processes_at_the_same_step(her2st_h5, tmp_path):
+    """torchrun passes SIGTERM to its processes; they agree on the step (one all-reduce), rank 0 saves."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(BRST_TRAIN), "fit",
+               "--arch", "test_vit", "--epochs", "2", *TINY, "--data", str(her2st_h5), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen, deadline = b"", time.monotonic() + 300
+    while _progress_steps(seen.decode(errors="replace")) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        seen += proc.stderr.read() or b""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    os.set_blocking(proc.stderr.fileno(), True)
+    stderr = (seen + proc.stderr.read()).decode(errors="replace")
+    assert proc.wait(timeout=120) != 0
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+)", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]  # both ranks, the same step
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == int(stopped[0]) and 1 <= ckpt["step"] < 22 and ckpt["metrics"]["partial"] is not None
