@@ -109,10 +109,28 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _current_umask() -> int:
-    """The process umask (mkstemp creates files 0600; outputs should be like any other file)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask (mkstemp creates files 0600; outputs should be like any other file).
+
+    Read without changing it, not even for a moment (``os.umask`` can only read it by setting
+    it, and another thread creating a file meanwhile would get mode 0666): Linux states it in
+    ``/proc/self/status``; elsewhere a probe file created with mode 0777 shows it.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return _probed_umask()
+
+
+def _probed_umask() -> int:
+    """The umask as the permission bits a new 0777 file lacks (a private temporary folder holds it)."""
+    with tempfile.TemporaryDirectory(prefix=".brst-umask.") as folder:
+        probe = os.path.join(folder, "probe")
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777))
+        return 0o777 & ~os.stat(probe).st_mode
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:

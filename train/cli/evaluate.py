@@ -23,6 +23,7 @@ same spots, and with ``--embedding-ridge`` beside a ridge on frozen embeddings
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -151,6 +152,7 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
     from brst.train.evaluate.stain_shift_report import format_shift, write_stain_shift
     from brst.train.fit.distributed import resolve_device
     from brst.train.fit.provenance import check_panel_genes, check_patch_geometry, scoring_integrity
+    from brst.train.fit.signals import Interrupted
 
     holdout = tuple(split_names(holdout) or ())
     if checkpoint and cv:
@@ -188,9 +190,14 @@ def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], 
         index = open_dataset(options.data)
         folds = make_folds(index, cv, holdout, split_by or "patient")
         features = spot_features(index, np.arange(len(index)))
-        results = run_crossval(options, index, folds, out, features, tta=tta, batch_size=eval_batch_size,
-                               select=select, embedding_ridge=_embedding_ridge(embedding_ridge, ridge_encoder,
-                                                                               ridge_arch, folds[0].by))
+        try:
+            results = run_crossval(options, index, folds, out, features, tta=tta, batch_size=eval_batch_size,
+                                   select=select, embedding_ridge=_embedding_ridge(embedding_ridge, ridge_encoder,
+                                                                                   ridge_arch, folds[0].by))
+        except Interrupted as stopped:
+            log.warning("fold in %s stopped by %s after step %d; re-run the same evaluate command to continue",
+                        stopped.run_dir, signal.Signals(stopped.signum).name, stopped.step)
+            ctx.exit(stopped.exit_status)
         header = {"mode": cv or "holdout", "arch": options.arch, "fit_options": options.to_dict(),
                   "select": select}
         shifted = (lambda: crossval_shift_scores(options, index, folds, out, select=select, tta=tta,

@@ -6,6 +6,7 @@ runs start the same command under ``torchrun``.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from brst.train.fit.recipes import RECIPES, recipe_defaults
 
 from .params import split_names, stain_choice, stain_scope_choices, target_choice
 
+log = logging.getLogger(__name__)
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 #: each option's default is FitOptions' own (written once, in brst.train.fit.options)
 DEFAULTS = {f.name: f.default for f in fields(FitOptions) if f.default is not MISSING}
@@ -127,11 +129,20 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
                    "so refused with several CPU processes.")
 @click.pass_context
 def fit(ctx: click.Context, **params) -> None:
-    """Train a model (BrST-Net recipe: SGD, cosine, batch 32, seed 0) into a run directory."""
+    """Train a model (BrST-Net recipe: SGD, cosine, batch 32, seed 0) into a run directory.
+
+    SIGTERM or SIGINT stops the run after the current step with a checkpoint (exit status 143 or
+    130); ``--resume`` continues it.
+    """
     from brst.train.fit.distributed import context_from_env
     from brst.train.fit.runner import fit as run_fit
+    from brst.train.fit.signals import Interrupted
 
     options, ckpt = resolve_options(ctx, params)
-    run_dir = run_fit(options, ckpt)
+    try:
+        run_dir = run_fit(options, ckpt)
+    except Interrupted as stopped:
+        log.warning("%s", stopped)
+        ctx.exit(stopped.exit_status)
     if context_from_env().is_main:
         click.echo(run_dir)

@@ -50,3 +50,34 @@ def target_choice() -> click.Choice:
     from brst.handlers.targets import KINDS
 
     return click.Choice(list(KINDS))
+
+
+def endpoint_options(command):
+    """``--tls``, ``--ca-file``, ``--auth-scheme`` and ``--credentials-file`` of the commands that call a
+    served model (their values arrive as keyword arguments; :func:`endpoint_transport` combines them)."""
+    from brst.train.serve.transport import SCHEMES
+
+    for option in reversed((
+        click.option("--tls", is_flag=True, envvar="BRST_TLS",
+                     help="TLS to the endpoint even for http:// or grpc:// (https:// and grpcs:// always use it)."),
+        click.option("--ca-file", type=PATH, envvar="BRST_CA_FILE",
+                     help="PEM file of the CA(s) to trust for the endpoint's certificate [default: the system's]."),
+        click.option("--auth-scheme", type=click.Choice(SCHEMES), default="auto", show_default=True,
+                     envvar="BRST_AUTH_SCHEME",
+                     help="How credentials go: basic (user:password, an Ingress with basic auth), bearer (a "
+                          "TorchServe token); auto = basic for user:password, else bearer, and over HTTP the "
+                          "scheme a 401's WWW-Authenticate asks for."),
+        click.option("--credentials-file", type=PATH, envvar="BRST_API_CREDENTIALS_FILE",
+                     help="File whose first line is the token or user:password (instead of --token)."),
+    )):
+        command = option(command)
+    return command
+
+
+def endpoint_transport(token: str | None, credentials_file: Path | None, auth_scheme: str, tls: bool,
+                       ca_file: Path | None):
+    """The :class:`~brst.train.serve.transport.Transport` the endpoint options describe."""
+    from brst.train.serve.transport import Auth, Transport, read_secret
+
+    secret = read_secret(token, credentials_file)
+    return Transport(tls, ca_file, Auth(secret, auth_scheme) if secret else None)

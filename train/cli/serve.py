@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from brst.train.serve.settings import ServeSettings
 
-from .params import DEFAULT_MODEL_NAME, model_name_option
+from .params import DEFAULT_MODEL_NAME, endpoint_options, endpoint_transport, model_name_option
 
 log = logging.getLogger(__name__)
 #: ``archive``'s defaults are the settings' own (written once, in brst.train.serve.settings)
@@ -115,20 +115,24 @@ def serve(model_store: Path, models: tuple[str, ...], config: Path, run_dir: Pat
 
 @click.command()
 @click.option("--endpoint", required=True, envvar="BRST_ENDPOINT",
-              help="http://HOST:PORT (inference API) or grpc://HOST:PORT (gRPC inference API).")
+              help="http(s)://HOST[:PORT] (inference API) or grpc(s)://HOST[:PORT] (gRPC inference API).")
 @model_name_option("--model", help="Served model name.")
 @click.option("--um-per-px", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Scale of the images (µm per pixel); they are resampled to the model's.")
 @click.option("--token", envvar="BRST_TS_TOKEN", default=None,
-              help="Inference key of a TorchServe with token authorization (key_file.json).")
+              help="Inference key of a TorchServe with token authorization (key_file.json), or user:password "
+                   "for an Ingress with basic authentication.")
+@endpoint_options
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def predict(endpoint: str, model_name: str, um_per_px: float | None, token: str | None, timeout_s: float,
+def predict(endpoint: str, model_name: str, um_per_px: float | None, token: str | None, tls: bool,
+            ca_file: Path | None, auth_scheme: str, credentials_file: Path | None, timeout_s: float,
             images: tuple[Path, ...]) -> None:
     """Predict gene expression for IMAGES (PNG/JPEG/TIFF patches): one JSON line each."""
     from brst.train.serve.client import make_client
 
-    client = make_client(endpoint, model_name, token, timeout_s)
+    transport = endpoint_transport(token, credentials_file, auth_scheme, tls, ca_file)
+    client = make_client(endpoint, model_name, timeout_s=timeout_s, transport=transport)
     for image in tqdm(images, desc="predict", unit="image", disable=len(images) < 2):
         answer = client.predict(image.read_bytes(), um_per_px, subject=str(image))
         click.echo(json.dumps({"image": str(image), "prediction": answer}))

@@ -7,6 +7,7 @@ score its map ``domain_score.png`` (per-tile ``domain_score``/``out_of_domain`` 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -14,7 +15,7 @@ import click
 from brst.handlers.errors import BrstError
 from brst.train.slide.endpoint import TRANSFERS
 
-from .params import model_name_option, split_names
+from .params import endpoint_options, endpoint_transport, model_name_option, split_names
 
 
 def _check_sources(checkpoint: Path | None, endpoint: str | None, measured: Path | None,
@@ -43,7 +44,7 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
 @click.command("predict-slide")
 @click.option("--checkpoint", type=click.Path(path_type=Path), envvar="BRST_CHECKPOINT",
               help="Checkpoint file or run directory (its last.pt): run the model here.")
-@click.option("--endpoint", help="Served model instead: http://HOST:PORT or grpc://HOST:PORT.")
+@click.option("--endpoint", help="Served model instead: http(s)://HOST[:PORT] or grpc(s)://HOST[:PORT].")
 @model_name_option(help="Model name on the endpoint.")
 @click.option("--slide", required=True, metavar="SOURCE",
               help="H&E slide: JPEG, PNG, (OME-)TIFF, any OpenSlide format (SVS, NDPI, MRXS, SCN, BIF, Philips "
@@ -80,27 +81,37 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
               help="Endpoint mode: attempts after the first (back-off 0.5 s, doubling) before giving up.")
 @click.option("--timeout-s", type=click.FloatRange(0.1, 3600.0), default=60.0, show_default=True,
               help="Endpoint mode: per-request timeout.")
-@click.option("--token", envvar="BRST_TS_TOKEN", help="Endpoint mode: inference token (token auth on).")
+@click.option("--token", envvar="BRST_TS_TOKEN",
+              help="Endpoint mode: inference token (token auth on), or user:password (an Ingress's basic auth).")
+@endpoint_options
 @click.option("--read-workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Threads reading tiles from the slide.")
+@click.option("--allow-insecure", is_flag=True, envvar="BRST_ALLOW_INSECURE",
+              help="Send DICOMweb credentials over plain HTTP (dicomweb://) to another machine anyway, with a "
+                   "warning [env BRST_ALLOW_INSECURE=1]; refused otherwise (use dicomwebs://).")
 def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str, slide: str, out_dir: Path,
                   genes: str | None, top_genes: int, step_um: float, batch_size: int, device: str,
                   um_per_px: float | None, measured: Path | None, section: str | None, gene_r: Path | None,
                   tile_um: float, tile_px: int, concurrency: int, tiles_per_request: int, transfer: str,
-                  retries: int, timeout_s: float, token: str | None, read_workers: int) -> None:
+                  retries: int, timeout_s: float, token: str | None, tls: bool, ca_file: Path | None,
+                  auth_scheme: str, credentials_file: Path | None, read_workers: int, allow_insecure: bool) -> None:
     """Predict expression over a whole slide: table, AnnData and heatmaps.
 
     Tissue is found on a thumbnail; tiles of the model's patch size sit every --step-um
     on it, are read at the model's um/px whatever the slide's, and go through the local
     model (GPU when present) or the served endpoint in batches.
     """
+    from brst.train.data.readers.dicom_image import ALLOW_INSECURE_ENV
     from brst.train.slide.drawn_genes import table_validation_r
     from brst.train.slide.run import SlideJob, run_slide
 
+    if allow_insecure:  # the environment reaches every place (and process) that opens the slide
+        os.environ[ALLOW_INSECURE_ENV] = "1"
     _check_sources(checkpoint, endpoint, measured, section)
     endpoint_options = {"model_name": model_name, "tile_um": tile_um, "tile_px": tile_px, "concurrency": concurrency,
                         "tiles_per_request": tiles_per_request, "transfer": transfer, "retries": retries,
-                        "timeout_s": timeout_s, "token": token}
+                        "timeout_s": timeout_s,
+                        "transport": endpoint_transport(token, credentials_file, auth_scheme, tls, ca_file)}
     predictor, validation = _predictor(checkpoint, endpoint, device, endpoint_options)
     if gene_r is not None:
         validation = table_validation_r(gene_r)

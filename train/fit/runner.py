@@ -7,6 +7,7 @@ scheduler, scaler, every RNG state, the epoch, the step and the running epoch to
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from .provenance import check_resume_data, training_spots
 from .recipes import warn_if_other_field
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
+from .signals import Interrupted, StopSignals
 from .sampling import EpochSampler, epoch_augmentation
 from .setup import fit_stain_reference, fit_targets, run_data_config, split_spots
 
@@ -238,15 +240,18 @@ def restore(ckpt: dict, model: BrstNet, parts: StepParts) -> RunState:
 
 
 def open_run_dir(options: FitOptions, ctx: DistContext, resuming: bool) -> RunDir:
-    """Rank 0 picks and creates the run directory; every process learns its path."""
+    """Rank 0 picks, creates and locks the run directory; every process learns its path."""
     path = None
     if ctx.is_main:
         path = Path(options.out) if options.out else (
             resolve_checkpoint(options.resume).parent if resuming else default_run_dir(options.arch))
         run = RunDir(path, options.keep_best)
-        if not resuming:
+        if resuming:
+            run.lock()
+        else:
             run.create()
-    return RunDir(broadcast_object(path, ctx), options.keep_best)
+    path = broadcast_object(path, ctx)
+    return run if ctx.is_main else RunDir(path, options.keep_best)
 
 
 class Trainer:
@@ -258,9 +263,12 @@ class Trainer:
         self.run, self.ctx, self.state, self.n_spots = run, ctx, state, n_spots
         self.metrics = TrainingMetrics()
         self.bar: tqdm | None = None
+        self.stop = StopSignals()
 
     def should_stop(self) -> bool:
-        return self.options.max_steps is not None and self.state.step >= self.options.max_steps
+        """Whether to stop before the next step: ``--max-steps`` reached, or SIGTERM/SIGINT received."""
+        return ((self.options.max_steps is not None and self.state.step >= self.options.max_steps)
+                or self.stop.requested(self.ctx, self.parts.device))
 
     def on_step(self, progress: EpochProgress) -> None:
         self.state.step += 1
@@ -309,10 +317,13 @@ class Trainer:
         if self.ctx.is_main and self.options.metrics_port:
             self.metrics.serve(self.options.metrics_port, self.options.metrics_host)
         try:
-            while self.state.epoch < self.options.epochs and not self.should_stop():
-                self.train_epoch(sampler, loader, val_loader)
+            with self.stop:
+                while self.state.epoch < self.options.epochs and not self.should_stop():
+                    self.train_epoch(sampler, loader, val_loader)
         finally:
             self.metrics.close()
+        if self.stop.received is not None:
+            raise Interrupted(self.stop.received, self.run.path, self.state.step)
 
     def train_epoch(self, sampler: EpochSampler, loader: DataLoader, val_loader) -> None:
         epoch, per_epoch = self.state.epoch, sampler.batches_per_epoch
@@ -328,7 +339,8 @@ class Trainer:
             self.state.partial = {"epoch": epoch, "batches": progress.batches, "sums": sums.tolist(),
                                   "samples_seen": progress.samples_seen, "seconds": progress.seconds,
                                   "data_seconds": progress.data_seconds}
-            log.info("stopped after step %d (--max-steps), in epoch %d", self.state.step, epoch + 1)
+            reason = "a signal" if self.stop.received is not None else "--max-steps"
+            log.info("stopped after step %d (%s), in epoch %d", self.state.step, reason, epoch + 1)
             self.save()
             return
         row = self.epoch_row(epoch, progress, val_loader)
@@ -343,21 +355,29 @@ class Trainer:
 
 
 def fit(options: FitOptions, ckpt: dict | None = None) -> Path:
-    """Train (or, with ``ckpt``, resume) as ``options`` say; returns the run directory."""
+    """Train (or, with ``ckpt``, resume) as ``options`` say; returns the run directory.
+
+    The run directory is locked while the run writes it (:class:`RunDir`).
+
+    Raises:
+        Interrupted: SIGTERM or SIGINT stopped the run; ``last.pt`` holds where it stopped.
+    """
     ctx, device = init_distributed(options.device)
     try:
-        return _fit(options, ckpt, ctx, device)
+        with contextlib.ExitStack() as held:
+            return _fit(options, ckpt, ctx, device, held)
     finally:
         shutdown()
 
 
-def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch.device) -> Path:
+def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch.device,
+         held: contextlib.ExitStack) -> Path:
     check_sync_bn(options.sync_bn, ctx, device)
     tune_backends(device)
     index = open_dataset(options.data)
     if ckpt is None:
         warn_if_other_field(options.recipe, float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)))
-    run = open_run_dir(options, ctx, resuming=ckpt is not None)
+    run = held.enter_context(open_run_dir(options, ctx, resuming=ckpt is not None))
     spec = derive_spec(options, index, device, ckpt)
     model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
                            device)

@@ -9,7 +9,9 @@ JSON (docs/CONTRACTS.md, "Served response"). A request the model refuses raises
 status or gRPC code and the server's ``{"code", "type", "message"}``; an unreachable or
 failing server raises :class:`~brst.handlers.errors.BrstError`. A production TorchServe
 with token authorization needs ``token`` (the inference key from its ``key_file.json``),
-sent as ``Authorization: Bearer <token>`` (HTTP header or gRPC metadata).
+sent as ``Authorization: Bearer <token>`` (HTTP header or gRPC metadata); an Ingress with
+basic authentication takes ``user:password`` as Basic. TLS (``https://``, ``grpcs://`` or
+``--tls``, optionally with a CA file) and the choice of scheme: :mod:`brst.train.serve.transport`.
 
 The HTTP client keeps one persistent connection per thread, so it can be shared by a
 thread pool (as the benchmark does).
@@ -25,11 +27,19 @@ from urllib.parse import quote, urlsplit
 
 from brst.handlers.errors import BrstError, InputError
 
+from .transport import Auth, Transport
+
 #: magic number -> MIME type (NPY: ``brst.handlers.images.NPY_MAGIC``, not imported to keep numpy out)
 IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"II*\x00", "image/tiff"),
                (b"MM\x00*", "image/tiff"), (b"\x93NUMPY", "application/x-npy"))
 SCALE_KEY = "um_per_px"
 GRPC_IMAGE_KEY = "data"
+#: endpoint URL scheme -> (client kind, TLS)
+ENDPOINT_SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False),
+                    "grpcs": ("grpc", True)}
+HTTPS_PORT = 443
+UNTRUSTED_HINT = "is the server's certificate signed by a CA in --ca-file (or the system's) and for this host?"
+PLAINTEXT_HINT = "a TLS endpoint needs grpcs:// or --tls"
 
 
 class RequestRejected(InputError):
@@ -50,6 +60,7 @@ class RequestRejected(InputError):
 class HttpResult:
     status: int
     body: bytes
+    challenge: str | None = None  # a 401's WWW-Authenticate
 
     def json(self) -> object:
         return json.loads(self.body)
@@ -88,20 +99,24 @@ def served_error(doc: object) -> bool:
 class HttpConnections:
     """One persistent ``http.client`` connection per thread to ``base_url``."""
 
-    def __init__(self, base_url: str, timeout_s: float = 60) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 60, transport: Transport | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BrstError(base_url, "is not an http(s)://HOST:PORT URL")
         self.base_url = base_url.rstrip("/")
         self._parts = parts
         self._timeout_s = timeout_s
+        self._ssl = (transport or Transport()).ssl_context() if parts.scheme == "https" else None
         self._local = threading.local()
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            factory = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-            conn = factory(self._parts.hostname, self._parts.port, timeout=self._timeout_s)
+            if self._ssl is not None:
+                conn = http.client.HTTPSConnection(self._parts.hostname, self._parts.port, timeout=self._timeout_s,
+                                                   context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(self._parts.hostname, self._parts.port, timeout=self._timeout_s)
             self._local.conn = conn
         return conn
 
@@ -110,7 +125,7 @@ class HttpConnections:
         try:
             conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
-            return HttpResult(response.status, response.read())
+            return HttpResult(response.status, response.read(), response.getheader("WWW-Authenticate"))
         except OSError:
             conn.close()
             raise
@@ -142,13 +157,27 @@ def http_json(url: str, timeout_s: float = 30, token: str | None = None) -> obje
     return result.json()
 
 
+def transport_with_token(transport: Transport | None, token: str | None) -> Transport:
+    """``transport`` with ``token`` as its credentials (scheme chosen by the secret's form) when it has none."""
+    transport = transport or Transport()
+    if token and transport.auth is None:
+        return Transport(transport.tls, transport.ca_file, Auth(token))
+    return transport
+
+
 class HttpClient:
     """Predictions over TorchServe's inference API (``POST /predictions/<model>``)."""
 
-    def __init__(self, base_url: str, model: str, token: str | None = None, timeout_s: float = 60) -> None:
-        self.connections = HttpConnections(base_url, timeout_s)
+    def __init__(self, base_url: str, model: str, token: str | None = None, timeout_s: float = 60,
+                 transport: Transport | None = None) -> None:
+        transport = transport_with_token(transport, token)
+        self.connections = HttpConnections(base_url, timeout_s, transport)
         self.model = model
-        self.headers = bearer(token)
+        self.auth = transport.auth
+        self.scheme = self.auth.first_scheme if self.auth else None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self.auth.header(self.scheme)} if self.auth else {}
 
     def post(self, body: bytes, um_per_px: float | None = None, mime: str | None = None) -> HttpResult:
         """The raw answer to one request (no status check).
@@ -159,13 +188,20 @@ class HttpClient:
         mime = mime or content_type(body)
         if um_per_px is not None:
             body, mime = multipart_form({GRPC_IMAGE_KEY: (body, mime), SCALE_KEY: (repr(um_per_px).encode(), None)})
-        headers = {**self.headers, "Content-Type": mime}
-        return self.connections.request("POST", f"/predictions/{quote(self.model)}", body, headers)
+        path = f"/predictions/{quote(self.model)}"
+        result = self.connections.request("POST", path, body, {**self._headers(), "Content-Type": mime})
+        retry = self.auth.answer_to(result.challenge, self.scheme) if self.auth and result.status == 401 else None
+        if retry is not None:  # the server asks for the other scheme: answer in it, and keep it
+            self.scheme = retry
+            result = self.connections.request("POST", path, body, {**self._headers(), "Content-Type": mime})
+        return result
 
     def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image",
                 mime: str | None = None) -> dict | list:
         """The served JSON for one request; refusals raise :class:`RequestRejected`."""
         result = self.post(image, um_per_px, mime)
+        if result.status in (401, 403):
+            raise BrstError(self.connections.base_url, unauthorized(result.status, result.challenge, self.scheme))
         if 400 <= result.status < 500:
             raise RequestRejected(subject, result.status, error_json(result.body))
         if result.status != 200:
@@ -178,19 +214,25 @@ class GrpcClient:
     """Predictions over TorchServe's gRPC inference API (``Predictions``), stubs from
     :mod:`brst.train.serve.grpc_stubs`."""
 
-    def __init__(self, target: str, model: str, token: str | None = None, timeout_s: float = 60) -> None:
+    def __init__(self, target: str, model: str, token: str | None = None, timeout_s: float = 60,
+                 transport: Transport | None = None) -> None:
         import grpc
 
         from .grpc_stubs import load_stubs
 
+        transport = transport_with_token(transport, token)
         self._grpc = grpc
         self.stubs = load_stubs()
         self.target = target
+        self.url = f"{'grpcs' if transport.tls else 'grpc'}://{target}"
         self.model = model
         self.timeout_s = timeout_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
-                                                              ("grpc.max_receive_message_length", 64 << 20)])
+        auth = transport.auth
+        self.scheme = auth.first_scheme if auth else None
+        self.metadata = (("authorization", auth.header(self.scheme)),) if auth else ()
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (grpc.secure_channel(target, transport.grpc_credentials(), options=options) if transport.tls
+                        else grpc.insecure_channel(target, options=options))
         self.stub = self.stubs.inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
 
     def close(self) -> None:
@@ -214,19 +256,37 @@ class GrpcClient:
             if code in (self._grpc.StatusCode.INVALID_ARGUMENT, self._grpc.StatusCode.RESOURCE_EXHAUSTED,
                         self._grpc.StatusCode.NOT_FOUND):
                 raise RequestRejected(subject, code.name, {"message": message}) from err
-            raise BrstError(f"grpc://{self.target}", f"{code.name}: {message}") from err
+            if code in (self._grpc.StatusCode.UNAUTHENTICATED, self._grpc.StatusCode.PERMISSION_DENIED):
+                raise BrstError(self.url, unauthorized(code.name, None, self.scheme)) from err
+            if code == self._grpc.StatusCode.UNAVAILABLE:
+                message += "; " + (UNTRUSTED_HINT if self.url.startswith("grpcs") else PLAINTEXT_HINT)
+            raise BrstError(self.url, f"{code.name}: {message}") from err
         doc = json.loads(body)
         if served_error(doc):
             raise RequestRejected(subject, "INVALID_ARGUMENT", doc)
         return doc
 
 
-def make_client(endpoint: str, model: str, token: str | None = None, timeout_s: float = 60
-                ) -> HttpClient | GrpcClient:
-    """A client for ``http://HOST:PORT`` (or https) or ``grpc://HOST:PORT``."""
+def unauthorized(status: int | str, challenge: str | None, scheme: str | None) -> str:
+    """One line for a refused credential: what was sent, what the server asks for."""
+    sent = f"{scheme.capitalize()} credentials" if scheme else "no credentials"
+    asks = f" (it asks for: {challenge[:200]})" if challenge else ""
+    return (f"refused {sent} ({status}){asks}; set --token / --credentials-file (a token, or user:password "
+            "for Basic) and --auth-scheme")
+
+
+def make_client(endpoint: str, model: str, token: str | None = None, timeout_s: float = 60,
+                transport: Transport | None = None) -> HttpClient | GrpcClient:
+    """A client for ``http(s)://HOST[:PORT]`` or ``grpc(s)://HOST[:PORT]``; ``transport.tls`` makes
+    ``http``/``grpc`` use TLS too."""
+    transport = transport or Transport()
     parts = urlsplit(endpoint)
-    if parts.scheme in ("http", "https") and parts.netloc:
-        return HttpClient(endpoint, model, token, timeout_s)
-    if parts.scheme == "grpc" and parts.netloc:
-        return GrpcClient(parts.netloc, model, token, timeout_s)
-    raise BrstError(f"--endpoint {endpoint}", "must be http://HOST:PORT or grpc://HOST:PORT")
+    kind, tls = ENDPOINT_SCHEMES.get(parts.scheme, (None, False))
+    if kind is None or not parts.hostname:
+        raise BrstError(f"--endpoint {endpoint}", "must be http(s)://HOST:PORT or grpc(s)://HOST:PORT")
+    transport = Transport(tls or transport.tls, transport.ca_file, transport.auth)
+    if kind == "http":
+        base = f"{'https' if transport.tls else 'http'}://{parts.netloc}{parts.path}"
+        return HttpClient(base, model, token, timeout_s, transport)
+    target = parts.netloc if parts.port or not transport.tls else f"{parts.netloc}:{HTTPS_PORT}"
+    return GrpcClient(target, model, token, timeout_s, transport)

@@ -39,6 +39,7 @@ from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.handlers.images import DecodeLimits
 from brst.train.serve.client import HttpClient, RequestRejected, make_client
+from brst.train.serve.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,19 @@ class EndpointPredictor:
         timeout_s: per-request timeout.
         retries: attempts after the first when the server does not answer.
         token: inference token of a server with token authorization.
+        transport: TLS and credentials (:mod:`brst.train.serve.transport`); ``token`` is its credential
+            when it has none.
         transfer: ``npy`` (uint8 pixels, falls back to PNG on a server that refuses them) or ``png``.
     """
 
     def __init__(self, endpoint: str, model_name: str, *, tile_um: float = DEFAULT_TILE_UM,
                  tile_px: int = DEFAULT_TILE_PX, concurrency: int = 8, tiles_per_request: int = 8,
                  timeout_s: float = 60.0, retries: int = 4, token: str | None = None,
-                 transfer: str = "npy") -> None:
+                 transfer: str = "npy", transport: Transport | None = None) -> None:
         if transfer not in TRANSFERS:
             raise BrstError("--transfer", f"{transfer!r} is not one of {', '.join(TRANSFERS)}")
         self.endpoint = endpoint
-        self.client = make_client(endpoint, model_name, token, timeout_s)
+        self.client = make_client(endpoint, model_name, token, timeout_s, transport)
         self.geometry = PatchGeometry(patch_um=tile_um, um_per_px=tile_um / tile_px)
         self.transfer = transfer
         self.tiles_per_request = tiles_per_request

@@ -9,7 +9,10 @@ Two sources:
   ``PREFIX`` is the server's DICOMweb root (Orthanc: ``dicom-web``). Credentials never go in
   the URL or on the command line: ``BRST_DICOMWEB_CREDENTIALS`` holds ``user:password``
   (HTTP basic) or ``Bearer <token>``, or ``BRST_DICOMWEB_CREDENTIALS_FILE`` names a file whose
-  first line does.
+  first line does. Credentials never travel unencrypted to another machine either: with
+  credentials, ``dicomweb://`` (plain HTTP) is refused unless the host is this machine (loopback)
+  or ``BRST_ALLOW_INSECURE=1`` (``predict-slide --allow-insecure``) says so, and then each open
+  logs a warning.
 
 Regions are read from the best level, frame by frame (wsidicom fetches only the frames under a
 region and caches them). µm/px is level 0's pixel spacing. Server failures are one
@@ -17,12 +20,14 @@ region and caches them). µm/px is level 0's pixel spacing. Server failures are 
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 #: URL schemes of a DICOMweb series and the HTTP scheme each stands for
 DICOMWEB_SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 CREDENTIALS_ENV, CREDENTIALS_FILE_ENV = "BRST_DICOMWEB_CREDENTIALS", "BRST_DICOMWEB_CREDENTIALS_FILE"
+#: set to 1 to send credentials over plain HTTP anyway (with a warning)
+ALLOW_INSECURE_ENV = "BRST_ALLOW_INSECURE"
 #: seconds to wait for the server to connect and for each answer
 HTTP_TIMEOUT_S = 60.0
 _SERIES_URL = re.compile(r"^(dicomwebs?)://([^/]+)(/.*?)?/studies/([0-9.]+)/series/([0-9.]+)/?$")
@@ -89,6 +96,38 @@ def read_credentials() -> str | None:
     return value or None
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine (``localhost``, 127.0.0.0/8, ::1): traffic to it never crosses a network."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_allowed() -> bool:
+    """Whether ``BRST_ALLOW_INSECURE=1`` lets credentials go over plain HTTP/gRPC (with a warning)."""
+    return os.environ.get(ALLOW_INSECURE_ENV, "").strip() == "1"
+
+
+def check_transport(url: str, root: str, credentials: str | None) -> None:
+    """Refuse to send ``credentials`` to ``root`` over plain HTTP, unless to loopback or allowed.
+
+    Raises:
+        BrstError: naming ``url``: credentials, ``http``, another machine, no ``BRST_ALLOW_INSECURE=1``.
+    """
+    parts = urlsplit(root)
+    if credentials is None or parts.scheme != "http" or is_loopback(parts.hostname):
+        return
+    if not insecure_allowed():
+        raise BrstError(url, "would send the DICOMweb credentials unencrypted (plain HTTP); use dicomwebs:// "
+                             f"(HTTPS), or --allow-insecure ({ALLOW_INSECURE_ENV}=1) on a network you trust")
+    log.warning("%s: sending the DICOMweb credentials over plain HTTP (%s=1)", url, ALLOW_INSECURE_ENV)
+
+
 def _session(credentials: str | None):
     """A ``requests`` session with the credentials and a default timeout on every request."""
     import requests
@@ -134,7 +173,10 @@ def _open_wsi(source: str | Path):
             warnings.simplefilter("ignore", UserWarning)
             if is_dicomweb_url(text):
                 series = DicomWebSeries.parse(text)
-                return wsidicom.WsiDicom.open_web(_web_client(series), series.study_uid, series.series_uid)
+                credentials = read_credentials()
+                check_transport(text, series.root, credentials)
+                return wsidicom.WsiDicom.open_web(_web_client(series, credentials), series.study_uid,
+                                                  series.series_uid)
             return wsidicom.WsiDicom.open(text)
     except errors.WsiDicomNotFoundError:
         raise BrstError(text, "not a DICOM whole-slide image series: no VL Whole Slide Microscopy "
@@ -148,13 +190,13 @@ def _open_wsi(source: str | Path):
         raise BrstError(text, server_problem(err) or f"cannot read the DICOM files ({err})") from None
 
 
-def _web_client(series: DicomWebSeries):
+def _web_client(series: DicomWebSeries, credentials: str | None):
     """A wsidicom client of the server, with our session and no silent retries (a down server fails at once)."""
     from dicomweb_client.web import DICOMwebClient
     from wsidicom import WsiDicomWebClient
 
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every request at INFO
-    client = DICOMwebClient(series.root, session=_session(read_credentials()))
+    client = DICOMwebClient(series.root, session=_session(credentials))
     client.set_http_retry_params(retry=False)
     return WsiDicomWebClient(client)
 

@@ -4,7 +4,9 @@ A pyramid is level 0 (full resolution) and coarser copies of it. :class:`Pyramid
 one primitive, "read this box of level *k*" (:meth:`PyramidImage._read`), into the
 :class:`~brst.train.data.readers.base.SlideImage` calls: a patch is read from the coarsest
 level that is still at least as fine as the patch asks for, with a two-pixel margin, and
-resampled sub-pixel exactly; a thumbnail from the smallest level at least as large as asked.
+resampled sub-pixel exactly; a thumbnail from the smallest level at least as large as asked,
+read region by region when that level is large (a one-level 60000 x 60000 slide is never held
+whole: at most :data:`THUMBNAIL_READ_PX` level pixels at a time).
 TIFF (tifffile), OpenSlide and DICOM handles subclass it.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from PIL import Image
 RESAMPLE = Image.Resampling.BILINEAR
 #: level pixels read around a resampled box, so bilinear weights at its edge see real pixels
 MARGIN_PX = 2
+#: most level pixels a thumbnail reads at once (16 megapixels: 48 MB of RGB)
+THUMBNAIL_READ_PX = 1 << 24
 
 
 def resample_array(region: np.ndarray, box: tuple[float, float, float, float], out_px: int) -> np.ndarray:
@@ -78,9 +82,36 @@ class PyramidImage:
         return resample_array(region, local, out_px)
 
     def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
-        """RGB thumbnail ``(h, w, 3)`` with longer side ``max_px``, from the smallest sufficient level."""
+        """RGB thumbnail ``(h, w, 3)`` with longer side ``max_px``, from the smallest sufficient level.
+
+        A level larger than :data:`THUMBNAIL_READ_PX` is shrunk tile by tile (:meth:`_thumbnail_by_tiles`).
+        """
         sizes = [max(self.width, self.height) / d for d in self.downsamples]
         level = max(i for i, size in enumerate(sizes) if size >= max_px or i == 0)
         level_width, level_height = self.level_sizes[level]
+        if level_width * level_height > THUMBNAIL_READ_PX:
+            return self._thumbnail_by_tiles(level, max_px)
         pixels = Image.fromarray(self._read(level, 0, 0, level_width, level_height))
         return fit_thumbnail(pixels, self.width, max_px)
+
+    def _thumbnail_by_tiles(self, level: int, max_px: int) -> tuple[np.ndarray, float]:
+        """What :func:`fit_thumbnail` makes of the whole level, built from regions of at most
+        :data:`THUMBNAIL_READ_PX` level pixels, each box-filtered into its part of the thumbnail."""
+        level_width, level_height = self.level_sizes[level]
+        scale = min(max_px / max(level_width, level_height), 1.0)
+        out_width, out_height = max(1, round(level_width * scale)), max(1, round(level_height * scale))
+        x_scale, y_scale = out_width / level_width, out_height / level_height  # thumbnail px per level px
+        read_side = math.isqrt(THUMBNAIL_READ_PX) - 2  # a read covers the tile's box plus a partial pixel each side
+        tile_px = max(1, math.floor(read_side * min(x_scale, y_scale)))
+        thumb = np.empty((out_height, out_width, 3), np.uint8)
+        for top in range(0, out_height, tile_px):
+            for left in range(0, out_width, tile_px):
+                right, bottom = min(left + tile_px, out_width), min(top + tile_px, out_height)
+                box = (left / x_scale, top / y_scale, right / x_scale, bottom / y_scale)  # level pixels
+                x0, y0 = math.floor(box[0]), math.floor(box[1])
+                x1, y1 = min(level_width, math.ceil(box[2])), min(level_height, math.ceil(box[3]))
+                region = Image.fromarray(self._read(level, x0, y0, x1, y1))
+                local = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+                thumb[top:bottom, left:right] = np.asarray(
+                    region.resize((right - left, bottom - top), Image.Resampling.BOX, box=local))
+        return thumb, out_width / self.width
