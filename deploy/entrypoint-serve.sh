@@ -35,9 +35,9 @@ fi
 # the shared model store after this check is served.
 plan=$(python -m brst.handlers.serving_store --model-store "${model_store}" --private-parent "${TEMP}" "${models[@]}") \
     || exit 2
-mapfile -t plan <<< "${plan}"
-serve_store="${plan[0]}"
-models=("${plan[@]:1}")
+mapfile -t plan_lines <<< "${plan}"
+serve_store="${plan_lines[0]}"
+models=("${plan_lines[@]:1}")
 
 stopping=0
 stop() {
