@@ -342,14 +342,17 @@ def test_pin_images_writes_the_pushed_digest_into_an_overlay(tmp_path):
 
 
 def test_kserve_container_is_the_deployment_container():
+    """The same container as the signed-archives overlays' (k8s/components/signed-archives)."""
     predictor = the("kserve", "InferenceService")["spec"]["predictor"]
-    served, deployed = predictor["containers"][0], serving_container("base")
+    served, deployed = predictor["containers"][0], serving_container("hospital")
     assert served["name"] == "kserve-container"
-    for key in ("image", "env", "resources", "startupProbe", "readinessProbe", "livenessProbe",
-                "securityContext", "volumeMounts", "lifecycle"):
+    for key in ("env", "startupProbe", "readinessProbe", "livenessProbe", "securityContext", "volumeMounts",
+                "lifecycle"):
         assert served[key] == deployed[key], key
+    assert served["image"] == serving_container("base")["image"]
+    assert served["resources"] == serving_container("base")["resources"] == deployed["resources"]
     assert container_ports(served) == {"http": container_ports(deployed)["http"]}
-    assert predictor["volumes"] == the("base", "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert predictor["volumes"] == the("hospital", "Deployment")["spec"]["template"]["spec"]["volumes"]
     assert not objects_of("kserve", "Deployment") and not objects_of("kserve", "Service")
 
 
