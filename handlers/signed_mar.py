@@ -142,12 +142,13 @@ def _copy_checked(source, sink, signed: dict, name: str, subject: object) -> Non
     for block in iter(lambda: source.read(BLOCK_BYTES), b""):
         size += len(block)
         if size > signed["size"]:
-            raise BrstError(subject, f"entry {name!r} is larger than its signed {signed['size']} bytes")
+            raise BrstError(subject, f"entry {name!r} changed after signing (larger than its signed "
+                                     f"{signed['size']} bytes)")
         digest.update(block)
         if sink is not None:
             sink.write(block)
     if size != signed["size"] or digest.hexdigest() != signed["sha256"]:
-        raise BrstError(subject, f"entry {name!r} changed after signing (size or sha256 differs from the signed one)")
+        raise BrstError(subject, f"entry {name!r} changed after signing (its size or sha256 differs from the signed one)")
 
 
 @contextmanager
