@@ -72,6 +72,8 @@ def _signed_plan(store: Path, models: dict[str, str] | None, private: Path, keyr
     private.mkdir(mode=PRIVATE_MODE, exist_ok=True)
     private.chmod(PRIVATE_MODE)
     for name, file in models.items():
+        if Path(file).name != file:
+            raise BrstError(f"{name}={file}", "must name a file in the model store, not a path")
         if not file.endswith(".mar"):
             raise BrstError(store / file, "is not a .mar archive: with a public key only signed .mar files are served")
         signed = verify_mar(store / file, keyring, Expected(name, versions.get(name)), copy_to=private / file)

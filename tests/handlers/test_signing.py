@@ -261,6 +261,15 @@ def test_with_a_key_models_all_serves_signed_mar_files_only(signed, keys, tmp_pa
     assert registration == "brst=brst.mar" and Path(served_store).parent == tmp_path
 
 
+def test_a_registration_names_a_file_of_the_store_only(signed, keys, tmp_path):
+    (_, public), _ = keys
+    (tmp_path / "store").mkdir()
+    with pytest.raises(BrstError, match="must name a file in the model store, not a path"):
+        plan_serving(tmp_path / "store", {"brst": f"../{signed.parent.name}/brst.mar"}, tmp_path / "private",
+                     KeyRing.load([public]), unsigned_allowed=False)
+    assert not list((tmp_path / "private").iterdir())
+
+
 def test_a_swap_on_the_shared_store_after_the_check_is_not_served(signed, keys, tmp_path):
     (_, public), _ = keys
     store, private = tmp_path / "store", tmp_path / "private"
