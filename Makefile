@@ -14,7 +14,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 # sha256. Missing, the first `make test` builds it (about 6 min on 2 cores); then 0 s.
 export K8S_LOCAL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/brst-k8s-local
 
-.PHONY: venv test-servers test test-fast demo bench clean k8s-e2e
+.PHONY: venv test-servers test test-fast demo bench clean k8s-e2e constraints pin-images
 
 $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,3 +53,12 @@ bench: venv
 
 clean:
 	rm -rf $(DEMO) logs .pytest_cache
+
+# deploy/constraints.txt from this venv: the versions the images install (run after changing the venv)
+constraints: venv
+	$(BIN)/python deploy/pin_constraints.py
+
+# an overlay's image pinned to the digest of the image you pushed (docs/DEPLOY.md, "Image digests"):
+#   make pin-images OVERLAY=k8s/overlays/hospital IMAGE=registry.hospital.example/brst/brst-serve:0.2.0
+pin-images: venv
+	$(BIN)/python deploy/pin_images.py "$(OVERLAY)" "$(IMAGE)"

@@ -6,12 +6,14 @@ kube-proxy, a hostPath StorageClass; no registry, no DNS, no NetworkPolicy enfor
 1. ``node-up.sh``: API server, controller manager, scheduler, kubelet, kube-proxy, containerd,
    Docker, the local base image ``local/debian:bookworm-minbase``;
 2. on this machine: a real dataset from ``../shared/data/her2st``, two short fits (resnet18, 64 px),
-   archived as ``brst.mar`` and ``brst-2.mar``, and their in-process predictions (the reference);
+   archived and signed (``brst-train keygen`` key) as ``brst.mar`` and ``brst-2.mar``, and their
+   in-process predictions (the reference);
 3. the CPU serving image and the training image, built from ``deploy/Dockerfile.serve`` and
    ``deploy/Dockerfile.train`` with the local base as build argument and the wheels from a
    wheelhouse downloaded on this machine (``pip download``; no registry is reachable inside a
    build), loaded into the node;
-4. ``kubectl apply --server-side -k k8s/overlays/cpu``; ``brst.mar`` copied in as docs/DEPLOY.md
+4. ``kubectl apply --server-side -k k8s/local-node/serve`` (the cpu overlay with the image built
+   here, by tag) and the Secret with the public key; ``brst.mar`` copied in as docs/DEPLOY.md
    step 4 says (the model-store-loader pod, ``kubectl cp``, ``rollout restart``), then the pod
    must pass its readiness probe;
 5. through the Service's ClusterIP: HTTP and gRPC predictions equal the in-process ones,
@@ -178,10 +180,13 @@ class E2E:
             from brst.train.fit.options import FitOptions
             from brst.train.fit.runner import fit
             from brst.train.serve.archiver import ServeSettings, build_archive
+            from brst.train.serve.keys import generate_keys
 
             model_dir = WORK / "model"
             shutil.rmtree(model_dir, ignore_errors=True)
             (model_dir / "store").mkdir(parents=True)
+            self.signing_key, self.public_key = model_dir / "archive.key", model_dir / "archive.pub"
+            generate_keys(self.signing_key, self.public_key)
             h5 = model_dir / "her2st.h5"
             prepare("her2st", DATA / "her2st", out=h5, options=PrepareOptions(um_per_px=2.0))
             index = open_dataset([h5])
@@ -194,7 +199,8 @@ class E2E:
                                      holdout=[HELDOUT], seed=version))
                 checkpoint = Path(run) / "last.pt"
                 store = model_dir / f"store{version}"
-                archive = build_archive(checkpoint, MODEL, store, settings=ServeSettings(batch_size=4, max_batch_delay_ms=20))
+                archive = build_archive(checkpoint, MODEL, store, settings=ServeSettings(batch_size=4, max_batch_delay_ms=20),
+                                        signing_key=self.signing_key)
                 target = model_dir / "store" / f"{name}.mar"
                 shutil.move(archive, target)
                 self.archives[version] = target
@@ -296,8 +302,9 @@ class E2E:
         check(took < 15, f"deleting the loader pod took {took:.0f} s")
 
     def deploy(self) -> None:
-        with self.step("kubectl apply --server-side -k k8s/overlays/cpu") as note:
-            self.kubectl("apply", "--server-side", "-k", str(REPO / "k8s" / "overlays" / "cpu"))
+        with self.step("kubectl apply --server-side -k k8s/local-node/serve; the archive key's Secret") as note:
+            self.kubectl("apply", "--server-side", "-k", str(REPO / "k8s" / "local-node" / "serve"))
+            self.k("create", "secret", "generic", "brst-archive-public-key", f"--from-file=archive.pub={self.public_key}")
             self.wait("PVC brst-model-store Bound", lambda: self.k(
                 "get", "pvc", "brst-model-store", "-o", "jsonpath={.status.phase}") == "Bound", 120)
             note.append("PVC Bound (StorageClass k8s-local-hostpath, the node's default)")

@@ -3,8 +3,9 @@
 A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the base
 ``handle`` and overrides only the four stages:
 
-- ``initialize``: with ``$BRST_ARCHIVE_PUBLIC_KEY`` set, refuses an archive not signed by that
-  key (:mod:`brst.handlers.signing`); reads ``brst-model.json`` (weights' sha256 checked) and
+- ``initialize``: with ``$BRST_ARCHIVE_PUBLIC_KEY`` set, refuses an unpacked archive whose entries,
+  model name or pinned version its signature does not cover (:mod:`brst.handlers.signed_mar`; defence
+  in depth: the server checked the archive before TorchServe started, :mod:`brst.handlers.serving_store`); reads ``brst-model.json`` (weights' sha256 checked) and
   builds the one :class:`~brst.handlers.predictor.Predictor` (model, input pipeline: stain
   normalisation, resize, normalise; target inverse; TTA; autocast) on the worker's GPU
   (``gpu_id``) or the CPU, and creates the metrics; one torch thread per worker when several
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
@@ -46,7 +46,8 @@ from brst.handlers.geometry import PatchGeometry
 from brst.handlers.handler_metrics import DECODE_SECONDS, INFERENCE_SECONDS, STAIN_SECONDS, HandlerMetrics
 from brst.handlers.images import DecodeLimits
 from brst.handlers.predictor import Predictor
-from brst.handlers.signing import PUBLIC_KEY_ENV, verify_directory
+from brst.handlers.signed_mar import Expected, pinned_versions, verify_directory
+from brst.handlers.signing import KeyRing
 from brst.handlers.stain import FUSED_CPU_REMIX
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class BrstHandler(BaseHandler):
         if self.device.type == "cpu" and int(settings.get("maxWorkers", 1)) > 1:
             torch.set_num_threads(1)
         weights = context.manifest["model"].get("serializedFile", WEIGHTS_FILE)
-        self._check_signature(properties["model_dir"])
+        self._check_signature(properties["model_dir"], context.model_name)
         self.tta = bool(handler_settings.get("tta", False))
         self.forward_patches = handler_settings.get("forward_patches", FORWARD_PATCHES)
         if type(self.forward_patches) is not int or self.forward_patches < 1:
@@ -97,13 +98,16 @@ class BrstHandler(BaseHandler):
                  torch.get_num_threads(), "built" if FUSED_CPU_REMIX else "not built (eager torch)")
 
     @staticmethod
-    def _check_signature(model_dir: str) -> None:
-        """With ``$BRST_ARCHIVE_PUBLIC_KEY`` set, refuse (log and raise) an archive not signed by that key."""
-        public_key = os.environ.get(PUBLIC_KEY_ENV)
-        if not public_key:
-            return
+    def _check_signature(model_dir: str, model_name: str) -> None:
+        """With ``$BRST_ARCHIVE_PUBLIC_KEY`` set, refuse (log and raise) an archive not signed for
+        ``model_name`` (and its pinned version) by one of those keys."""
         try:
-            log.info("archive signed by key %s", verify_directory(model_dir, public_key))
+            keyring = KeyRing.from_environment()
+            if not keyring:
+                log.warning("archive signature not checked: no public key (BRST_ARCHIVE_PUBLIC_KEY)")
+                return
+            signed = verify_directory(model_dir, keyring, Expected(model_name, pinned_versions().get(model_name)))
+            log.info("archive signed with key %s for %s version %s", signed.key_id, model_name, signed.model_version)
         except BrstError as err:
             log.error("refusing to load the archive: %s", err)
             raise

@@ -6,9 +6,11 @@ not have (archives of brst 0.1 import ``brst.train.archive``); TorchServe would 
 the worker forever. :func:`check_archives` reads each archive's handler (without running it)
 and raises one clear error that names the archive, the missing import and the rebuild command.
 
-With a public key (``$BRST_ARCHIVE_PUBLIC_KEY``) each archive's signature is checked too
-(:mod:`brst.handlers.signing`). ``python -m brst.handlers.runtime_check ARCHIVE.mar ...`` does the
-same for the serving container's entrypoint (exit status 2 and one line on stderr).
+With a key ring (``$BRST_ARCHIVE_PUBLIC_KEY``) each archive's signature is checked too, every
+entry and the model name (the file name without ``.mar``) and pinned version
+(:mod:`brst.handlers.signed_mar`). ``python -m brst.handlers.runtime_check ARCHIVE.mar ...`` does
+the same from a shell (exit status 2 and one line on stderr); what a server actually serves is
+decided by :mod:`brst.handlers.serving_store`.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import BrstError
-from .signing import PUBLIC_KEY_ENV, verify_mar
+from .signed_mar import MANIFEST, Expected, pinned_versions, verify_mar
+from .signing import KeyRing
 
-MANIFEST = "MAR-INF/MANIFEST.json"
 REBUILD = "rebuild it from its checkpoint: brst-train archive --checkpoint CKPT --model-name NAME --force"
 
 
@@ -65,26 +67,29 @@ def missing_imports(source: str) -> list[str]:
     return missing
 
 
-def check_archives(archives: Iterable[str | Path], public_key: str | os.PathLike | None = None) -> None:
+def check_archives(archives: Iterable[str | os.PathLike], keyring: KeyRing | None = None) -> None:
     """Raise :class:`BrstError` for the first archive whose handler this runtime cannot load, or
-    (with ``public_key``, a PEM file) that is not signed by that key."""
+    (with a non-empty ``keyring``) that is not signed by one of its keys for its file name and the
+    pinned version (``$BRST_MODEL_VERSIONS``)."""
+    versions = pinned_versions() if keyring else {}
     try:
         here = version("brst")
     except PackageNotFoundError:
         here = "unknown"
     for archive in archives:
+        if keyring:
+            name = Path(archive).name.removesuffix(".mar")
+            verify_mar(archive, keyring, Expected(name, versions.get(name)))
         missing = missing_imports(handler_source(Path(archive)))
         if missing:
             raise BrstError(archive, f"was built by another brst version: its handler imports {missing[0]}, "
                                      f"which brst {here} does not have; {REBUILD}")
-        if public_key:
-            verify_mar(archive, public_key)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Check the archives named on the command line; exit status 2 with one line when one fails."""
     try:
-        check_archives(argv if argv is not None else sys.argv[1:], os.environ.get(PUBLIC_KEY_ENV))
+        check_archives(argv if argv is not None else sys.argv[1:], KeyRing.from_environment())
     except BrstError as err:
         print(f"brst: error: {err}", file=sys.stderr)
         return 2

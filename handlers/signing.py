@@ -1,15 +1,21 @@
-"""Archive authenticity: an Ed25519 signature over the SHA-256 of an archive's weights and JSON.
+"""Archive signatures: Ed25519 over a manifest of every entry of a ``.mar`` and its model name/version.
 
-``brst-train archive --sign KEY`` writes ``brst-signature.json`` into the ``.mar``::
+``brst-train archive --sign KEY`` adds ``brst-signature.json`` to the finished ``.mar``::
 
-    {"format": "brst-signature-1", "algorithm": "ed25519", "key_id": "<16 hex>",
-     "files": {"brst-weights.pt": "<sha256>", "brst-model.json": "<sha256>"}, "signature": "<base64>"}
+    {"format": "brst-signature-2", "algorithm": "ed25519", "key_id": "<16 hex>",
+     "model_name": "brst", "model_version": "resnet18-e3-1a2b3c4d",
+     "entries": {"MAR-INF/MANIFEST.json": {"size": 310, "sha256": "<hex>"}, ...},
+     "signature": "<base64>"}
 
-The signature covers the canonical JSON of ``format``, ``algorithm`` and ``files`` (sorted keys,
-no spaces). A server configured with the public key (``$BRST_ARCHIVE_PUBLIC_KEY``, a PEM file)
-refuses an archive that is unsigned, signed by another key, or whose files changed after
-signing: before TorchServe starts (:mod:`brst.handlers.runtime_check`) and again when a worker
-loads it (the handler), with one log line naming the archive and the problem.
+``entries`` lists every other entry of the archive (TorchServe's manifest, the handler file,
+``model-config.yaml``, the weights and the JSON): nothing can be added, removed or changed
+without breaking the signature (:mod:`brst.handlers.signed_mar` checks the entries). The
+signature covers the canonical JSON (sorted keys, no spaces) of every field but ``signature``.
+
+A server trusts a key ring (:class:`KeyRing`): ``$BRST_ARCHIVE_PUBLIC_KEY`` holds one or more
+paths separated by ``os.pathsep``, each a PEM public key or a folder of them (``*.pub``,
+``*.pem``), so a new key can be added before archives are re-signed and the old one removed
+after. A signature names its key by :func:`key_id`.
 """
 from __future__ import annotations
 
@@ -17,17 +23,18 @@ import base64
 import hashlib
 import json
 import os
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from .archive_facts import ARCHIVE_JSON, WEIGHTS_FILE
 from .errors import BrstError
 
 SIGNATURE_FILE = "brst-signature.json"
-SIGNATURE_FORMAT = "brst-signature-1"
+SIGNATURE_FORMAT = "brst-signature-2"
 PUBLIC_KEY_ENV = "BRST_ARCHIVE_PUBLIC_KEY"
-SIGNED_FILES = (WEIGHTS_FILE, ARCHIVE_JSON)
+#: serving without any public key needs this set to 1 where signatures are required by default
+ALLOW_UNSIGNED_ENV = "BRST_ALLOW_UNSIGNED"
+KEY_FILE_PATTERNS = ("*.pub", "*.pem")
+SIGNED_FIELDS = ("format", "algorithm", "key_id", "model_name", "model_version", "entries")
 
 
 def _serialization():
@@ -69,71 +76,85 @@ def key_id(public_key) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def _message(files: dict[str, str]) -> bytes:
-    body = {"format": SIGNATURE_FORMAT, "algorithm": "ed25519", "files": files}
+def _key_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted({found for pattern in KEY_FILE_PATTERNS for found in path.glob(pattern)})
+        if not files:
+            raise BrstError(path, f"holds no public key ({' or '.join(KEY_FILE_PATTERNS)})")
+        return files
+    return [path]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The public keys a server trusts, by key id."""
+
+    keys: dict
+
+    @classmethod
+    def load(cls, paths: "list[str | os.PathLike]") -> "KeyRing":
+        """Keys from PEM files and folders of them (see module docstring); empty for no paths."""
+        keys = {}
+        for path in paths:
+            for key_file in _key_files(Path(path)):
+                key = load_public_key(key_file)
+                keys[key_id(key)] = key
+        return cls(keys)
+
+    @classmethod
+    def from_value(cls, value: str | None) -> "KeyRing":
+        """The key ring a ``$BRST_ARCHIVE_PUBLIC_KEY`` value names (``os.pathsep``-separated)."""
+        return cls.load([part for part in (value or "").split(os.pathsep) if part])
+
+    @classmethod
+    def from_environment(cls) -> "KeyRing":
+        return cls.from_value(os.environ.get(PUBLIC_KEY_ENV))
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.keys)
+
+    def verify(self, document: dict, subject: object) -> str:
+        """Check ``document``'s signature with the key it names; return that key id.
+
+        Raises:
+            BrstError: another format, a key not in the ring, or a signature that does not verify.
+        """
+        from cryptography.exceptions import InvalidSignature
+
+        if document.get("format") != SIGNATURE_FORMAT or document.get("algorithm") != "ed25519":
+            raise BrstError(subject, f"{SIGNATURE_FILE} is not a {SIGNATURE_FORMAT} (ed25519) signature "
+                                     f"(format {document.get('format')!r}); re-sign it: brst-train archive --sign KEY")
+        ident = document.get("key_id")
+        if ident not in self.keys:
+            raise BrstError(subject, f"is signed with key {ident}, this server trusts {', '.join(self.ids)}")
+        try:
+            self.keys[ident].verify(base64.b64decode(document["signature"], validate=True), signed_message(document))
+        except (InvalidSignature, KeyError, TypeError, ValueError) as err:
+            raise BrstError(subject, f"{SIGNATURE_FILE} does not verify: the signature is not key {ident}'s "
+                                     "over these entries") from err
+        return ident
+
+
+def signed_message(document: dict) -> bytes:
+    """The bytes a signature covers: the canonical JSON of :data:`SIGNED_FIELDS`."""
+    body = {field: document[field] for field in SIGNED_FIELDS}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def sign_files(read: Callable[[str], bytes], private_key_path: str | os.PathLike) -> dict:
-    """The signature document for the files ``read(name)`` returns (see module docstring)."""
+def allow_unsigned() -> bool:
+    """Whether ``$BRST_ALLOW_UNSIGNED`` is ``1``: serve without any public key."""
+    return os.environ.get(ALLOW_UNSIGNED_ENV, "").strip() == "1"
+
+
+def sign_entries(entries: dict[str, dict], model_name: str, model_version: str,
+                 private_key_path: str | os.PathLike) -> dict:
+    """The signature document for ``entries`` (name -> {"size", "sha256"}) of one model version."""
     private_key = load_private_key(private_key_path)
-    files = {name: hashlib.sha256(read(name)).hexdigest() for name in SIGNED_FILES}
-    return {"format": SIGNATURE_FORMAT, "algorithm": "ed25519", "key_id": key_id(private_key.public_key()),
-            "files": files, "signature": base64.b64encode(private_key.sign(_message(files))).decode()}
-
-
-def verify_files(read: Callable[[str], bytes], subject: object, public_key_path: str | os.PathLike) -> str:
-    """Check the signature of an archive whose members ``read(name)`` returns; return the key id.
-
-    Raises:
-        BrstError: unsigned, another key, a bad signature, or a file changed after signing.
-    """
-    public_key = load_public_key(public_key_path)
-    try:
-        document = json.loads(read(SIGNATURE_FILE))
-    except KeyError as err:
-        raise BrstError(subject, f"is unsigned (no {SIGNATURE_FILE}); this server accepts only archives signed "
-                                 f"with key {key_id(public_key)}: brst-train archive --sign KEY") from err
-    except ValueError as err:
-        raise BrstError(subject, f"{SIGNATURE_FILE} is not valid JSON") from err
-    if document.get("key_id") != key_id(public_key):
-        raise BrstError(subject, f"is signed with key {document.get('key_id')}, this server trusts "
-                                 f"{key_id(public_key)}")
-    _check_signature(public_key, document, subject)
-    for name in SIGNED_FILES:
-        try:
-            content = read(name)
-        except KeyError as err:
-            raise BrstError(subject, f"lacks {name}, which its signature covers") from err
-        if hashlib.sha256(content).hexdigest() != document["files"].get(name):
-            raise BrstError(subject, f"{name} changed after signing (its sha256 differs from the signed one)")
-    return document["key_id"]
-
-
-def _check_signature(public_key, document: dict, subject: object) -> None:
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        public_key.verify(base64.b64decode(document["signature"], validate=True), _message(document["files"]))
-    except (InvalidSignature, KeyError, TypeError, ValueError) as err:
-        raise BrstError(subject, f"{SIGNATURE_FILE} does not verify: the signature is not this key's over these "
-                                 "files") from err
-
-
-def verify_directory(model_dir: str | os.PathLike, public_key_path: str | os.PathLike) -> str:
-    """:func:`verify_files` for an unpacked archive (a worker's ``model_dir``)."""
-    model_dir = Path(model_dir)
-
-    def read(name: str) -> bytes:
-        path = model_dir / name
-        if not path.is_file():
-            raise KeyError(name)
-        return path.read_bytes()
-
-    return verify_files(read, model_dir, public_key_path)
-
-
-def verify_mar(archive: str | os.PathLike, public_key_path: str | os.PathLike) -> str:
-    """:func:`verify_files` for a ``.mar`` file, read without unpacking it."""
-    with zipfile.ZipFile(archive) as mar:
-        return verify_files(mar.read, archive, public_key_path)
+    document = {"format": SIGNATURE_FORMAT, "algorithm": "ed25519", "key_id": key_id(private_key.public_key()),
+                "model_name": model_name, "model_version": model_version, "entries": entries}
+    document["signature"] = base64.b64encode(private_key.sign(signed_message(document))).decode()
+    return document

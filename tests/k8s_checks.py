@@ -54,6 +54,7 @@ KUSTOMIZATIONS = {
 #: kustomizations of a one-node test cluster only (make k8s-e2e, ../shared/k8s-local): never
 #: production; rendered, admitted by the real API server and held to the same pod policy
 LOCAL_NODE_KUSTOMIZATIONS = {
+    "local-node-serve": "local-node/serve",
     "local-node-serve-v2": "local-node/serve-v2",
     "local-node-train-cpu": "local-node/train-cpu",
 }

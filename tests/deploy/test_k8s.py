@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 
 import click
 import k8s_checks as k8s
@@ -299,19 +302,57 @@ def test_cpu_overlay_asks_for_no_gpu():
     assert not any("nvidia.com/gpu" in r.get(kind, {}) for r in resources for kind in ("requests", "limits"))
     container = serving_container("cpu")
     env = {item["name"]: item["value"] for item in container["env"]}
-    assert env["TS_NUMBER_OF_GPU"] == "0" and container["image"] == "brst-serve-cpu:0.1.0"
+    assert env["TS_NUMBER_OF_GPU"] == "0" and container["image"].startswith("brst-serve-cpu@sha256:")
     assert the("cpu", "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
+@pytest.mark.parametrize("name", ("hospital", "cpu"))
+def test_overlays_pull_their_images_by_digest(name):
+    """A tag can be moved to another image; a digest cannot (deploy/pin_images.py writes it)."""
+    images = [c["image"] for _, pod in k8s.all_pods(k8s.build(k8s.KUSTOMIZATIONS[name])) for c in k8s.containers(pod)]
+    assert images and all(re.fullmatch(r"[^@:]+(:\d+/[^@:]+)?@sha256:[0-9a-f]{64}", image) for image in images), images
+
+
+def test_pin_images_writes_the_pushed_digest_into_an_overlay(tmp_path):
+    """Docker cannot run here (no daemon, no registry): a stand-in ``docker`` on PATH answers
+    ``docker image inspect`` as Docker does after a push; the overlay is a copy of k8s/, rendered for real."""
+    digest = "sha256:" + "ab" * 32
+    repo = "registry.hospital.example/brst/brst-serve"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "docker").write_text(f"#!/bin/sh\necho '[\"other.example/x@sha256:{'cd' * 32}\", \"{repo}@{digest}\"]'\n")
+    (fake_bin / "docker").chmod(0o755)
+    shutil.copytree(k8s.K8S_DIR, tmp_path / "k8s")
+    shutil.copytree(k8s.DEPLOY_DIR / "prometheus", tmp_path / "deploy" / "prometheus")
+    shutil.copytree(k8s.DEPLOY_DIR / "grafana", tmp_path / "deploy" / "grafana")
+    overlay = tmp_path / "k8s" / "overlays" / "hospital"
+    before = (overlay / "kustomization.yaml").read_text()
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, str(k8s.DEPLOY_DIR / "pin_images.py"), str(overlay), f"{repo}:0.2.0"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    after = (overlay / "kustomization.yaml").read_text()
+    assert [line for line in after.splitlines() if line.lstrip().startswith("#")] == [
+        line for line in before.splitlines() if line.lstrip().startswith("#")]  # comments kept
+    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True).stdout
+    assert f"image: {repo}@{digest}" in rendered
+    unknown = subprocess.run([sys.executable, str(k8s.DEPLOY_DIR / "pin_images.py"), str(overlay),
+                              "registry.hospital.example/brst/other:1"], capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "Docker has no registry digest for registry.hospital.example/brst/other" in unknown.stderr
+
+
 def test_kserve_container_is_the_deployment_container():
+    """The same container as the signed-archives overlays' (k8s/components/signed-archives)."""
     predictor = the("kserve", "InferenceService")["spec"]["predictor"]
-    served, deployed = predictor["containers"][0], serving_container("base")
+    served, deployed = predictor["containers"][0], serving_container("hospital")
     assert served["name"] == "kserve-container"
-    for key in ("image", "env", "resources", "startupProbe", "readinessProbe", "livenessProbe",
-                "securityContext", "volumeMounts", "lifecycle"):
+    for key in ("env", "startupProbe", "readinessProbe", "livenessProbe", "securityContext", "volumeMounts",
+                "lifecycle"):
         assert served[key] == deployed[key], key
+    assert served["image"] == serving_container("base")["image"]
+    assert served["resources"] == serving_container("base")["resources"] == deployed["resources"]
     assert container_ports(served) == {"http": container_ports(deployed)["http"]}
-    assert predictor["volumes"] == the("base", "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert predictor["volumes"] == the("hospital", "Deployment")["spec"]["template"]["spec"]["volumes"]
     assert not objects_of("kserve", "Deployment") and not objects_of("kserve", "Service")
 
 

@@ -3,9 +3,10 @@
 What the container runs (deploy/entrypoint-serve.sh with k8s/base/config.properties, probed by
 deploy/model_ready.py) runs here against a real TorchServe, its listeners moved to free
 loopback ports through TorchServe's TS_* environment overrides (the config enables them).
-The archives are stand-ins built in the test: a model whose ``initialize`` sleeps, so the
-window where ``/ping`` already answers but the model is not READY can be observed; the real
-brst archive is served by the serve integration tests.
+The archives are stand-ins built in the test (torch-model-archiver) and signed as ``brst-train
+archive --sign`` signs (a model whose ``initialize`` sleeps, so the window where ``/ping`` already
+answers but the model is not READY can be observed); the real brst archive is served by the
+serve integration tests. The entrypoint serves signed archives only unless told otherwise.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import zipfile
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +58,11 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def stand_in_store(tmp_path_factory) -> Path:
-    """A model store holding ``slow.mar``, a handler that takes LOAD_S seconds to load."""
+    """A model store holding ``slow.mar``, a handler that takes LOAD_S seconds to load, signed
+    with the key whose public half is ``<store>/../keys/archive.pub``."""
+    from brst.handlers.signed_mar import sign_mar
+    from brst.train.serve.keys import generate_keys
+
     work = tmp_path_factory.mktemp("stand-in")
     (work / "slow_handler.py").write_text(STAND_IN_HANDLER, encoding="utf-8")
     store = work / "store"
@@ -64,7 +70,14 @@ def stand_in_store(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", "slow",
                     "--version", "1.0", "--handler", str(work / "slow_handler.py"),
                     "--export-path", str(store)], check=True, timeout=120)
+    (work / "keys").mkdir()
+    generate_keys(work / "keys" / "archive.key", public_key(store))
+    sign_mar(store / "slow.mar", work / "keys" / "archive.key")
     return store
+
+
+def public_key(store: Path) -> Path:
+    return store.parent / "keys" / "archive.pub"
 
 
 def container_env(store: Path, tmp: str, ports: list[int], models: str) -> dict[str, str]:
@@ -81,7 +94,8 @@ def container_env(store: Path, tmp: str, ports: list[int], models: str) -> dict[
             "TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1", "TS_GRPC_INFERENCE_PORT": str(grpc),
             "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1", "TS_GRPC_MANAGEMENT_PORT": str(grpc_management),
             "TS_INITIAL_WORKER_PORT": str(worker),
-            "BRST_MANAGEMENT_URL": f"http://127.0.0.1:{management}"}
+            "BRST_MANAGEMENT_URL": f"http://127.0.0.1:{management}",
+            "BRST_ARCHIVE_PUBLIC_KEY": str(public_key(store))}
 
 
 def model_ready(env: dict[str, str], required: str = "") -> subprocess.CompletedProcess:
@@ -122,6 +136,27 @@ def test_entrypoint_refuses_a_missing_archive(stand_in_store, tmp_path):
     assert "brst.mar: no such archive" in result.stderr
 
 
+def test_entrypoint_fails_closed_without_a_key_and_refuses_a_tampered_archive(stand_in_store, tmp_path):
+    env = container_env(stand_in_store, str(tmp_path), free_ports(6), "slow=slow.mar")
+    del env["BRST_ARCHIVE_PUBLIC_KEY"]
+    env.pop("BRST_ALLOW_UNSIGNED", None)
+    result = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "brst: error: no archive public key: set BRST_ARCHIVE_PUBLIC_KEY to the trusted public key(s), or "
+        "BRST_ALLOW_UNSIGNED=1 to serve unsigned archives"]
+    store = tmp_path / "store"
+    store.mkdir()
+    with zipfile.ZipFile(stand_in_store / "slow.mar") as source, zipfile.ZipFile(store / "slow.mar", "w") as copy:
+        for item in source.infolist():
+            copy.writestr(item, source.read(item) + (b"\n# edited" if item.filename.endswith(".py") else b""))
+    env = container_env(store, str(tmp_path), free_ports(6), "slow=slow.mar")
+    env["BRST_ARCHIVE_PUBLIC_KEY"] = str(public_key(stand_in_store))
+    result = subprocess.run(["bash", str(ENTRYPOINT)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "entry 'slow_handler.py' changed after signing" in result.stderr
+    assert not (tmp_path / "logs").exists()  # TorchServe never started
+
+
 @pytest.mark.serve
 @pytest.mark.slow
 def test_entrypoint_serves_with_the_production_config_and_probe_waits_for_ready(stand_in_store):
@@ -147,6 +182,9 @@ def test_entrypoint_serves_with_the_production_config_and_probe_waits_for_ready(
             assert name in exported, name
         processes = psutil.Process(server.pid).children(recursive=True)
         assert any("org.pytorch.serve.ModelServer" in " ".join(p.cmdline()) for p in processes)
+        # TorchServe reads the checked private copy, not the shared store
+        served = [p.cmdline()[p.cmdline().index("--model-store") + 1] for p in processes if "--model-store" in p.cmdline()]
+        assert served and all(Path(path).parent == Path(tmp) for path in served), served
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(processes, timeout=30)

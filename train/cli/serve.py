@@ -47,7 +47,7 @@ SETTINGS = ServeSettings()
 @click.option("--tta/--no-tta", default=SETTINGS.tta, show_default=True,
               help="Average the 8 flips/rotations and return a per-gene spread.")
 @click.option("--sign", "signing_key", type=click.Path(path_type=Path), envvar="BRST_SIGNING_KEY",
-              help="Ed25519 private key (PEM, from brst-train keygen): sign the weights and JSON.")
+              help="Ed25519 private key (PEM, from brst-train keygen): sign every entry, the name and the version.")
 @click.option("--force", is_flag=True, help="Replace an existing archive of that name.")
 def archive(checkpoint: Path, model_name: str, model_store: Path, model_version: str | None, batch_size: int,
             max_batch_delay_ms: int, workers: int, response_timeout_s: int, tta: bool, signing_key: Path | None,
@@ -85,19 +85,27 @@ def _stop_on_sigterm() -> None:
               help="Listen on free 127.0.0.1 ports instead of the config's.")
 @click.option("--timeout-s", type=click.IntRange(10, 3600), default=300, show_default=True,
               help="How long to wait for the models to be READY.")
-@click.option("--public-key", type=click.Path(path_type=Path), envvar="BRST_ARCHIVE_PUBLIC_KEY",
-              help="Serve only archives signed with this Ed25519 public key (PEM).")
+@click.option("--public-key", "public_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
+              envvar="BRST_ARCHIVE_PUBLIC_KEY",
+              help="Serve only archives signed with this Ed25519 public key (PEM file, or a folder of *.pub/*.pem); "
+                   "repeat for a key ring (env: paths separated by the path separator). Without any: unsigned, "
+                   "with a warning.")
+@click.option("--model-version", "model_versions", multiple=True, envvar="BRST_MODEL_VERSIONS", metavar="NAME=VERSION",
+              help="With a public key: serve model NAME only from an archive signed for VERSION (repeat per model).")
 @click.option("--check", is_flag=True, help="Stop as soon as the models are READY (a smoke test).")
 def serve(model_store: Path, models: tuple[str, ...], config: Path, run_dir: Path, free_ports: bool,
-          timeout_s: int, public_key: Path | None, check: bool) -> None:
+          timeout_s: int, public_keys: tuple[Path, ...], model_versions: tuple[str, ...], check: bool) -> None:
     """Serve archives with TorchServe until Ctrl-C / SIGTERM; prints the endpoints as JSON.
 
-    The endpoints are also written to RUN_DIR/endpoints.json once every model is READY.
+    The endpoints are also written to RUN_DIR/endpoints.json once every model is READY. With a
+    public key, TorchServe serves checked copies of signed archives only; without one, it serves
+    the archives unsigned and says so (the serving image refuses that unless BRST_ALLOW_UNSIGNED=1).
     """
+    from brst.handlers.signed_mar import parse_versions
     from brst.train.serve.torchserve import TorchServe
 
     server = TorchServe(model_store, _model_files(models), run_dir, config, free_loopback_ports=free_ports,
-                        public_key=public_key)
+                        public_keys=list(public_keys), model_versions=parse_versions(" ".join(model_versions)))
     _stop_on_sigterm()
     try:
         server.start(timeout_s)

@@ -14,8 +14,9 @@ The archive holds, besides TorchServe's ``MAR-INF/MANIFEST.json``:
   checked at load;
 - ``model-config.yaml``: TorchServe's per-model settings (batch size, max batch delay,
   workers, response timeout) and a ``handler`` section (test-time augmentation, limits);
-- ``brst-signature.json`` when signed (``--sign KEY``): Ed25519 over the weights' and the JSON's
-  sha256 (:mod:`brst.handlers.signing`);
+- ``brst-signature.json`` when signed (``--sign KEY``), added to the finished archive: Ed25519 over
+  the name, size and sha256 of every other entry and the model name and version
+  (:mod:`brst.handlers.signed_mar`);
 - the handler file, ``brst_handler.py``: a subclass of the installed :mod:`brst.handlers.brst_handler`
   handler with no code of its own, so an archive never carries a stale copy (never ``brst.train``).
 """
@@ -38,7 +39,7 @@ import torch
 
 from brst.handlers.archive_facts import ARCHIVE_FORMAT, ARCHIVE_JSON, WEIGHTS_FILE, sha256_file
 from brst.handlers.errors import BrstError
-from brst.handlers.signing import SIGNATURE_FILE, sign_files
+from brst.handlers.signed_mar import sign_mar
 from brst.handlers.targets import TargetTransform
 from brst.train.atomic import atomic_path, write_json_atomic
 from brst.train.checkpoint import load_checkpoint
@@ -117,7 +118,7 @@ def build_archive(checkpoint: str | os.PathLike, name: str, model_store: str | o
     """Write ``<model_store>/<name>.mar`` from a checkpoint (atomically); return its path.
 
     ``model_version`` defaults to ``<arch>-e<epoch>-<first 8 hex of the weights' sha256>``;
-    ``signing_key`` (an Ed25519 private key PEM) adds ``brst-signature.json``.
+    ``signing_key`` (an Ed25519 private key PEM) signs the finished archive (``brst-signature.json``).
     """
     import yaml
 
@@ -135,12 +136,9 @@ def build_archive(checkpoint: str | os.PathLike, name: str, model_store: str | o
         write_json_atomic(work / ARCHIVE_JSON, archive_facts(ckpt, model_version, digest))
         with atomic_path(work / MODEL_CONFIG) as config_tmp:
             config_tmp.write_text(yaml.safe_dump(settings.model_config(), sort_keys=False))
-        extra_files = [work / ARCHIVE_JSON]
+        built = _run_archiver(work, name, model_version, [work / ARCHIVE_JSON])
         if signing_key is not None:
-            signature = sign_files(lambda member: (work / member).read_bytes(), signing_key)
-            write_json_atomic(work / SIGNATURE_FILE, signature)
-            extra_files.append(work / SIGNATURE_FILE)
-        built = _run_archiver(work, name, model_version, extra_files)
+            sign_mar(built, signing_key)
         with atomic_path(target) as tmp_target:
             shutil.copyfile(built, tmp_target)
     log.info("wrote %s (model version %s, %s)", target, model_version, asdict(settings))

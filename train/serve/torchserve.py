@@ -7,7 +7,8 @@ every model's workers report ``READY`` on the management API (``/ping`` answers 
 the workers are up). Nothing lands in the caller's working tree: TorchServe's logs go to
 ``<run_dir>/logs`` and its pid file and worker sockets to a private temporary folder
 (``$TMPDIR`` of the child, removed on stop; kept short because Unix socket paths are
-limited to ~100 bytes). ``stop`` sends SIGTERM to the Java frontend (it stops its
+limited to ~100 bytes). With public keys, TorchServe is started on a private store of checked
+archive copies in that folder (:mod:`brst.handlers.serving_store`). ``stop`` sends SIGTERM to the Java frontend (it stops its
 workers), waits, and kills what is left of the processes it started, by pid.
 """
 from __future__ import annotations
@@ -30,8 +31,9 @@ import psutil
 
 from brst.handlers.drain import DRAIN_S, inference_ports, read_properties, wait_drained
 from brst.handlers.errors import BrstError
-from brst.handlers.runtime_check import check_archives
-from brst.handlers.signing import PUBLIC_KEY_ENV
+from brst.handlers.serving_store import ServingPlan, plan_serving
+from brst.handlers.signed_mar import MODEL_VERSIONS_ENV, pinned_versions
+from brst.handlers.signing import PUBLIC_KEY_ENV, KeyRing
 from brst.train.atomic import write_bytes_atomic, write_json_atomic
 
 from .client import http_json
@@ -106,15 +108,20 @@ class TorchServe:
         config: template ``config.properties`` (e.g. ``deploy/config.properties``).
         free_loopback_ports: replace the template's listeners by free 127.0.0.1 ports.
         overrides: more properties, applied last.
-        public_key: Ed25519 public key (PEM) every archive must be signed with [default:
-            ``$BRST_ARCHIVE_PUBLIC_KEY``; none: signatures are not checked].
+        public_keys: Ed25519 public keys (PEM files or folders of them), one of which every archive
+            must be signed with [default: ``$BRST_ARCHIVE_PUBLIC_KEY``].
+        allow_unsigned: without any public key, serve unsigned archives (with a warning) rather
+            than refuse to start.
+        model_versions: model name -> the version its archive must be signed for [default:
+            ``$BRST_MODEL_VERSIONS``].
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, model_store: str | os.PathLike, models: dict[str, str], run_dir: str | os.PathLike,
                  config: str | os.PathLike, free_loopback_ports: bool = True,
-                 overrides: dict[str, str] | None = None, public_key: str | os.PathLike | None = None) -> None:
+                 overrides: dict[str, str] | None = None, public_keys: list[str | os.PathLike] | None = None,
+                 allow_unsigned: bool = True, model_versions: dict[str, str] | None = None) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = dict(models)
         self.run_dir = Path(run_dir).resolve()
@@ -122,7 +129,10 @@ class TorchServe:
         if free_loopback_ports:
             self.props.update(loopback_properties(free_ports(5)))
         self.props.update(overrides or {})
-        self.public_key = str(Path(public_key).resolve()) if public_key else os.environ.get(PUBLIC_KEY_ENV)
+        self.public_keys = (os.pathsep.join(str(Path(path).resolve()) for path in public_keys) if public_keys
+                            else os.environ.get(PUBLIC_KEY_ENV, ""))
+        self.allow_unsigned = allow_unsigned
+        self.model_versions = dict(model_versions) if model_versions is not None else pinned_versions()
         self.endpoints = Endpoints.from_properties(self.props)
         self.process: subprocess.Popen | None = None
         self._tmp: Path | None = None
@@ -138,18 +148,18 @@ class TorchServe:
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
-    def _command(self, config_path: Path) -> list[str]:
-        models = [f"{name}={mar}" for name, mar in self.models.items()]
+    def _command(self, config_path: Path, plan: ServingPlan) -> list[str]:
+        models = [f"{name}={mar}" for name, mar in plan.models.items()]
         return [sys.executable, "-c", "from ts.model_server import start; start()", "--start", "--foreground",
-                "--ncs", "--model-store", str(self.model_store), "--ts-config", str(config_path),
+                "--ncs", "--model-store", str(plan.store), "--ts-config", str(config_path),
                 "--models", *models]
 
     def _environment(self) -> dict[str, str]:
         env = {**CPU_ALLOCATOR_ENV, **os.environ, "TMPDIR": str(self._tmp), "TEMP": str(self._tmp),
                "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir)}
         env.pop("TS_CONFIG_FILE", None)  # the launcher would prefer it over --ts-config
-        if self.public_key:
-            env[PUBLIC_KEY_ENV] = self.public_key  # the workers check each archive's signature too
+        env[PUBLIC_KEY_ENV] = self.public_keys  # the workers check each archive's signature too
+        env[MODEL_VERSIONS_ENV] = " ".join(f"{name}={version}" for name, version in self.model_versions.items())
         return env
 
     def start(self, timeout_s: float = 300) -> Endpoints:
@@ -159,13 +169,19 @@ class TorchServe:
         missing = [mar for mar in self.models.values() if not (self.model_store / mar).is_file()]
         if missing:
             raise BrstError(self.model_store, f"lacks {', '.join(missing)} (run brst-train archive)")
-        check_archives((self.model_store / mar for mar in self.models.values()), self.public_key)
+        self._tmp = Path(tempfile.mkdtemp(prefix="brst-ts-"))
+        try:
+            plan = plan_serving(self.model_store, self.models, self._tmp / "store", KeyRing.from_value(self.public_keys),
+                                self.allow_unsigned, self.model_versions)
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+            raise
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "config.properties"
         write_properties(config_path, self.props, "written by brst.train.serve.torchserve; edit the template instead")
-        self._tmp = Path(tempfile.mkdtemp(prefix="brst-ts-"))
         log.info("starting TorchServe (logs in %s)", self.log_dir)
-        self.process = subprocess.Popen(self._command(config_path), cwd=self.run_dir, env=self._environment(),
+        self.process = subprocess.Popen(self._command(config_path, plan), cwd=self.run_dir, env=self._environment(),
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
