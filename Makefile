@@ -14,7 +14,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 # sha256. Missing, the first `make test` builds it (about 6 min on 2 cores); then 0 s.
 export K8S_LOCAL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/brst-k8s-local
 
-.PHONY: venv test-servers test test-fast demo bench clean k8s-e2e constraints pin-images
+.PHONY: venv test-servers lint test test-fast demo bench clean k8s-e2e constraints pin-images
 
 $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ venv: $(BIN)/brst-train
 test-servers:
 	bash deploy/install-test-servers.sh
 
+# ruff with the rules in pyproject.toml ([tool.ruff]); `make test` runs it first
+lint: venv
+	$(BIN)/python -m ruff check .
+
 # Tests run with a fresh, empty home and cache folder (removed afterwards), so no cache left on
 # this machine by an earlier run (gRPC stubs, matplotlib, torch hub, ...) can hide a fault that
 # a fresh machine would show. The venv's pip cache is the only per-user state kept.
-test: venv test-servers
+test: venv lint test-servers
 	scratch=$$(mktemp -d -t brst-test-home.XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
 	HOME=$$scratch XDG_CACHE_HOME=$$scratch/.cache XDG_CONFIG_HOME=$$scratch/.config \
 	MPLCONFIGDIR=$$scratch/.config/matplotlib TORCH_HOME=$$scratch/.cache/torch \
@@ -52,7 +56,7 @@ bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(DEMO) logs .pytest_cache
+	rm -rf $(DEMO) logs .pytest_cache .ruff_cache
 
 # deploy/constraints.txt from this venv: the versions the images install (run after changing the venv)
 constraints: venv

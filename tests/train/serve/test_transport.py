@@ -88,7 +88,7 @@ def grpc_tls(pki):
     stubs, received = load_stubs(), []
 
     class Inference(stubs.inference_pb2_grpc.InferenceAPIsServiceServicer):
-        def Predictions(self, request, context):
+        def Predictions(self, request, context):  # noqa: N802 - the gRPC service's method name
             sent = dict(context.invocation_metadata()).get("authorization")
             received.append(sent)
             if sent != BASIC:
