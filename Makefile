@@ -14,7 +14,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 # sha256. Missing, the first `make test` builds it (about 6 min on 2 cores); then 0 s.
 export K8S_LOCAL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/brst-k8s-local
 
-.PHONY: venv test-servers test test-fast demo bench clean k8s-e2e constraints pin-images
+.PHONY: venv test-servers lint grpc-stubs test test-fast demo bench clean k8s-e2e constraints pin-images
 
 $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,14 +27,23 @@ venv: $(BIN)/brst-train
 test-servers:
 	bash deploy/install-test-servers.sh
 
+# ruff with the rules in pyproject.toml ([tool.ruff]); `make test` runs it first
+lint: venv
+	$(BIN)/python -m ruff check .
+
+# The committed gRPC stubs (train/serve/ts_grpc/) from the installed TorchServe's protos: after a
+# TorchServe upgrade (tests/train/serve/test_grpc_stubs.py says when they differ)
+grpc-stubs: venv
+	$(BIN)/python -m brst.train.serve.grpc_stubs
+
 # Tests run with a fresh, empty home and cache folder (removed afterwards), so no cache left on
-# this machine by an earlier run (gRPC stubs, matplotlib, torch hub, ...) can hide a fault that
+# this machine by an earlier run (matplotlib, torch hub, ...) can hide a fault that
 # a fresh machine would show. The venv's pip cache is the only per-user state kept.
-test: venv test-servers
+test: venv lint test-servers
 	scratch=$$(mktemp -d -t brst-test-home.XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
 	HOME=$$scratch XDG_CACHE_HOME=$$scratch/.cache XDG_CONFIG_HOME=$$scratch/.config \
 	MPLCONFIGDIR=$$scratch/.config/matplotlib TORCH_HOME=$$scratch/.cache/torch \
-	BRST_GRPC_STUBS_DIR= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not serve and not k8s_local" $(PYTEST_ARGS)
@@ -52,7 +61,7 @@ bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(DEMO) logs .pytest_cache
+	rm -rf $(DEMO) logs .pytest_cache .ruff_cache
 
 # deploy/constraints.txt from this venv: the versions the images install (run after changing the venv)
 constraints: venv

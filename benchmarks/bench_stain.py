@@ -77,7 +77,7 @@ def one_by_one(normalize: Callable[[torch.Tensor], object], patches: torch.Tenso
 def best_rates(pairs: dict[str, tuple[Callable[[], None], int, Callable[[], None]]], rounds: int) -> dict[str, float]:
     """Best rate of each candidate over ``rounds`` interleaved rounds (after one warm-up each)."""
     best = {name: 0.0 for name in pairs}
-    for name, (run, _, sync) in pairs.items():
+    for run, _, sync in pairs.values():
         run(), sync()
     for _ in range(rounds):
         for name, (run, n, sync) in pairs.items():

@@ -2,9 +2,9 @@
 
 ``ModelInput``: uint8 -> stain normaliser (uint8 in, float [0, 1] out: on the CPU uint8
 batches take its fused kernels) -> (training only: HED stain jitter, dihedral augmentation)
--> resize to the architecture's input size -> normalise with the data config's mean/std. TorchServe's handler and ``brst-train`` use this same module, so what
-a model sees when served is exactly what it saw in training. Every op runs on whatever
-device the batch is on.
+-> resize to the architecture's input size -> normalise with the data config's mean/std.
+TorchServe's handler and ``brst-train`` use this same module, so what a model sees when
+served is exactly what it saw in training. Every op runs on whatever device the batch is on.
 
 The eight dihedral transforms (flips and 90-degree rotations of a square patch) are coded
 0..7: bit 0 = horizontal flip, bit 1 = vertical flip, bit 2 = transpose (applied first).

@@ -82,7 +82,7 @@ def load_yaml_file(path: Path):
         return yaml.load(stream, Loader=yaml.CSafeLoader)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_text(folder: str) -> str:
     if shutil.which("kubectl") is None:
         raise AssertionError("kubectl not found: these checks need its client (kubectl kustomize), no cluster")
@@ -144,7 +144,7 @@ def structural_to_jsonschema(schema: dict) -> dict:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(group: str, kind: str, version: str) -> jsonschema.Draft7Validator:
     """A validator for ``group/version`` ``kind`` from the CRD in ``CRD_DIR``."""
     crd = load_yaml_file(CRD_DIR / CRD_FILES[(group, kind)])
@@ -206,7 +206,7 @@ def restricted_problems(where: str, pod: dict) -> list[str]:
     for container in containers(pod):
         name = f"{where} container {container['name']}"
         context = container.get("securityContext", {})
-        if not (context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True):
+        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
             problems.append(f"{name}: runAsNonRoot is not true")
         if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
             problems.append(f"{name}: runs as user 0")

@@ -45,7 +45,7 @@ def write_aperio_svs(pixels: np.ndarray, path: Path, um_per_px: float, factors=(
     height, width = pixels.shape[:2]
     options = {"photometric": "rgb", "tile": (TILE_PX, TILE_PX), "compression": "zlib", "metadata": None}
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        for factor, level in _levels(pixels, factors):
+        for _, level in _levels(pixels, factors):
             header = (f"Aperio Image Library v12.0.15\r\n{width}x{height} [0,0 {width}x{height}] "
                       f"({TILE_PX}x{TILE_PX}) -> {level.shape[1]}x{level.shape[0]}")
             tif.write(level, description=f"{header}|AppMag = 20|MPP = {um_per_px:.4f}", **options)

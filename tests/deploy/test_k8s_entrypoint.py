@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 import urllib.error
-import zipfile
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import k8s_checks as k8s

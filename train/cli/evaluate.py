@@ -136,7 +136,7 @@ def _checkpoint_fold(ckpt: dict, index, holdout: tuple[str, ...], by: str | None
 def evaluate(ctx: click.Context, checkpoint: str | None, data: tuple[str, ...], out: str, cv: str | None,
              holdout: tuple[str, ...], split_by: str | None, select: str, pooled: bool, tta: bool,
              allow_training_spots: bool, device: str, eval_batch_size: int, top_genes: int, embedding_ridge: bool,
-             ridge_encoder: str | None, ridge_arch: str | None) -> None:
+             ridge_encoder: str | None, ridge_arch: str | None, stain_shift: bool) -> None:
     """Per-gene Pearson r, aMAE, aRMSE of a model and of two baselines on the same held-out spots, per section.
 
     Any other option is a training option of `fit` (used with --cv/--holdout), e.g.

@@ -77,7 +77,7 @@ def slide_stain_table(index, module: StainNormalizer) -> torch.Tensor | None:
         return None
     table = torch.empty(len(index), module.n_statistics, dtype=torch.float32)
     sections = index.spots["section"]
-    for file_index, path in enumerate(index.files):
+    for file_index in range(len(index.files)):
         stored = stored_stain(index.file_attrs[file_index])
         in_file = index.spots["file_index"] == file_index
         for section in np.unique(sections[in_file]):

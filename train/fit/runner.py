@@ -30,7 +30,6 @@ from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.slide_stain import slide_stain_table
 
 from .density_expert import fit_density_expert
-from .domain_calibration import calibrate_domain
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -42,6 +41,7 @@ from .distributed import (
     sync_batchnorm,
     wrap_ddp,
 )
+from .domain_calibration import calibrate_domain
 from .gauges import TrainingMetrics
 from .hardware import (
     amp_dtype,
@@ -60,9 +60,9 @@ from .provenance import check_resume_data, training_spots
 from .recipes import warn_if_other_field
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
-from .signals import Interrupted, StopSignals
 from .sampling import EpochSampler, epoch_augmentation
 from .setup import fit_stain_reference, fit_targets, run_data_config, split_spots
+from .signals import Interrupted, StopSignals
 
 log = logging.getLogger(__name__)
 

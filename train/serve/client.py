@@ -212,17 +212,17 @@ class HttpClient:
 
 class GrpcClient:
     """Predictions over TorchServe's gRPC inference API (``Predictions``), stubs from
-    :mod:`brst.train.serve.grpc_stubs`."""
+    :mod:`brst.train.serve.ts_grpc`."""
 
     def __init__(self, target: str, model: str, token: str | None = None, timeout_s: float = 60,
                  transport: Transport | None = None) -> None:
         import grpc
 
-        from .grpc_stubs import load_stubs
+        from .ts_grpc import inference_pb2, inference_pb2_grpc
 
         transport = transport_with_token(transport, token)
         self._grpc = grpc
-        self.stubs = load_stubs()
+        self._request = inference_pb2.PredictionsRequest
         self.target = target
         self.url = f"{'grpcs' if transport.tls else 'grpc'}://{target}"
         self.model = model
@@ -233,14 +233,14 @@ class GrpcClient:
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         self.channel = (grpc.secure_channel(target, transport.grpc_credentials(), options=options) if transport.tls
                         else grpc.insecure_channel(target, options=options))
-        self.stub = self.stubs.inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
 
     def call(self, inputs: dict[str, bytes]) -> bytes:
         """The raw ``prediction`` bytes of one ``Predictions`` call (gRPC errors propagate)."""
-        request = self.stubs.inference_pb2.PredictionsRequest(model_name=self.model, input=inputs)
+        request = self._request(model_name=self.model, input=inputs)
         return self.stub.Predictions(request, timeout=self.timeout_s, metadata=self.metadata).prediction
 
     def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image") -> dict | list:

@@ -1,38 +1,51 @@
-"""Python gRPC stubs generated from TorchServe's own ``.proto`` files, at first use.
+"""How the committed gRPC stubs (:mod:`brst.train.serve.ts_grpc`) are made from TorchServe's own protos.
+
+TorchServe is pinned (pyproject.toml), so its protocol is fixed: the stubs are generated once,
+committed, and imported like any other module (nothing is generated at run time).
+``tests/train/serve/test_grpc_stubs.py`` regenerates them from the installed TorchServe and
+compares; after a TorchServe upgrade, ``make grpc-stubs`` (``python -m brst.train.serve.grpc_stubs``)
+rewrites them.
 
 The installed ``torchserve`` ships its protocol in ``ts/frontend/model-server.jar``
-(``proto/inference.proto``, ``proto/management.proto`` and the ``google/rpc/status.proto``
-they import). :func:`load_stubs` extracts them and runs ``grpc_tools.protoc`` once per
-TorchServe version into ``$XDG_CACHE_HOME/brst/grpc/<version>/`` (default
-``~/.cache/brst/grpc/<version>/``; ``BRST_GRPC_STUBS_DIR`` overrides), so the client always
-speaks the served version's protocol and no generated code is committed. The protos are
-placed under a package of our own (``brst_ts_grpc``) so the generated modules cannot
-collide with other top-level ``inference_pb2`` modules; message and service names are
-TorchServe's, unchanged. ``google/rpc/status.proto`` is always extracted onto protoc's
-include path and always compiled beside the stubs: the generated folder is appended to
-``sys.path``, so an installed googleapis-common-protos (earlier on the path) still wins, and
-the stubs work with or without it, whatever the process had importable when they were made.
+(``proto/inference.proto``, ``proto/management.proto`` and the ``google/rpc/status.proto`` that
+inference imports). They are compiled with ``grpc_tools.protoc`` as
+``brst/train/serve/ts_grpc/<name>.proto``, so the generated modules import each other inside the
+package; message and service names are TorchServe's, unchanged. ``status.proto`` keeps its own
+name (the descriptor pool resolves inference's import by it) and is committed as
+``ts_grpc/status_pb2.py``; ``inference_pb2`` takes googleapis-common-protos' ``google.rpc.status_pb2``
+when that is installed (one ``google.rpc.Status`` per process), else this one.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
-import os
-import shutil
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from brst.handlers.errors import BrstError
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "brst_ts_grpc"
+PACKAGE = "brst.train.serve.ts_grpc"
+PACKAGE_DIR = Path(__file__).with_name("ts_grpc")
+#: the package's modules -> TorchServe's proto in the jar
 PROTOS = {"inference": "proto/inference.proto", "management": "proto/management.proto"}
 STATUS_PROTO = "google/rpc/status.proto"
+STATUS_IMPORT = "from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2\n"
+STATUS_FALLBACK = (
+    "try:  # googleapis-common-protos, when installed, defines google.rpc.Status for the whole process\n"
+    f"    {STATUS_IMPORT}"
+    "except ImportError:\n"
+    f"    from {PACKAGE} import status_pb2 as google_dot_rpc_dot_status__pb2\n"
+)
+INIT = '''"""TorchServe {version}'s gRPC stubs, generated from its own protos by :mod:`brst.train.serve.grpc_stubs`.
+
+Do not edit: ``make grpc-stubs`` rewrites this package.
+"""
+TORCHSERVE_VERSION = "{version}"
+'''
 
 
 def torchserve_version() -> str:
@@ -52,26 +65,17 @@ def model_server_jar() -> Path:
     return jar
 
 
-def stubs_dir(version: str | None = None) -> Path:
-    """Where the stubs for a TorchServe ``version`` live (created by :func:`generate_stubs`)."""
-    override = os.environ.get("BRST_GRPC_STUBS_DIR")
-    if override:
-        return Path(override) / (version or torchserve_version())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "brst" / "grpc" / (version or torchserve_version())
-
-
-def _extract_protos(jar: Path, dest: Path) -> list[str]:
-    """Copy TorchServe's protos and the ``status.proto`` they import out of the jar into
-    ``dest``; return their include-relative names (all of them are compiled)."""
-    members = {f"{PACKAGE}/{key}.proto": member for key, member in PROTOS.items()}
-    members[STATUS_PROTO] = STATUS_PROTO
+def _extract_protos(jar: Path, dest: Path) -> dict[str, str]:
+    """Copy the protos out of ``jar`` into ``dest``; return module name -> include-relative proto name."""
+    package_dir = PACKAGE.replace(".", "/")
+    names = {key: f"{package_dir}/{key}.proto" for key in PROTOS} | {"status": STATUS_PROTO}
+    members = {**PROTOS, "status": STATUS_PROTO}
     with zipfile.ZipFile(jar) as archive:
-        for name, member in members.items():
+        for key, name in names.items():
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(member))
-    return list(members)
+            target.write_bytes(archive.read(members[key]))
+    return names
 
 
 def _run_protoc(include: Path, out: Path, names: list[str]) -> None:
@@ -84,47 +88,39 @@ def _run_protoc(include: Path, out: Path, names: list[str]) -> None:
         raise BrstError("grpc_tools.protoc", f"failed to compile {', '.join(names)}")
 
 
-def _complete(root: Path) -> bool:
-    """Whether ``root`` holds every generated module (the marker is written last)."""
-    return (root / PACKAGE / "__init__.py").is_file() and (root / STATUS_PROTO).with_name("status_pb2.py").is_file()
-
-
-def generate_stubs(target: Path | None = None) -> Path:
-    """Compile TorchServe's protos into ``target`` (default :func:`stubs_dir`); return it.
-
-    Writes into a temporary folder beside ``target`` and renames it into place, so a
-    concurrent caller sees either no folder or a complete one. An incomplete ``target`` (from
-    an older brst that skipped ``status_pb2``) is replaced.
-    """
-    target = Path(target) if target is not None else stubs_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        protos, out = work / "protos", work / "out"
+def generated_modules(jar: Path | None = None) -> dict[str, str]:
+    """File name -> source of every module of the package, compiled from ``jar`` (default: the installed one)."""
+    with tempfile.TemporaryDirectory(prefix="brst-grpc-stubs.") as work:
+        protos, out = Path(work) / "protos", Path(work) / "out"
         out.mkdir()
-        names = _extract_protos(model_server_jar(), protos)
-        _run_protoc(protos, out, names)
-        (out / PACKAGE / "__init__.py").touch()
-        if target.exists() and not _complete(target):
-            shutil.rmtree(target)
-        try:
-            out.rename(target)
-        except OSError:
-            if not _complete(target):
-                raise
-        log.info("generated TorchServe gRPC stubs in %s", target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+        names = _extract_protos(jar or model_server_jar(), protos)
+        _run_protoc(protos, out, list(names.values()))
+        modules = {f"{key}_pb2{suffix}.py": (out / names[key]).with_name(f"{key}_pb2{suffix}.py").read_text()
+                   for key in PROTOS for suffix in ("", "_grpc")}
+        modules["status_pb2.py"] = (out / STATUS_PROTO).with_name("status_pb2.py").read_text()
+    if modules["inference_pb2.py"].count(STATUS_IMPORT) != 1:
+        raise BrstError("inference_pb2.py", "the generated module no longer imports google.rpc.status_pb2 as expected")
+    modules["inference_pb2.py"] = modules["inference_pb2.py"].replace(STATUS_IMPORT, STATUS_FALLBACK)
+    modules["__init__.py"] = INIT.format(version=torchserve_version())
+    return modules
 
 
-def load_stubs() -> SimpleNamespace:
-    """The generated modules: ``inference_pb2``, ``inference_pb2_grpc``, ``management_pb2``,
-    ``management_pb2_grpc`` (generating them first if the cache lacks them)."""
-    root = stubs_dir()
-    if not _complete(root):
-        generate_stubs(root)
-    if str(root) not in sys.path:
-        sys.path.append(str(root))
-    names = [f"{key}_pb2{suffix}" for key in PROTOS for suffix in ("", "_grpc")]
-    return SimpleNamespace(**{name: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
+def write_stubs(target: Path = PACKAGE_DIR) -> list[Path]:
+    """Write :func:`generated_modules` into ``target``, each file under a temporary name, then renamed."""
+    from brst.train.atomic import write_bytes_atomic
+
+    written = []
+    for name, source in sorted(generated_modules().items()):
+        write_bytes_atomic(target / name, source.encode())
+        written.append(target / name)
+    return written
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for path in write_stubs(Path(sys.argv[1]) if len(sys.argv) > 1 else PACKAGE_DIR):
+        log.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()

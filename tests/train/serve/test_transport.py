@@ -2,7 +2,7 @@
 
 Servers here are real and on loopback, with a certificate from a CA the test makes itself
 (``cryptography``): a gRPC server implementing TorchServe's inference service (the stubs from
-``brst.train.serve.grpc_stubs``; its answer is a fixed served-shaped JSON) and an HTTPS server
+``brst.train.serve.ts_grpc``; its answer is a fixed served-shaped JSON) and an HTTPS server
 that acts as the hospital overlay's Ingress does (k8s/overlays/hospital/ingress.yaml: TLS,
 ``auth-type: basic``: a request without the right ``Authorization: Basic`` gets 401 with
 ``WWW-Authenticate: Basic realm="brst"``). TorchServe itself is not behind them: what is
@@ -83,20 +83,20 @@ def grpc_tls(pki):
     and the authorization values it received."""
     import grpc
 
-    from brst.train.serve.grpc_stubs import load_stubs
+    from brst.train.serve.ts_grpc import inference_pb2, inference_pb2_grpc
 
-    stubs, received = load_stubs(), []
+    received = []
 
-    class Inference(stubs.inference_pb2_grpc.InferenceAPIsServiceServicer):
-        def Predictions(self, request, context):
+    class Inference(inference_pb2_grpc.InferenceAPIsServiceServicer):
+        def Predictions(self, request, context):  # noqa: N802 - the gRPC service's method name
             sent = dict(context.invocation_metadata()).get("authorization")
             received.append(sent)
             if sent != BASIC:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "401 Authorization Required")
-            return stubs.inference_pb2.PredictionResponse(prediction=json.dumps(ANSWER).encode())
+            return inference_pb2.PredictionResponse(prediction=json.dumps(ANSWER).encode())
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    stubs.inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Inference(), server)
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Inference(), server)
     credentials = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()

@@ -87,7 +87,9 @@ class Section:
 
     def take(self, rows: np.ndarray) -> "Section":
         """Return the section restricted to ``rows`` (indices or a boolean mask), same image."""
-        pick = (lambda a: None if a is None else a[rows])
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[rows]
+
         return replace(
             self, spot_id=self.spot_id[rows], pixel_x=self.pixel_x[rows], pixel_y=self.pixel_y[rows],
             counts=self.counts[rows], array_x=pick(self.array_x), array_y=pick(self.array_y),

@@ -144,14 +144,34 @@ class DecodedImage:
         self._pixels = None
 
 
+def _ome_um_per_px(tif) -> float | None:
+    """µm/px of the first OME image (``Pixels`` PhysicalSizeX in PhysicalSizeXUnit, default µm), parsed by
+    tifffile; ``None`` when it states no PhysicalSizeX."""
+    import tifffile
+
+    try:
+        images = tifffile.xml2dict(tif.ome_metadata)["OME"].get("Image", [])
+    except (SyntaxError, KeyError, AttributeError) as err:  # ElementTree's ParseError is a SyntaxError
+        raise BrstError(tif.filehandle.path, f"malformed OME-XML ({err})") from None
+    first = images[0] if isinstance(images, list) else images
+    pixels = first.get("Pixels", {}) if isinstance(first, dict) else {}
+    size = pixels.get("PhysicalSizeX")
+    if size is None:
+        return None
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    if unit not in _UM_PER_OME_UNIT or not isinstance(size, (int, float)) or size <= 0:
+        raise BrstError(tif.filehandle.path, f"OME PhysicalSizeX {size!r} {unit!r} is not a positive size in one of "
+                                             f"{', '.join(_UM_PER_OME_UNIT)}")
+    return float(size) * _UM_PER_OME_UNIT[unit]
+
+
 def _tiff_um_per_px(tif) -> float | None:
     """Resolution from an open ``tifffile.TiffFile``: OME PhysicalSizeX, Aperio MPP, or X resolution tags."""
     page = tif.pages[0]
     if tif.ome_metadata:
-        found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-        if found:
-            return float(found.group(1)) * _UM_PER_OME_UNIT.get(unit.group(1) if unit else "µm", float("nan"))
+        um_per_px = _ome_um_per_px(tif)
+        if um_per_px is not None:
+            return um_per_px
     found = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
     if found:
         return float(found.group(1))
