@@ -18,6 +18,7 @@ STAGES = {
     "evaluate": {"data", "fit"},
     "serve": set(),
     "slide": {"data", "evaluate", "serve"},
+    "cohort": {"data", "slide"},
 }
 
 
