@@ -343,6 +343,36 @@ def test_a_folder_source_changes_identity_with_any_of_its_files(tmp_path: Path):
     assert source_identity(url) == {"kind": "dicomweb", "study_uid": "1.2.3", "series_uid": "4.5.6"}
 
 
+@pytest.mark.serve
+@pytest.mark.slow
+def test_the_served_model_gives_the_local_numbers_and_its_version_is_the_identity(one_process, cohort_root: Path,
+                                                                                  served_model, tmp_path: Path):
+    """The cohort through a real TorchServe (HTTP, tiles at the model's geometry) equals local mode."""
+    from brst.train.checkpoint import load_checkpoint
+
+    local_out, _ = one_process
+    config = load_checkpoint(served_model.checkpoint)["data_config"]
+    write_manifest(cohort_root / "served.csv", [("C2-jpeg", "slides/C2.jpg", 2 * HER2ST_UM_PER_PX),
+                                                ("C4-tiff", "slides/C4.tif", "")])
+    out = tmp_path / "out"
+    args = ["--manifest", cohort_root / "served.csv", "--out", out, "--endpoint", served_model.endpoints.inference,
+            "--model-name", served_model.name, "--tile-um", config["patch_um"], "--tile-px", config["patch_px"],
+            "--step-um", STEP_UM, "--top-genes", "2"]
+    result = run_cohort(*args)
+    assert result.exit_code == 0 and "2 done, 0 skipped" in result.output, result.output
+    for slide_id in ("C2-jpeg", "C4-tiff"):
+        served, local = (pd.read_csv(folder / slide_id / "predictions.csv") for folder in (out, local_out))
+        assert list(served["tile"]) == list(local["tile"])
+        genes = served.columns[served.columns.get_loc("tissue_fraction") + 1:]
+        np.testing.assert_allclose(served[genes].to_numpy(), local[genes].to_numpy(), atol=1e-4)
+    record = json.loads((out / "C2-jpeg" / "cohort.json").read_text())
+    assert record["identity"]["model"]["kind"] == "endpoint" and record["identity"]["model"]["model_version"]
+    table = pd.read_csv(out / "_cohort" / "cohort.csv")
+    assert set(table["model"]) == {f"{served_model.name}:{record['identity']['model']['model_version']}"}
+    result = run_cohort(*args)  # the same served model: nothing to do
+    assert result.exit_code == 0 and "0 done, 2 skipped" in result.output, result.output
+
+
 # --- the counter ---------------------------------------------------------------------------------
 
 def test_the_counter_is_served_for_prometheus():
