@@ -12,8 +12,9 @@ Written into ``<out>/_cohort/``:
   table's other columns; scanpy reads it (``sc.read_h5ad``).
 - ``contact_sheet.png``: :mod:`.contact_sheet` of the done slides.
 
-A slide's status is its latest status line over every shard (:func:`.status.latest_status`); a
-slide with a published folder and no status line (status files removed) counts as done.
+A slide whose latest status line over every shard (:func:`.status.latest_status`) says it failed
+is failed (an older folder of it, from another model or source, is not shown); otherwise a slide
+with a published folder is done, and one without is pending.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .contact_sheet import write_contact_sheet
 from .manifest import CohortSlide
 from .publish import COHORT_DIR
 from .run import read_record
-from .status import DONE, FAILED, SKIPPED, latest_status
+from .status import DONE, FAILED, latest_status
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def cohort_table(slides: list[CohortSlide], out_dir: Path, flag_share: float) ->
         row = {"slide_id": slide.slide_id, "status": PENDING, "reason": "", "source": slide.source, "order": order}
         if line is not None and line["status"] == FAILED:
             row.update(status=FAILED, reason=line["reason"], model=line["model"])
-        elif (line is not None and line["status"] in (DONE, SKIPPED)) or read_record(folder) is not None:
+        elif read_record(folder) is not None:
             facts, means, drawn[slide.slide_id] = slide_row(folder)
             row.update(status=DONE, **facts, **means.to_dict())
         rows.append(row)

@@ -227,6 +227,31 @@ def test_the_summary_tables_every_slide_and_scanpy_reads_the_means(one_process):
     assert sheet.height > 3 * 100 and sheet.width > 2 * 300
 
 
+def test_slides_with_many_out_of_domain_tiles_are_flagged_and_listed_first(one_process, cohort_root: Path,
+                                                                           tmp_path: Path):
+    """Tables that carry predict-slide's per-tile ``out_of_domain`` flag (written here into copies of
+    the real outputs) give a share per slide; slides above --flag-share come first."""
+    out = tmp_path / "out"
+    shutil.copytree(one_process[0], out)
+    shares = {"C2-jpeg": 0.0, "C3-jpeg": 0.5, "C4-tiff": 0.1}
+    for slide_id, share in shares.items():
+        table = pd.read_csv(out / slide_id / "predictions.csv")
+        flagged = round(share * len(table))
+        table.insert(table.columns.get_loc("tissue_fraction") + 1, "out_of_domain",
+                     [True] * flagged + [False] * (len(table) - flagged))
+        table.to_csv(out / slide_id / "predictions.csv", index=False)
+        shares[slide_id] = flagged / len(table)
+    result = run_cohort("--manifest", cohort_root / "manifest.csv", "--out", out, "--summarize", "--flag-share", 0.25)
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(out / "_cohort" / "cohort.csv")
+    assert list(summary["slide_id"]) == ["C3-jpeg", "C2-jpeg", "C4-tiff", "not-an-image", "missing"]
+    done = summary.set_index("slide_id").loc[list(shares)]
+    assert done["out_of_domain_share"].to_dict() == pytest.approx(shares)
+    assert done["flagged"].to_dict() == {"C2-jpeg": False, "C3-jpeg": True, "C4-tiff": False}
+    genes = summary.columns[summary.columns.get_loc("units") + 1:]
+    assert "out_of_domain" not in genes and len(genes) == 250
+
+
 def test_two_shards_summarize_to_the_one_process_values(one_process, cohort_root: Path, served_checkpoint: Path,
                                                         tmp_path: Path):
     one_out, _ = one_process
