@@ -86,8 +86,9 @@ def measure(checkpoint: Path, slides: list[Path], work: Path, args) -> tuple[dic
     for round_ in range(args.rounds):
         out = work / f"round{round_}"
         runs = {
-            "bare": lambda: [run_slide(SlideJob(slide=s, out_dir=out / "bare" / s.parent.name, um_per_px=SLIDE_UM_PER_PX,
-                                                step_um=args.step_um, batch_size=BATCH_SIZE), predictor)
+            "bare": lambda: [run_slide(SlideJob(slide=s, out_dir=out / "bare" / s.parent.name,
+                                                um_per_px=SLIDE_UM_PER_PX, step_um=args.step_um,
+                                                batch_size=BATCH_SIZE), predictor)
                              for s in slides],
             "predict-slide": lambda: [command("predict-slide", [*shared, "--slide", str(s), "--um-per-px",
                                                                 str(SLIDE_UM_PER_PX), "--out",

@@ -378,10 +378,12 @@ def test_cohort_job_runs_one_shard_per_index_through_the_service_with_real_cli_o
         set(container_ports(serving_container("base"))) & {"http", "grpc"}
     # slides read-only, outputs on a ReadWriteMany claim, the manifest on the slides volume
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
     assert mounts["/data"]["readOnly"] is True and command[command.index("--manifest") + 1].startswith("/data/")
     out = command[command.index("--out") + 1]
-    assert the("cohort", "PersistentVolumeClaim", claims[mounts[out]["name"]])["spec"]["accessModes"] == ["ReadWriteMany"]
+    claim = the("cohort", "PersistentVolumeClaim", claims[mounts[out]["name"]])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     # progress is scraped: metrics on the port the PodMonitor names
     port = int(command[command.index("--metrics-port") + 1])
     assert command[command.index("--metrics-host") + 1] == "0.0.0.0" and container_ports(main) == {"metrics": port}
@@ -398,7 +400,8 @@ def test_cohort_summary_job_summarizes_what_the_cohort_job_wrote():
     [shard], [merge] = cohort["containers"], summary["containers"]
     assert "--summarize" in merge["command"] and options_in(" ".join(merge["command"])) <= cli_options(predict_cohort)
     for option in ("--manifest", "--out"):
-        assert merge["command"][merge["command"].index(option) + 1] == shard["command"][shard["command"].index(option) + 1]
+        value = shard["command"][shard["command"].index(option) + 1]
+        assert merge["command"][merge["command"].index(option) + 1] == value
     assert merge["volumeMounts"] == shard["volumeMounts"] and summary["volumes"] == cohort["volumes"]
     assert "ports" not in merge  # no network: the namespace's default deny covers it
 

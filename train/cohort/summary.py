@@ -60,12 +60,12 @@ def slide_row(folder: Path) -> tuple[dict, pd.Series, list[str]]:
     import anndata
 
     summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
-    record = read_record(folder) or {}
+    record = read_record(folder)
     adata = anndata.read_h5ad(folder / H5AD)
     means = pd.Series(np.asarray(adata.X, dtype=np.float64).mean(axis=0), index=adata.var_names.astype(str))
     area_px = summary["tissue_fraction"] * summary["width_px"] * summary["height_px"]
     facts = {"tiles": int(summary["tiles"]), "tissue_area_mm2": area_px * summary["um_per_px"] ** 2 / 1e6,
-             "seconds": record.get("seconds", summary["seconds"]), "model": record.get("model", ""),
+             "seconds": record["seconds"], "model": record["model"],
              "units": summary["units"]}
     flags = _out_of_domain(folder, adata.obs)
     if flags is not None:

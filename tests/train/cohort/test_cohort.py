@@ -3,8 +3,9 @@
 The cohort (fixture ``cohort_root``): C2 and C3 as half-resolution JPEG copies (resolution given
 in the manifest), C4 as a tiled pyramidal TIFF (resolution in its tags, none in the manifest),
 a file that is not an image and a source that does not exist. (A DICOM folder needs Orthanc's
-dicomizer, which the e2e machine has; here a folder's identity is checked on its own.) The model is the serving tests' checkpoint (a real short fit on ``her2st_h5``);
-slides are mapped on a coarse 400 um grid to keep the runs short.
+dicomizer, which this machine lacks; here a folder's identity is checked on its own.) The model
+is the serving tests' checkpoint (a real short fit on ``her2st_h5``); slides are mapped on a
+coarse 400 um grid to keep the runs short.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from PIL import Image
 from slide_files import write_generic_pyramid
 
 from brst.train.cli.main import cli
-from brst.train.cohort.shards import select, shard_of
 from brst.train.cohort.manifest import CohortSlide
+from brst.train.cohort.shards import select, shard_of
 
 HER2ST_UM_PER_PX = 0.69
 STEP_UM = "400"
@@ -214,7 +215,8 @@ def test_the_summary_tables_every_slide_and_scanpy_reads_the_means(one_process):
         np.testing.assert_allclose(done.loc[slide_id, genes].to_numpy(float), tiles[genes].mean().to_numpy(),
                                    rtol=1e-6)
         summary = json.loads((out / slide_id / "summary.json").read_text())
-        area_mm2 = summary["tissue_fraction"] * summary["width_px"] * summary["height_px"] * summary["um_per_px"] ** 2 / 1e6
+        area_px = summary["tissue_fraction"] * summary["width_px"] * summary["height_px"]
+        area_mm2 = area_px * summary["um_per_px"] ** 2 / 1e6
         assert done.loc[slide_id, "tissue_area_mm2"] == pytest.approx(area_mm2, rel=1e-6)
     # the tissue mask's area agrees with the tiles' (one tile per grid cell of STEP_UM on tissue)
     cells_mm2 = done["tiles"] * (float(STEP_UM) / 1000) ** 2
