@@ -48,6 +48,8 @@ KUSTOMIZATIONS = {
     "train": "jobs/train",
     "train-multinode": "jobs/train-multinode",
     "model-store-loader": "jobs/model-store-loader",
+    "cohort": "jobs/cohort",
+    "cohort-summary": "jobs/cohort-summary",
     "kserve": "optional/kserve",
 }
 

@@ -21,6 +21,7 @@ STAGES = {
     "evaluate": {"data", "fit"},
     "serve": set(),
     "slide": {"data", "evaluate", "serve"},
+    "cohort": {"data", "slide"},
 }
 
 

@@ -381,6 +381,72 @@ def test_prepare_job_runs_one_section_per_index_with_real_cli_options():
     assert used <= cli_options(prepare), f"unknown prepare options: {used - cli_options(prepare)}"
 
 
+def test_cohort_job_runs_one_shard_per_index_through_the_service_with_real_cli_options():
+    from brst.train.cli.cohort import predict_cohort
+    from brst.train.cohort.manifest import MANIFEST_EXIT
+
+    job = the("cohort", "Job", "brst-cohort")
+    pod = job["spec"]["template"]["spec"]
+    [main] = pod["containers"]
+    command = main["command"]
+    assert command[:2] == ["brst-train", "predict-cohort"]
+    assert options_in(" ".join(command)) <= cli_options(predict_cohort)
+    # one pod per shard; the shard count is the Job's, and retries are per shard
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == int(command[command.index("--shards") + 1])
+    assert 1 <= job["spec"]["parallelism"] <= job["spec"]["completions"]
+    assert job["spec"]["backoffLimitPerIndex"] >= 1 and pod["restartPolicy"] == "Never"
+    # a bad manifest fails the Job at once; a deleted or evicted pod is retried without counting
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": main["name"], "operator": "In",
+                                                 "values": [MANIFEST_EXIT]}} in rules
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    # the endpoint is the serving Service, which lets these pods in
+    service = the("base", "Service")
+    http_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+    assert command[command.index("--endpoint") + 1] == f"http://{service['metadata']['name']}:{http_port}"
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    serve_policy = the("base", "NetworkPolicy", "brst-serve")
+    assert any(peer["podSelector"]["matchLabels"].items() <= labels.items()
+               for rule in serve_policy["spec"]["ingress"] for peer in rule["from"] if "podSelector" in peer)
+    policy = the("cohort", "NetworkPolicy", "brst-cohort")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    serve_labels = the("base", "Deployment")["spec"]["template"]["metadata"]["labels"]
+    to_serve = [rule for rule in policy["spec"]["egress"]
+                if any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= serve_labels.items()
+                       and "podSelector" in peer and "namespaceSelector" not in peer for peer in rule["to"])]
+    assert {port["port"] for rule in to_serve for port in rule["ports"]} == \
+        set(container_ports(serving_container("base"))) & {"http", "grpc"}
+    # slides read-only, outputs on a ReadWriteMany claim, the manifest on the slides volume
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert mounts["/data"]["readOnly"] is True and command[command.index("--manifest") + 1].startswith("/data/")
+    out = command[command.index("--out") + 1]
+    claim = the("cohort", "PersistentVolumeClaim", claims[mounts[out]["name"]])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # progress is scraped: metrics on the port the PodMonitor names
+    port = int(command[command.index("--metrics-port") + 1])
+    assert command[command.index("--metrics-host") + 1] == "0.0.0.0" and container_ports(main) == {"metrics": port}
+    monitor = the("cohort", "PodMonitor", "brst-cohort")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def test_cohort_summary_job_summarizes_what_the_cohort_job_wrote():
+    from brst.train.cli.cohort import predict_cohort
+
+    cohort = the("cohort", "Job", "brst-cohort")["spec"]["template"]["spec"]
+    summary = the("cohort-summary", "Job", "brst-cohort-summary")["spec"]["template"]["spec"]
+    [shard], [merge] = cohort["containers"], summary["containers"]
+    assert "--summarize" in merge["command"] and options_in(" ".join(merge["command"])) <= cli_options(predict_cohort)
+    for option in ("--manifest", "--out"):
+        value = shard["command"][shard["command"].index(option) + 1]
+        assert merge["command"][merge["command"].index(option) + 1] == value
+    assert merge["volumeMounts"] == shard["volumeMounts"] and summary["volumes"] == cohort["volumes"]
+    assert "ports" not in merge  # no network: the namespace's default deny covers it
+
+
 def training_containers() -> list[tuple[str, dict]]:
     objects = k8s.build("jobs/train") + k8s.build("jobs/train-multinode")
     return [(where, container) for where, pod in k8s.all_pods(objects) for container in pod["containers"]]

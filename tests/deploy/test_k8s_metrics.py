@@ -3,7 +3,8 @@
 Expressions are parsed with promql-parser (a port of Prometheus' parser; promtool is not
 available offline) and every metric name they select must be exported by one of: the served
 model (a real TorchServe ``/metrics`` scrape, fixture ``served_metrics_text``), the training
-process (brst.train.fit.gauges, exposed with prometheus-client) or a named cluster exporter
+process (brst.train.fit.gauges, exposed with prometheus-client), a cohort shard
+(brst.train.cohort.metrics) or a named cluster exporter
 (k8s_checks.EXTERNAL_METRICS).
 """
 from __future__ import annotations
@@ -31,6 +32,13 @@ def training_exposition() -> str:
     from brst.train.fit.gauges import TrainingMetrics
 
     return generate_latest(TrainingMetrics().registry).decode()
+
+
+def cohort_exposition() -> str:
+    """What a predict-cohort shard serves on --metrics-port, from the real CohortMetrics."""
+    from brst.train.cohort.metrics import CohortMetrics
+
+    return generate_latest(CohortMetrics().registry).decode()
 
 
 def test_metric_names_come_from_the_parsed_expression():
@@ -94,6 +102,16 @@ def test_rule_file_is_usable_without_the_prometheus_operator():
     assert all(set(group) <= {"name", "interval", "rules", "limit"} for group in spec["groups"])
 
 
+def test_the_dashboard_shows_cohort_progress_by_outcome():
+    from brst.train.cohort.status import STATUSES
+
+    [expr] = [expr for _, expr in k8s.dashboard_queries(k8s.load_dashboard())
+              if "brst_cohort_slides_total" in k8s.metric_names(expr)]
+    assert "by (status)" in expr
+    text = cohort_exposition()
+    assert {f'brst_cohort_slides_total{{status="{status}"}} 0.0' for status in STATUSES} <= set(text.splitlines())
+
+
 def test_dashboard_queries_parse_and_panels_are_unique():
     dashboard = k8s.load_dashboard()
     ids = [panel["id"] for panel in dashboard["panels"]]
@@ -104,7 +122,7 @@ def test_dashboard_queries_parse_and_panels_are_unique():
 
 def test_rules_and_dashboard_read_only_metrics_that_are_exported(served_metrics_text):
     exported = (k8s.exported_names(served_metrics_text) | k8s.exported_names(training_exposition())
-                | set(k8s.EXTERNAL_METRICS))
+                | k8s.exported_names(cohort_exposition()) | set(k8s.EXTERNAL_METRICS))
     missing = {f"{where}: {name}" for where, expr in all_queries() for name in k8s.metric_names(expr)
                if name not in exported}
     assert not missing, "metrics nobody exports:\n" + "\n".join(sorted(missing))

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve:serve", "Run TorchServe on an archive until stopped."),
     "predict": ("serve:predict", "Send patches to a served model over HTTP or gRPC."),
     "predict-slide": ("slide:predict_slide", "Expression maps for a whole slide."),
+    "predict-cohort": ("cohort:predict_cohort", "predict-slide over a manifest of slides (resumable, sharded)."),
     "keygen": ("serve:keygen", "Make an Ed25519 key pair for signing archives."),
 }
 DEFAULT_COMMAND = "fit"
