@@ -108,6 +108,7 @@ class EndpointPredictor:
         self.transfer = transfer
         self.tiles_per_request = tiles_per_request
         self.retries = retries
+        self._stain_fields: dict | None = None  # the slide's statistics, sent once use_slide_stain gives them
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slide-request")
         probe = self.pool.submit(self._probe).result()  # on a pool thread, whose connection close() ends
         self.genes = [str(g) for g in probe["genes"]]
@@ -116,7 +117,6 @@ class EndpointPredictor:
         self.domain_threshold = None if domain is None else float(domain["threshold"])
         self.stain_policy = _served_policy(probe.get("stain"))
         self.slide_stain = _slide_estimator(self.stain_policy, endpoint)
-        self._stain_fields: dict | None = None
         self.description = {"mode": "endpoint", "endpoint": endpoint, "model_name": model_name,
                             "model_version": str(probe.get("model_version", "")), "tile_um": tile_um,
                             "tile_px": tile_px, "transfer": self.transfer}
