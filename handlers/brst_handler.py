@@ -13,13 +13,16 @@ A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the bas
 - ``preprocess``: decodes and validates every request of the batch (:mod:`brst.handlers.envelopes`,
   :mod:`brst.handlers.images`); a bad request is answered with HTTP 400 and a JSON
   ``{"code", "type", "message"}`` while the batch's other requests go on;
-- ``inference``: stain-normalises the batch on the device and runs the model under
+- ``inference``: stain-normalises the batch on the device (patches whose request sent its slide's
+  stain statistics are mapped from them, the others follow the archive's policy: a per-patch
+  estimate or none; :mod:`brst.handlers.stain_request`) and runs the model under
   ``torch.inference_mode`` (autocast on GPU), in chunks of at most ``forward_patches`` patches
   (``handler: {forward_patches: 64}`` in model-config.yaml), so the memory a batch needs is
   bounded whatever its requests hold; optionally averaging the eight dihedral
   transforms (``handler: {tta: true}``) with a per-gene ``spread``;
-- ``postprocess``: per patch ``{"genes", "values", "units", "model_version", "domain"}`` on the
-  expression scale (the target transform's inverse); ``domain`` is the patch's in-domain score
+- ``postprocess``: per patch ``{"genes", "values", "units", "model_version", "stain", "domain"}`` on the
+  expression scale (the target transform's inverse); ``stain`` says which normalisation the patch got
+  and the archive's policy (:func:`brst.handlers.stain_request.stain_answer`); ``domain`` is the patch's in-domain score
   ``{"score", "out_of_domain", "threshold"}`` (:mod:`brst.handlers.domain`), or null for an
   archive without one. The scores also go to ``/metrics`` (``brst_domain_score``,
   ``brst_out_of_domain_total``).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
@@ -48,7 +52,8 @@ from brst.handlers.images import DecodeLimits
 from brst.handlers.predictor import Predictor
 from brst.handlers.signed_mar import Expected, pinned_versions, verify_directory
 from brst.handlers.signing import KeyRing
-from brst.handlers.stain import FUSED_CPU_REMIX
+from brst.handlers.stain import FUSED_CPU_REMIX, stain_from_json
+from brst.handlers.stain_request import stain_answer
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +94,16 @@ class BrstHandler(BaseHandler):
                                                                          "positive integer")
         self.predictor, self.facts = Predictor.from_archive(properties["model_dir"], self.device, weights, tta=self.tta)
         self.geometry = PatchGeometry.from_data_config(self.facts["data_config"])
+        self.stain_check = stain_from_json(self.facts["stain"])  # on the CPU: checks requests' statistics
         self.limits = DecodeLimits(**handler_settings.get("limits", {}))
         self.brst_metrics = HandlerMetrics(context.metrics, context.model_name)
         self.brst_metrics.started()
         self.initialized = True
-        log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d, fused CPU stain kernels %s",
-                 self.facts["model_version"], self.facts["arch"], len(self.facts["genes"]), self.device, self.tta,
-                 torch.get_num_threads(), "built" if FUSED_CPU_REMIX else "not built (eager torch)")
+        log.info("brst model %s (%s, %d genes) on %s, tta=%s, torch threads %d, fused CPU stain kernels %s, "
+                 "stain %s scope %s fallback %s", self.facts["model_version"], self.facts["arch"],
+                 len(self.facts["genes"]), self.device, self.tta, torch.get_num_threads(),
+                 "built" if FUSED_CPU_REMIX else "not built (eager torch)", self.stain_check.method,
+                 self.stain_check.scope, self.stain_check.fallback)
 
     @staticmethod
     def _check_signature(model_dir: str, model_name: str) -> None:
@@ -113,7 +121,7 @@ class BrstHandler(BaseHandler):
             raise
 
     def preprocess(self, data: list[dict]) -> DecodedBatch:
-        batch = decode_batch(data, self.geometry, self.limits)
+        batch = decode_batch(data, self.geometry, self.limits, self.stain_check)
         for seconds in batch.seconds:
             self.brst_metrics.observe(DECODE_SECONDS, seconds)
         for err in batch.errors.values():
@@ -134,8 +142,10 @@ class BrstHandler(BaseHandler):
         scores ``(N,)`` or None (CPU float32), computed ``forward_patches`` patches at a time."""
         if len(batch.patches) == 0:
             return batch, None, None, None
-        chunks = [self._forward(batch.patches[start:start + self.forward_patches])
-                  for start in range(0, len(batch.patches), self.forward_patches)]
+        step = self.forward_patches
+        chunks = [self._forward(batch.patches[start:start + step], batch.stain_source[start:start + step],
+                                batch.has_stain[start:start + step])
+                  for start in range(0, len(batch.patches), step)]
         self.brst_metrics.patches(len(batch.patches))
         values, spread, scores = (None if chunks[0][k] is None else torch.cat([chunk[k] for chunk in chunks])
                                   for k in range(3))
@@ -143,17 +153,35 @@ class BrstHandler(BaseHandler):
             self.brst_metrics.domain(scores.tolist(), int(self.predictor.domain.out_of_domain(scores).sum()))
         return batch, values, spread, scores
 
-    def _forward(self, patches) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """uint8 ``(B, P, P, 3)`` (numpy) -> expression ``(B, G)``, spread ``(B, G)`` or None and
-        in-domain scores ``(B,)`` or None, on the CPU."""
+    def _forward(self, patches: np.ndarray, stain_source: np.ndarray, has_stain: np.ndarray
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """uint8 ``(B, P, P, 3)``, stain statistics float64 ``(B, K)`` and their flags ``(B,)`` (numpy) ->
+        expression ``(B, G)``, spread ``(B, G)`` or None and in-domain scores ``(B,)`` or None, on the CPU."""
         with torch.inference_mode():
             pixels = torch.from_numpy(patches).to(self.device, non_blocking=True)
             with self.brst_metrics.timer(STAIN_SECONDS, self._synchronize):
-                x = self.predictor.model_input(pixels)
+                x = self._model_input(pixels, stain_source, has_stain)
             with self.brst_metrics.timer(INFERENCE_SECONDS, self._synchronize):
                 values, spread = self.predictor.expression(x)
                 scores = self.predictor.domain_scores(x)
         return values.cpu(), None if spread is None else spread.cpu(), None if scores is None else scores.cpu()
+
+    def _model_input(self, pixels: torch.Tensor, stain_source: np.ndarray, has_stain: np.ndarray) -> torch.Tensor:
+        """The model input ``(B, 3, S, S)`` of uint8 ``(B, P, P, 3)`` pixels on the device: patches with
+        statistics mapped from them, the others by the archive's policy, in the batch's order."""
+        model_input = self.predictor.model_input
+        if not has_stain.any():
+            return model_input(pixels)
+        source = torch.from_numpy(stain_source).to(self.device, torch.float32)
+        if has_stain.all():
+            return model_input(pixels, stain_source=source)
+        given = torch.from_numpy(np.flatnonzero(has_stain)).to(self.device)
+        other = torch.from_numpy(np.flatnonzero(~has_stain)).to(self.device)
+        mapped = model_input(pixels[given], stain_source=source[given])
+        x = mapped.new_empty((len(pixels), *mapped.shape[1:]))
+        x[given] = mapped
+        x[other] = model_input(pixels[other])
+        return x
 
     def postprocess(self, prediction: tuple[DecodedBatch, torch.Tensor | None, torch.Tensor | None,
                                             torch.Tensor | None]) -> list[str]:
@@ -167,14 +195,16 @@ class BrstHandler(BaseHandler):
                 answers.append(json.dumps(error_body(batch.errors[idx])))
                 continue
             rows = [self._patch_answer(values[i], None if spread is None else spread[i],
-                                       None if scores is None else float(scores[i]))
+                                       None if scores is None else float(scores[i]), bool(batch.has_stain[i]))
                     for i in (batch.owner == idx).nonzero()[0]]
             answers.append(json.dumps(rows if many else rows[0]))
         return answers
 
-    def _patch_answer(self, values: torch.Tensor, spread: torch.Tensor | None, score: float | None) -> dict:
+    def _patch_answer(self, values: torch.Tensor, spread: torch.Tensor | None, score: float | None,
+                      with_stain: bool) -> dict:
         answer = {"genes": self.facts["genes"], "values": values.tolist(), "units": self.facts["units"],
-                  "model_version": self.facts["model_version"], "domain": self._domain_answer(score)}
+                  "model_version": self.facts["model_version"], "stain": stain_answer(self.stain_check, with_stain),
+                  "domain": self._domain_answer(score)}
         if spread is not None:
             answer["spread"] = spread.tolist()
         return answer

@@ -14,6 +14,10 @@ One TorchServe request (a dict of parameter name -> value) may carry its patch a
   "parameters": {"um_per_px": 0.5}}`` with ``datatype`` ``BYTES`` (base64 images) or
   ``UINT8`` (pixels, shape ``[H, W, 3]`` or ``[N, H, W, 3]``).
 
+Any of them may carry the slide's stain statistics, for all its patches, as a ``stain``
+parameter (a JSON field, ``parameters.stain``, or a form field / gRPC entry holding JSON text;
+:mod:`brst.handlers.stain_request`); it is checked before any image is decoded.
+
 Everything is checked before it costs memory or time: body size, the declared pixel
 count in each image header (decompression-bomb guard) and summed over the request (its
 budget, checked from the headers before the first image is decoded), format, truncation,
@@ -56,11 +60,15 @@ from .images import (
     open_image,
     to_patch,
 )
+from .stain import StainNormalizer
+from .stain_request import STAIN_KEY, parse_stain
 
 log = logging.getLogger(__name__)
 
 #: parameter names that may hold the image, in order of preference
 IMAGE_KEYS = ("data", "body", "image", "file", "b64")
+#: parameters beside the image
+SIDE_KEYS = (SCALE_KEY, STAIN_KEY)
 #: one image of a request before decoding, with its ``um_per_px``: an opened image (header read,
 #: :func:`~brst.handlers.images.open_image`) or uint8 pixels ``(H, W, 3)`` already in memory
 Source = tuple["Image.Image | np.ndarray", "float | None"]
@@ -73,11 +81,13 @@ class DecodedRequest:
     """The patches of one request, uint8 ``(patch_px, patch_px, 3)`` each.
 
     ``many`` is True when the request used a list form (``instances``, KServe ``[N, ...]``),
-    so the response is a list even for one patch.
+    so the response is a list even for one patch. ``stain_source`` is the request's slide stain
+    statistics, float64 ``(K,)``, or None (:func:`~brst.handlers.stain_request.parse_stain`).
     """
 
     patches: list[np.ndarray]
     many: bool
+    stain_source: np.ndarray | None = None
 
 
 @dataclass
@@ -90,6 +100,9 @@ class DecodedBatch:
         many: per request, whether its response is a list (see :class:`DecodedRequest`).
         errors: request index -> why it was rejected.
         seconds: per request, the time spent decoding it.
+        stain_source: float64 ``(N, K)``, each patch's slide stain statistics (zeros where it has none;
+            ``K = 0`` without a normaliser).
+        has_stain: ``(N,)`` bool, whether the patch's request sent statistics (its row is meant).
     """
 
     patches: np.ndarray
@@ -97,16 +110,22 @@ class DecodedBatch:
     many: list[bool]
     errors: dict[int, RejectedInput]
     seconds: list[float]
+    stain_source: np.ndarray
+    has_stain: np.ndarray
 
 
-def decode_batch(rows: list[Mapping[str, Any]], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits()
-                 ) -> DecodedBatch:
-    """Decode every request of a batch; a bad request is recorded, never raised, whatever went wrong."""
-    patches, owner, many, errors, seconds = [], [], [], {}, []
+def decode_batch(rows: list[Mapping[str, Any]], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits(),
+                 stain: StainNormalizer | None = None) -> DecodedBatch:
+    """Decode every request of a batch; a bad request is recorded, never raised, whatever went wrong.
+
+    ``stain``: the archive's normaliser (on the CPU) that checks requests' ``stain`` statistics; None
+    ignores them."""
+    patches, owner, many, errors, seconds, sources = [], [], [], {}, [], []
+    n_statistics = 0 if stain is None else stain.n_statistics
     for idx, row in enumerate(rows):
         start = time.perf_counter()
         try:
-            decoded = decode_request(row, geometry, limits)
+            decoded = decode_request(row, geometry, limits, stain)
         except RejectedInput as err:
             errors[idx] = err
             decoded = DecodedRequest([], False)
@@ -118,13 +137,19 @@ def decode_batch(rows: list[Mapping[str, Any]], geometry: PatchGeometry, limits:
         patches += decoded.patches
         owner += [idx] * len(decoded.patches)
         many.append(decoded.many)
+        sources += [decoded.stain_source] * len(decoded.patches)
     pixels = np.stack(patches) if patches else np.zeros((0, geometry.patch_px, geometry.patch_px, 3), np.uint8)
-    return DecodedBatch(pixels, np.asarray(owner, dtype=np.int64), many, errors, seconds)
+    has_stain = np.array([source is not None for source in sources], dtype=bool)
+    stain_source = np.zeros((len(sources), n_statistics), dtype=np.float64)
+    for i in np.flatnonzero(has_stain):
+        stain_source[i] = sources[i]
+    return DecodedBatch(pixels, np.asarray(owner, dtype=np.int64), many, errors, seconds, stain_source, has_stain)
 
 
-def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits()
-                   ) -> DecodedRequest:
-    """Decode one TorchServe request (parameter name -> value) into model-ready patches.
+def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: DecodeLimits = DecodeLimits(),
+                   stain: StainNormalizer | None = None) -> DecodedRequest:
+    """Decode one TorchServe request (parameter name -> value) into model-ready patches, with its
+    slide stain statistics checked against ``stain`` (the archive's normaliser; None ignores them).
 
     Raises:
         RejectedInput: anything wrong with the content.
@@ -132,10 +157,25 @@ def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: Deco
     scale = parse_um_per_px(row.get(SCALE_KEY))
     payload = _image_payload(row)
     if isinstance(payload, (bytes, bytearray)) and not _looks_like_json(payload):
+        source = None if stain is None else parse_stain(row.get(STAIN_KEY), stain)
         sources, many = _binary_sources(bytes(payload), scale, limits)
     else:
-        sources, many = _json_sources(_as_json(payload, limits), scale, limits)
-    return DecodedRequest(_patches(sources, geometry, limits), many)
+        doc = _as_json(payload, limits)
+        source = None if stain is None else parse_stain(_stain_value(doc, row), stain)
+        sources, many = _json_sources(doc, scale, limits)
+    return DecodedRequest(_patches(sources, geometry, limits), many, source)
+
+
+def _stain_value(doc: Any, row: Mapping[str, Any]) -> Any:
+    """A JSON request's ``stain``: its ``"stain"`` field, else ``parameters.stain`` (KServe v2), else
+    the request's ``stain`` parameter (None without any)."""
+    if isinstance(doc, dict):
+        if STAIN_KEY in doc:
+            return doc[STAIN_KEY]
+        parameters = _parameters(doc, "parameters")
+        if STAIN_KEY in parameters:
+            return parameters[STAIN_KEY]
+    return row.get(STAIN_KEY)
 
 
 def _patches(sources: list[Source], geometry: PatchGeometry, limits: DecodeLimits) -> list[np.ndarray]:
@@ -164,7 +204,7 @@ def _binary_sources(data: bytes, scale: float | None, limits: DecodeLimits) -> t
 
 def _image_payload(row: Mapping[str, Any]) -> Any:
     """The one parameter that holds the image (or the JSON document)."""
-    names = [name for name in row if name != SCALE_KEY]
+    names = [name for name in row if name not in SIDE_KEYS]
     preferred = [name for name in IMAGE_KEYS if name in row]
     if not names:
         raise RejectedInput("empty", "request", "carries no image")

@@ -34,9 +34,10 @@ class InputError(BrstError):
 
 #: values of the ``reason`` label of ``brst_rejected_inputs_total``: ``over_budget`` is a request whose
 #: images declare more pixels in all than its budget; ``decode_failed`` an unexpected failure while
-#: decoding one request (logged with its traceback, answered without details)
+#: decoding one request (logged with its traceback, answered without details); ``bad_stain`` a request's
+#: slide stain statistics that are malformed, non-finite or degenerate (:mod:`brst.handlers.stain_request`)
 REASONS = ("empty", "too_large", "over_budget", "not_an_image", "corrupt", "colour_mode", "bad_encoding",
-           "bad_json", "bad_shape", "bad_scale", "decode_failed")
+           "bad_json", "bad_shape", "bad_scale", "bad_stain", "decode_failed")
 #: ints up to this many bits are shown in full (39 digits); larger ones by their size
 SHOWN_INT_BITS = 128
 _CONTAINER_GLIMPSE = {list: "[...]", tuple: "(...)", dict: "{...}"}

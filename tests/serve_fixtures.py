@@ -11,7 +11,9 @@ Register it from ``tests/conftest.py`` (``pytest_plugins = ["serve_fixtures"]``)
 - ``served_model`` (session): ``brst-train serve --free-ports`` started once with the
   archive, endpoints yielded, stopped with SIGTERM at the end (checked: exit 0, nothing left);
 - ``served_metrics_text``: the text of a real ``/metrics`` scrape after some inferences
-  (for tests that check metric names, e.g. alert rules).
+  (for tests that check metric names, e.g. alert rules);
+- ``slide_stain_checkpoint``, ``slide_stain_archive``: the same fit with a slide-scope Macenko
+  normaliser (each section's statistics; per-patch fallback) and its ``brst.mar``.
 """
 from __future__ import annotations
 
@@ -131,6 +133,31 @@ def served_checkpoint(her2st_h5: Path, tmp_path_factory, device) -> Path:
     run = fit(FitOptions(arch="resnet18", data=[str(her2st_h5)], out=str(out), epochs=1, input_size=64,
                          density_expert=True, workers=0, max_steps=FIT_STEPS, device=str(device), holdout=[HELDOUT_SECTION]))
     return Path(run) / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def slide_stain_checkpoint(her2st_h5: Path, tmp_path_factory, device) -> Path:
+    """``last.pt`` of a fit like :func:`served_checkpoint` whose Macenko normaliser is slide-scope
+    (``--stain-scope slide --stain-fallback patch``)."""
+    from brst.train.fit.options import FitOptions
+    from brst.train.fit.runner import fit
+
+    out = tmp_path_factory.mktemp("slide-stain-fit") / "run"
+    run = fit(FitOptions(arch="resnet18", data=[str(her2st_h5)], out=str(out), epochs=1, input_size=64,
+                         density_expert=True, workers=0, max_steps=FIT_STEPS, device=str(device),
+                         holdout=[HELDOUT_SECTION], stain="macenko", stain_scope="slide", stain_fallback="patch"))
+    return Path(run) / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def slide_stain_archive(slide_stain_checkpoint: Path, tmp_path_factory) -> Path:
+    """``<store>/brst.mar`` of :func:`slide_stain_checkpoint`, batching 4 requests for up to 300 ms
+    (so concurrent requests share a batch)."""
+    from brst.train.serve.archiver import ServeSettings, build_archive
+
+    store = tmp_path_factory.mktemp("slide_stain_store")
+    return build_archive(slide_stain_checkpoint, SERVED_MODEL, store,
+                         settings=ServeSettings(batch_size=4, max_batch_delay_ms=300))
 
 
 @pytest.fixture(scope="session")

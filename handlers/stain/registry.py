@@ -82,7 +82,7 @@ def statistics_from_dict(module: StainNormalizer, values: Any, subject: str = "s
     canonicalised; a Macenko matrix whose stain vectors are (nearly) parallel is refused.
 
     Returns:
-        float64 ``(K,)``.
+        float64 ``(K,)`` on the CPU (the module may be on any device).
 
     Raises:
         BrstError: naming ``subject`` and what is wrong.
@@ -92,11 +92,12 @@ def statistics_from_dict(module: StainNormalizer, values: Any, subject: str = "s
     fields = checked_fields(module, values, subject)
     stats = module.canonical_statistics(torch.cat([fields[name].double().flatten()
                                                    for name, _ in module.named_buffers()]))
-    _, ok = module.from_source(torch.full((1, 3, 2, 2), 128, dtype=torch.uint8), stats.float().unsqueeze(0))
+    probe = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8, device=module.device)
+    _, ok = module.from_source(probe, stats.float().unsqueeze(0).to(module.device))
     if not bool(ok.all()):
         raise BrstError(subject, f"{module.method} statistics are degenerate (parallel stain vectors, "
                                  "near-zero concentrations or a flat channel)")
-    return stats
+    return stats.cpu()
 
 
 def checked_fields(module: StainNormalizer, values: dict[str, Any], subject: str) -> dict[str, torch.Tensor]:

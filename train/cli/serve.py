@@ -132,18 +132,36 @@ def serve(model_store: Path, models: tuple[str, ...], config: Path, run_dir: Pat
                    "for an Ingress with basic authentication.")
 @endpoint_options
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
+@click.option("--stain-json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON file of the images' slide stain statistics (named fields, e.g. a predict-slide "
+                   "summary.json's stain.slide_statistics), sent with every image.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def predict(endpoint: str, model_name: str, um_per_px: float | None, token: str | None, tls: bool,
             ca_file: Path | None, auth_scheme: str, credentials_file: Path | None, timeout_s: float,
-            images: tuple[Path, ...]) -> None:
+            stain_json: Path | None, images: tuple[Path, ...]) -> None:
     """Predict gene expression for IMAGES (PNG/JPEG/TIFF patches): one JSON line each."""
     from brst.train.serve.client import make_client
 
+    stain = None if stain_json is None else _stain_statistics(stain_json)
     transport = endpoint_transport(token, credentials_file, auth_scheme, tls, ca_file)
     client = make_client(endpoint, model_name, timeout_s=timeout_s, transport=transport)
     for image in tqdm(images, desc="predict", unit="image", disable=len(images) < 2):
-        answer = client.predict(image.read_bytes(), um_per_px, subject=str(image))
+        answer = client.predict(image.read_bytes(), um_per_px, subject=str(image), stain=stain)
         click.echo(json.dumps({"image": str(image), "prediction": answer}))
+
+
+def _stain_statistics(path: Path) -> dict:
+    """The JSON object in ``path`` (the server checks its fields against its model's normaliser)."""
+    from brst.handlers.errors import BrstError
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BrstError(f"--stain-json {path}", f"is not a readable JSON file ({type(err).__name__})") from None
+    if not isinstance(doc, dict):
+        raise BrstError(f"--stain-json {path}", "must hold a JSON object of named statistics "
+                                                '(e.g. {"stain_matrix": ..., "max_concentration": ...})')
+    return doc
 
 
 @click.command()

@@ -3,8 +3,9 @@
 Both send one encoded image (PNG/JPEG/TIFF bytes) or a NumPy ``.npy`` file of uint8 pixels
 (``(H, W, 3)`` or ``(N, H, W, 3)``, sent as ``application/x-npy``) per request, with an optional
 ``um_per_px`` (HTTP: a multipart form field beside the image, as TorchServe 0.12 drops query
-parameters on ``/predictions``; gRPC: an ``input`` field), and return the served
-JSON (docs/CONTRACTS.md, "Served response"). A request the model refuses raises
+parameters on ``/predictions``; gRPC: an ``input`` field) and optionally the slide's stain
+statistics ``stain`` (named fields, sent as JSON text in a form field or a gRPC ``input`` beside
+the image), and return the served JSON (docs/CONTRACTS.md, "Served response"). A request the model refuses raises
 :class:`RequestRejected` (an :class:`~brst.handlers.errors.InputError`) carrying the HTTP
 status or gRPC code and the server's ``{"code", "type", "message"}``; an unreachable or
 failing server raises :class:`~brst.handlers.errors.BrstError`. A production TorchServe
@@ -33,6 +34,7 @@ from .transport import Auth, Transport
 IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"II*\x00", "image/tiff"),
                (b"MM\x00*", "image/tiff"), (b"\x93NUMPY", "application/x-npy"))
 SCALE_KEY = "um_per_px"
+STAIN_KEY = "stain"
 GRPC_IMAGE_KEY = "data"
 #: endpoint URL scheme -> (client kind, TLS)
 ENDPOINT_SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False),
@@ -179,15 +181,21 @@ class HttpClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": self.auth.header(self.scheme)} if self.auth else {}
 
-    def post(self, body: bytes, um_per_px: float | None = None, mime: str | None = None) -> HttpResult:
+    def post(self, body: bytes, um_per_px: float | None = None, mime: str | None = None,
+             stain: dict | None = None) -> HttpResult:
         """The raw answer to one request (no status check).
 
-        With ``um_per_px`` the image goes as multipart/form-data (part ``data`` + field
-        ``um_per_px``): TorchServe 0.12 drops query parameters on ``/predictions``.
+        With ``um_per_px`` or ``stain`` the image goes as multipart/form-data (part ``data`` + fields
+        ``um_per_px``, ``stain`` as JSON text): TorchServe 0.12 drops query parameters on ``/predictions``.
         """
         mime = mime or content_type(body)
-        if um_per_px is not None:
-            body, mime = multipart_form({GRPC_IMAGE_KEY: (body, mime), SCALE_KEY: (repr(um_per_px).encode(), None)})
+        if um_per_px is not None or stain is not None:
+            fields = {GRPC_IMAGE_KEY: (body, mime)}
+            if um_per_px is not None:
+                fields[SCALE_KEY] = (repr(um_per_px).encode(), None)
+            if stain is not None:
+                fields[STAIN_KEY] = (json.dumps(stain).encode(), None)
+            body, mime = multipart_form(fields)
         path = f"/predictions/{quote(self.model)}"
         result = self.connections.request("POST", path, body, {**self._headers(), "Content-Type": mime})
         retry = self.auth.answer_to(result.challenge, self.scheme) if self.auth and result.status == 401 else None
@@ -197,9 +205,9 @@ class HttpClient:
         return result
 
     def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image",
-                mime: str | None = None) -> dict | list:
+                mime: str | None = None, stain: dict | None = None) -> dict | list:
         """The served JSON for one request; refusals raise :class:`RequestRejected`."""
-        result = self.post(image, um_per_px, mime)
+        result = self.post(image, um_per_px, mime, stain)
         if result.status in (401, 403):
             raise BrstError(self.connections.base_url, unauthorized(result.status, result.challenge, self.scheme))
         if 400 <= result.status < 500:
@@ -243,11 +251,14 @@ class GrpcClient:
         request = self._request(model_name=self.model, input=inputs)
         return self.stub.Predictions(request, timeout=self.timeout_s, metadata=self.metadata).prediction
 
-    def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image") -> dict | list:
+    def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image",
+                stain: dict | None = None) -> dict | list:
         """The served JSON for one request; refusals raise :class:`RequestRejected`."""
         inputs = {GRPC_IMAGE_KEY: image}
         if um_per_px is not None:
             inputs[SCALE_KEY] = repr(um_per_px).encode()
+        if stain is not None:
+            inputs[STAIN_KEY] = json.dumps(stain).encode()
         try:
             body = self.call(inputs)
         except self._grpc.RpcError as err:

@@ -16,6 +16,12 @@ from the centre and resamples it. When ``tile_um``/``tile_px`` are the model's o
 keeps up to ``BATCHES_IN_FLIGHT`` batches outstanding, so the server is not idle while the
 client reads the next tiles.
 
+Every answer names the archive's stain policy (docs/CONTRACTS.md, "Served response"); when it is
+slide-scope, ``slide_stain`` is a normaliser of the served method and parameters that estimates a
+slide's statistics here (on the tiles it sends), and after :meth:`EndpointPredictor.use_slide_stain`
+every request carries them (``stain``: a form field or gRPC input beside NPY tiles, a JSON field
+beside PNG ones).
+
 An unreachable or failing server is retried with exponential back-off; after the last
 attempt it is one clear :class:`~brst.handlers.errors.BrstError`. A request the model refuses
 (HTTP 4xx, gRPC INVALID_ARGUMENT) is not retried: its message names the problem (for
@@ -38,6 +44,7 @@ from PIL import Image
 from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.handlers.images import DecodeLimits
+from brst.handlers.stain import StainNormalizer, make_stain, statistics_from_dict
 from brst.train.serve.client import HttpClient, RequestRejected, make_client
 from brst.train.serve.transport import Transport
 
@@ -101,17 +108,28 @@ class EndpointPredictor:
         self.transfer = transfer
         self.tiles_per_request = tiles_per_request
         self.retries = retries
+        self._stain_fields: dict | None = None  # the slide's statistics, sent once use_slide_stain gives them
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slide-request")
         probe = self.pool.submit(self._probe).result()  # on a pool thread, whose connection close() ends
         self.genes = [str(g) for g in probe["genes"]]
         self.units = str(probe["units"])
         domain = probe.get("domain")
         self.domain_threshold = None if domain is None else float(domain["threshold"])
+        self.stain_policy = _served_policy(probe.get("stain"))
+        self.slide_stain = _slide_estimator(self.stain_policy, endpoint)
         self.description = {"mode": "endpoint", "endpoint": endpoint, "model_name": model_name,
                             "model_version": str(probe.get("model_version", "")), "tile_um": tile_um,
                             "tile_px": tile_px, "transfer": self.transfer}
         log.info("served model %s (%s), %d genes in %s, tiles sent as %s", model_name,
                  self.description["model_version"], len(self.genes), self.units, self.transfer)
+
+    def use_slide_stain(self, statistics: dict) -> None:
+        """Send these slide statistics (``slide_stain``'s named fields, checked here first) with every
+        following request."""
+        if self.slide_stain is None:
+            raise BrstError("slide stain", f"the model at {self.endpoint} does not take slide statistics")
+        statistics_from_dict(self.slide_stain, statistics, "slide stain")
+        self._stain_fields = statistics
 
     def _probe(self) -> dict:
         """The answer for one white tile; a server refusing NPY is then used with PNG."""
@@ -128,9 +146,11 @@ class EndpointPredictor:
     def _encoded(self, tiles: np.ndarray) -> tuple[bytes, dict]:
         """The request body for uint8 ``(n, P, P, 3)`` tiles and the client's options for it."""
         if self.transfer == "npy":
-            return npy_bytes(tiles), {"um_per_px": self.geometry.um_per_px}
-        body = json.dumps({"instances": [png_base64(tile) for tile in tiles],
-                           "um_per_px": self.geometry.um_per_px}).encode()
+            return npy_bytes(tiles), {"um_per_px": self.geometry.um_per_px, "stain": self._stain_fields}
+        doc = {"instances": [png_base64(tile) for tile in tiles], "um_per_px": self.geometry.um_per_px}
+        if self._stain_fields is not None:
+            doc["stain"] = self._stain_fields
+        body = json.dumps(doc).encode()
         return body, {"mime": "application/json"} if isinstance(self.client, HttpClient) else {}
 
     def _answers(self, tiles: np.ndarray) -> list[dict]:
@@ -214,3 +234,23 @@ class EndpointPredictor:
         close = getattr(self.client, "close", None)
         if close is not None:
             close()
+
+
+def _served_policy(answer: object) -> dict | None:
+    """The archive's stain policy ``{"method", "scope", "fallback", "params"}`` from an answer's
+    ``stain``, or None for a server that does not say (one from before slide stain)."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("policy"), dict):
+        return None
+    return {"method": answer.get("method"), **answer["policy"]}
+
+
+def _slide_estimator(policy: dict | None, endpoint: str) -> StainNormalizer | None:
+    """A normaliser of the served method and parameters to estimate slide statistics with, when the
+    served policy is slide-scope (None otherwise)."""
+    if policy is None or policy.get("scope") != "slide" or policy.get("method") == "none":
+        return None
+    try:
+        params = policy.get("params") or {}
+        return make_stain(str(policy["method"]), **params).with_scope("slide", str(policy.get("fallback")))
+    except (BrstError, TypeError, ValueError) as err:
+        raise BrstError(f"--endpoint {endpoint}", f"declares a stain policy this client cannot use: {err}") from None

@@ -8,6 +8,13 @@ numbers up to floating point. ``stream`` maps an iterable of batches to their ex
 order; the endpoint's keeps requests in flight across batches. ``stream_scored`` does the same
 and adds each tile's in-domain score (:mod:`brst.handlers.domain`; NaN for a model without
 one, whose ``domain_threshold`` is then None).
+
+**Slide stain.** ``slide_stain`` is the normaliser a caller estimates the slide's stain statistics
+with (:meth:`~brst.handlers.stain.base.StainNormalizer.slide_statistics`) when the model's
+normaliser is slide-scope, else None; after ``use_slide_stain(named statistics)`` every tile is
+mapped from them (locally as ``stain_source`` rows, by an endpoint with each request); without
+them the model follows its archive's or checkpoint's fallback. ``stain_policy`` is the model's
+declared ``{"method", "scope", "fallback", "params"}`` (None for a server that does not say).
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch
 
 from brst.handlers.geometry import PatchGeometry
 from brst.handlers.predictor import Predictor
+from brst.handlers.stain import StainNormalizer, statistics_from_dict
 
 
 class SlidePredictor(Protocol):
@@ -28,6 +36,11 @@ class SlidePredictor(Protocol):
     geometry: PatchGeometry
     description: dict
     domain_threshold: float | None
+    slide_stain: StainNormalizer | None
+    stain_policy: dict | None
+
+    def use_slide_stain(self, statistics: dict) -> None:
+        """Map every following tile from these slide statistics (``slide_stain``'s named fields)."""
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``."""
@@ -60,9 +73,24 @@ class LocalPredictor:
         self.domain_threshold = None if domain is None else domain.threshold
         self.description = {"mode": "local", "arch": str(ckpt["arch"]), "device": str(device),
                             "brst_version": str(ckpt.get("brst_version", "")), "epoch": int(ckpt.get("epoch", -1))}
+        stain = self.predictor.model_input.stain
+        self.slide_stain = stain if stain.uses_slide_statistics else None
+        self.stain_policy = {"method": stain.method, "scope": stain.scope, "fallback": stain.fallback,
+                             "params": stain.params}
+        self._stain_row: torch.Tensor | None = None
+
+    def use_slide_stain(self, statistics: dict) -> None:
+        """Map every following tile from these slide statistics (checked like a request's)."""
+        stats = statistics_from_dict(self.predictor.model_input.stain, statistics, "slide stain")
+        self._stain_row = stats.float().to(self.predictor.device).unsqueeze(0)
+
+    def _source(self, n: int) -> torch.Tensor | None:
+        """The slide's statistics as ``(n, K)`` rows, or None before :meth:`use_slide_stain`."""
+        return None if self._stain_row is None else self._stain_row.expand(n, -1)
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
-        return self.predictor(torch.from_numpy(patches).to(self.predictor.device)).float().cpu().numpy()
+        pixels = torch.from_numpy(patches).to(self.predictor.device)
+        return self.predictor(pixels, self._source(len(patches))).float().cpu().numpy()
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Each batch through the model as it arrives."""
@@ -70,7 +98,8 @@ class LocalPredictor:
 
     def scored(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 ``(B, P, P, 3)`` -> expression float32 ``(B, G)`` and in-domain scores float32 ``(B,)``."""
-        values, scores = self.predictor.predict(torch.from_numpy(patches).to(self.predictor.device))
+        values, scores = self.predictor.predict(torch.from_numpy(patches).to(self.predictor.device),
+                                                self._source(len(patches)))
         scores = np.full(len(patches), np.nan, np.float32) if scores is None else scores.float().cpu().numpy()
         return values.float().cpu().numpy(), scores
 

@@ -1,5 +1,11 @@
 """One slide, end to end: open, find tissue, tile, predict, compare, write.
 
+For a model whose stain normaliser is slide-scope, the slide's stain statistics are estimated
+once, over up to :data:`SLIDE_STAIN_TILES` of its tiles spread evenly over the grid (tiles with too
+little tissue are left out by the estimate itself), before the first prediction; every tile and
+measured spot is then mapped from them, and they are logged and written to ``summary.json`` and the
+``.h5ad``'s ``uns["brst"]["stain"]``.
+
 Everything that can fail because of the input (a missing or unreadable slide, no
 resolution, no tissue, a measured section that is not this slide) fails before the
 first output file is written; outputs are computed in memory and then written one by
@@ -7,6 +13,7 @@ one, each atomically.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +36,7 @@ from .measured import MeasuredSection, check_inside, gene_table, grid_origin, lo
 from .outputs import SlideMap, write_domain_map, write_h5ad, write_heatmaps, write_table
 from .predictors import SlidePredictor
 from .tile_grid import TileGrid, TissueMask, find_tiles
-from .tiles import iter_patch_batches, slide_um_per_px
+from .tiles import iter_patch_batches, read_patches, slide_um_per_px
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,8 @@ DEFAULT_TOP_GENES = 6
 TABLE, H5AD, HEATMAPS, SUMMARY = "predictions.csv", "predictions.h5ad", "heatmaps", "summary.json"
 DOMAIN_PNG = "domain_score.png"
 MEASURED_SPOTS, GENE_R, MEASURED_PNG = "measured_spots.csv", "gene_r.csv", "measured_vs_predicted.png"
+#: most tiles a slide's stain statistics are estimated over (evenly spread over its grid)
+SLIDE_STAIN_TILES = 256
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,34 @@ def domain_summary(slide_map: SlideMap) -> dict | None:
             "median_score": float(np.median(slide_map.domain_score)) if len(flagged) else None}
 
 
+def stain_tiles(n_tiles: int, most: int = SLIDE_STAIN_TILES) -> np.ndarray:
+    """Indices of at most ``most`` of ``n_tiles`` tiles, evenly spread, in order. Shape: ``(m,)`` int."""
+    return np.unique(np.linspace(0, n_tiles - 1, min(n_tiles, most)).round().astype(np.int64))
+
+
+def estimate_slide_stain(plan: SlidePlan, predictor: SlidePredictor) -> dict:
+    """Estimate the slide's stain statistics once and hand them to ``predictor``; returns
+    ``summary.json``'s ``stain``: the model's policy, and the slide's statistics (named fields) with
+    the tiles they came from, or None for a model that does not take them (or a slide none of whose
+    sampled tiles has enough tissue: then the model's fallback applies, with a warning)."""
+    summary = {"policy": predictor.stain_policy, "slide_statistics": None, "tiles_sampled": 0}
+    module = predictor.slide_stain
+    if module is None:
+        return summary
+    picked = stain_tiles(len(plan.grid))
+    patches = read_patches(plan.image, plan.grid.pixel_x[picked], plan.grid.pixel_y[picked],
+                           predictor.geometry.side_px(plan.um_per_px), predictor.geometry.patch_px)
+    try:
+        statistics = module.statistics_dict(module.slide_statistics(patches))
+    except BrstError as err:
+        log.warning("no slide stain statistics (%s); tiles follow the model's fallback %r", err.problem,
+                    module.fallback)
+        return {**summary, "tiles_sampled": len(picked)}
+    log.info("slide %s stain over %d tiles: %s", module.method, len(picked), json.dumps(statistics))
+    predictor.use_slide_stain(statistics)
+    return {**summary, "slide_statistics": statistics, "tiles_sampled": len(picked)}
+
+
 def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float] | None = None) -> dict:
     """Predict one slide and write its outputs into ``job.out_dir``; returns the summary."""
     started = time.perf_counter()
@@ -211,6 +248,7 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
     plan = plan_slide(job, predictor, validation_r)
     grid = plan.grid
     try:
+        stain = estimate_slide_stain(plan, predictor)
         predict_started = time.perf_counter()
         values, scores = predict_points_scored(predictor, plan.image, grid.pixel_x, grid.pixel_y, plan.um_per_px,
                                                job.batch_size, "tiles", job.read_workers)
@@ -224,13 +262,14 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
         um_per_px=plan.um_per_px, domain_score=None if predictor.domain_threshold is None else scores,
         domain_threshold=predictor.domain_threshold,
         provenance={**predictor.description, "step_um": job.step_um, "tile_um": predictor.geometry.side_um,
-                    "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                    "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "stain": json.dumps(stain)})
     _write_map(job, slide_map, plan.draw, validation_r)
     summary = {"slide": job.slide, "um_per_px": plan.um_per_px, "width_px": plan.image.width,
                "height_px": plan.image.height, "tiles": len(grid), "step_um": job.step_um,
                "tile_um": predictor.geometry.side_um, "tissue_fraction": plan.tissue.fraction,
                "units": predictor.units, "genes_drawn": plan.draw, "tiles_per_s": tiles_per_s,
-               "model": predictor.description, "domain": domain_summary(slide_map)}
+               "model": predictor.description, "domain": domain_summary(slide_map), "stain": stain}
     if plan.measured is not None:
         summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw,
                                               predictor.domain_threshold)
