@@ -86,15 +86,15 @@ def measure(checkpoint: Path, slides: list[Path], work: Path, args) -> tuple[dic
     for round_ in range(args.rounds):
         out = work / f"round{round_}"
         runs = {
-            "bare": lambda: [run_slide(SlideJob(slide=s, out_dir=out / "bare" / s.parent.name,
+            "bare": lambda out=out: [run_slide(SlideJob(slide=s, out_dir=out / "bare" / s.parent.name,
                                                 um_per_px=SLIDE_UM_PER_PX, step_um=args.step_um,
                                                 batch_size=BATCH_SIZE), predictor)
                              for s in slides],
-            "predict-slide": lambda: [command("predict-slide", [*shared, "--slide", str(s), "--um-per-px",
+            "predict-slide": lambda out=out: [command("predict-slide", [*shared, "--slide", str(s), "--um-per-px",
                                                                 str(SLIDE_UM_PER_PX), "--out",
                                                                 str(out / "slide" / s.parent.name)])
                                       for s in slides],
-            "predict-cohort": lambda: command("predict-cohort", [*shared, "--manifest", str(manifest), "--out",
+            "predict-cohort": lambda out=out: command("predict-cohort", [*shared, "--manifest", str(manifest), "--out",
                                                                  str(out / "cohort")]),
         }
         for name, run in runs.items():

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from serve_fixtures import ServedModel, encode, npy_file, start_serve, stop_serve, scrape_metrics
+from serve_fixtures import ServedModel, encode, npy_file, scrape_metrics, start_serve, stop_serve
 
 from brst.train.cli.main import cli
 from brst.train.data.readers.images import open_image
@@ -141,7 +141,7 @@ def test_a_bad_stain_is_a_400_that_spares_the_good_request(stain_server, heldout
         alone = client.predict(body, stain=statistics)
         results: dict[str, object] = {}
 
-        def send(name: str, stain: dict, client=client) -> None:
+        def send(name: str, stain: dict, client=client, results=results) -> None:
             try:
                 results[name] = client.predict(body, stain=stain)
             except RequestRejected as err:
