@@ -1,12 +1,13 @@
 """The stain-shift stress test: one perturbation per slide, scored per section, through the CLI."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from fit_helpers import run_cli
+from fit_helpers import one_thread, run_cli  # noqa: F401 (fixture)
 
 from brst.train.evaluate.stain_shift import SHIFT_PER_SIGMA, ShiftScore, restain, shift_draw, summarize_shift
 
@@ -46,7 +47,8 @@ def test_summary_keeps_the_share_of_the_margin():
 
 
 @pytest.mark.slow
-def test_evaluate_stain_shift_scores_each_held_out_section(her2st_h5, tmp_path, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_stain_shift_scores_each_held_out_section(her2st_h5, tmp_path):
     """A tiny slide-scope model trained on C2..C4, scored on C5 and C6 each re-stained."""
     run = tmp_path / "run"
     result = run_cli("fit", "--data", her2st_h5, "--out", run, "--arch", "resnet18", "--epochs", "1",
@@ -64,11 +66,11 @@ def test_evaluate_stain_shift_scores_each_held_out_section(her2st_h5, tmp_path, 
     summary = json.loads((out / "stain_shift.json").read_text())
     assert [row["magnitude"] for row in summary["per_magnitude"]] == [0.0, 0.05, 0.1, 0.2]
     assert set(summary["per_section_margin"]) == {"C5", "C6"}
-    rows = (out / "stain_shift.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * (1 + 3 * 3)
+    rows = list(csv.DictReader((out / "stain_shift.csv").open()))
+    assert len(rows) == 2 * (1 + 3 * 3)
     assert (out / "stain_shift.png").stat().st_size > 10_000
     # at magnitude 0 the stress test scores what evaluate scores
     report = json.loads((out / "summary.json").read_text())
-    unshifted = {row.split(",")[0]: float(row.split(",")[3]) for row in rows[1:] if row.split(",")[1] == "0.0"}
+    unshifted = {row["section"]: float(row["model_r"]) for row in rows if float(row["magnitude"]) == 0}
     for section in report["sections"]:
         assert unshifted[section["section"]] == pytest.approx(section["predictors"]["model"]["mean_r"], abs=1e-6)
