@@ -58,8 +58,8 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 
 @click.command("fit")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULTS["recipe"], show_default=True,
-              help="Option defaults: 'paper' (BrST-Net's) or 'small-cohort' (resnet18, AdamW, no stain "
-                   "normalisation but stain jitter, density expert; prepare --patch-um 384 --um-per-px 2). "
+              help="Option defaults: 'paper' (BrST-Net's) or 'small-cohort' (resnet18, AdamW, Macenko stain "
+                   "normalisation per slide, stain jitter, density expert; prepare --patch-um 384 --um-per-px 2). "
                    "Options given explicitly win.")
 @click.option("--arch", help="timm architecture (e.g. inception_v3, efficientnet_b0, vit_base_patch16_224).")
 @click.option("--data", multiple=True, type=click.Path(dir_okay=True), envvar="BRST_DATASET",

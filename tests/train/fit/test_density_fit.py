@@ -66,7 +66,8 @@ def test_model_averages_the_experts_in_eval_mode_only():
 def test_recipe_sets_defaults_that_explicit_options_override():
     assert recipe_defaults("paper", set()) == {}
     chosen = recipe_defaults("small-cohort", {"epochs"})
-    assert "epochs" not in chosen and chosen["stain"] == "none" and chosen["density_expert"] is True
+    assert "epochs" not in chosen and chosen["density_expert"] is True
+    assert (chosen["stain"], chosen["stain_scope"]) == ("macenko", "slide")
     assert RECIPES["small-cohort"]["optimizer"] == "adamw"
 
 
@@ -80,8 +81,9 @@ def test_small_cohort_run_fits_the_expert_and_round_trips(her2st_h5, tmp_path):
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(out / "last.pt")
     options = ckpt["options"]
-    assert (options["recipe"], options["optimizer"], options["stain"], options["epochs"]) == (
-        "small-cohort", "adamw", "none", 1)
+    assert (options["recipe"], options["optimizer"], options["stain"], options["stain_scope"], options["epochs"]) == (
+        "small-cohort", "adamw", "macenko", "slide", 1)
+    assert (ckpt["stain"]["method"], ckpt["stain"]["scope"]) == ("macenko", "slide")
     assert ckpt["density"]["crops"] and ckpt["density"]["fit"]["penalty"] > 0
     assert ckpt["density"]["fit"]["inner_groups"] == ["C2", "C3", "C4", "C5"]  # C6 validates: never seen
     assert len(ckpt["density"]["fit"]["inner_mean_r"]) == 7
