@@ -110,32 +110,54 @@ def mean_rows(rows: list[dict]) -> list[dict]:
 
 
 def figure(table: list[dict]):
-    """Margin over darkness against the magnitude, one line per strategy, one panel per target."""
+    """Per target (columns): the margin over darkness (top) and the mean absolute error (bottom)
+    against the magnitude, one line per strategy."""
     from matplotlib.figure import Figure
 
     targets = sorted({row["target"] for row in table})
-    fig = Figure(figsize=(5 * len(targets), 4))
-    for ax, target in zip(np.atleast_1d(fig.subplots(1, len(targets))), targets):
+    fig = Figure(figsize=(5 * len(targets), 7.5))
+    axes = np.asarray(fig.subplots(2, len(targets))).reshape(2, len(targets))
+    for column, target in enumerate(targets):
         for strategy in STRATEGIES:
             rows = [r for r in table if r["target"] == target and r["strategy"] == strategy]
             if rows:
-                ax.plot([r["magnitude"] for r in rows], [r["margin"] for r in rows], "o-", label=strategy)
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set(xlabel="stain shift magnitude", ylabel="ridge on density statistics: r - darkness r", title=target)
-        ax.legend(fontsize="small")
+                for row_axes, key in ((axes[0, column], "margin"), (axes[1, column], "model_mae")):
+                    row_axes.plot([r["magnitude"] for r in rows], [r[key] for r in rows], "o-", label=strategy)
+        axes[0, column].axhline(0.0, color="grey", lw=0.8)
+        axes[0, column].set(ylabel="ridge r - darkness r (mean over sections)", title=target)
+        axes[1, column].set(xlabel="stain shift magnitude", ylabel=f"ridge mean absolute error ({target})")
+        axes[0, column].legend(fontsize="small")
     fig.tight_layout()
     return fig
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a written ``stain_shift_strategies.csv`` (numbers as floats)."""
+    import csv
+
+    with path.open() as handle:
+        return [{key: (value if key in ("target", "strategy", "section") else float(value)) for key, value in row.items()}
+                for row in csv.DictReader(handle)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="prepared HDF5 dataset(s), e.g. her2st384.h5")
+    parser.add_argument("--data", help="prepared HDF5 dataset(s), e.g. her2st384.h5")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--magnitudes", default="0,0.05,0.1,0.2")
     parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--replot", action="store_true", help="redraw the table and picture from OUT's CSV")
     args = parser.parse_args()
+    if not args.replot and not args.data:
+        parser.error("--data is required (or --replot)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = read_rows(args.out / "stain_shift_strategies.csv") if args.replot else measure(args)
+    report(rows, args.out)
+
+
+def measure(args) -> list[dict]:
+    """Every strategy, target, held-out section, magnitude and draw; written to OUT's CSV."""
     index = open_dataset(args.data)
     sections = sorted(set(index.spots["section"]))
     rows_of = {s: np.flatnonzero(index.spots["section"] == s) for s in sections}
@@ -150,10 +172,15 @@ def main() -> None:
                 rows += [{"target": target, **row}
                          for row in fold_scores(features, measured, strategy, held, train, magnitudes, args.draws)]
             log.info("%s %s done", target, strategy)
-    table = mean_rows(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(args.out / "stain_shift_strategies.csv", rows)
-    save_png(figure(table), args.out / "stain_shift_strategies.png")
+    return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    """The picture, and the table of means printed as markdown."""
+    table = mean_rows(rows)
+    save_png(figure(table), out / "stain_shift_strategies.png")
     log.info("| target | strategy | magnitude | ridge r | darkness r | margin | ridge MAE |")
     log.info("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in table:
