@@ -14,7 +14,7 @@ interleave the two sides (each round: in-process, then every served configuratio
 figure is the best of its rounds, the same statistic on both sides, so a busy moment on a
 shared machine does not decide the ratio.
 Run it with ``THP_MEM_ALLOC_ENABLE=1`` in the environment (``make bench`` does) to measure
-both sides as deployed (README, "CPU performance").
+both sides as deployed (docs/GUIDE.md, "CPU performance").
 
 The model is ``--arch`` (default efficientnet_b0, one of the paper's) at its own input
 size, with random weights (throughput does not depend on their values), a Macenko

@@ -1,6 +1,6 @@
 """Where a CPU Macenko batch spends its time, beside torchstain, and what eager torch could reach.
 
-Issue 3 asks for 20x torchstain's per-image Macenko on the CPU. This script times, on the same
+The goal is 20x torchstain's per-image Macenko on the CPU. This script times, on the same
 real HER2ST patches (uint8 ``(64, 3, 224, 224)``) and in the same run:
 
 reference:    torchstain's torch Macenko, one patch at a time (as bench_stain.py);

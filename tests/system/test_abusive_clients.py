@@ -1,4 +1,4 @@
-"""Slow and idle clients must not starve normal ones (issue 19, item 5), on a real TorchServe.
+"""Slow and idle clients must not starve normal ones, on a real TorchServe.
 
 Beside a burst of 200 idle connections and 4 clients that dribble a request body one byte every
 50 ms, normal requests (real PNG patches) keep their latency: p99 and the median are compared with

@@ -1,4 +1,4 @@
-"""A full disk mid-write (issue 19, item 3): one clear line naming the file and the space, exit 2,
+"""A full disk mid-write: one clear line naming the file and the space, exit 2,
 the previous file intact, no temporary file left. The disks are real tmpfs mounts of a few hundred
 KB (root mounts them here, as in CI)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults while serving (issue 19, items 1 and 2): a stop under load, a worker killed under load.
+"""Faults while serving: a stop under load, a worker killed under load.
 
 A real ``brst-train serve`` (TorchServe on loopback) and a bounded load of real PNG patches at
 concurrency 8; each outcome is recorded per request: ``ok``, ``http <status>``, ``refused``,

@@ -36,7 +36,7 @@ def her2st_sections(her2st_root):
 
 def test_her2st_spots_join_counts(her2st_sections, her2st_root):
     assert [s.section for s in her2st_sections] == HER2ST_SECTIONS
-    assert sum(s.n_spots for s in her2st_sections) == 910  # the README's figure
+    assert sum(s.n_spots for s in her2st_sections) == 910  # docs/GUIDE.md's figure (prepare)
     for section in her2st_sections[::2]:
         counts, spots = pandas_join(her2st_root, section.section)
         assert section.patient == "C" and section.n_spots == len(counts)

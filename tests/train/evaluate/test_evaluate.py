@@ -186,7 +186,7 @@ def test_report_over_several_folds(index, tmp_path):
     assert "across 2 section(s)" in format_report(summary)
 
 
-# --- integrity (issue 13): the data and spots a checkpoint was trained on ---------------------------------------
+# --- integrity: the data and spots a checkpoint was trained on ---------------------------------------
 
 
 def _genes_csv(path) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The data fingerprint and the spot records a checkpoint carries (issue 13: evaluation integrity).
+"""The data fingerprint and the spot records a checkpoint carries (evaluation integrity).
 
 The fingerprint is content identity: a copy at another path, or a file whose provenance
 attributes changed, is the same data; any change to the spot table, the genes, the patch
