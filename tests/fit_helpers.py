@@ -58,3 +58,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A CliRunner result that failed as a user error: exit 2, no traceback, one ``brst-train: error:``
+    line naming every fragment; returns that line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("brst-train: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in line, line
+    return line

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from fit_helpers import assert_one_line_error
 from PIL import Image
 
 from brst.train.cli.main import cli
@@ -38,16 +39,6 @@ def her2st_copy(her2st_root: Path, dest: Path, copy: tuple[str, ...] = ()) -> Pa
 def run(*args: str):
     return CliRunner().invoke(cli, list(args))
 
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("brst-train: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 def assert_no_output(folder: Path) -> None:

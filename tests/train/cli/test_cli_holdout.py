@@ -10,6 +10,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from fit_helpers import assert_one_line_error
 
 from brst.train.checkpoint import load_checkpoint
 from brst.train.cli.main import cli
@@ -21,14 +22,6 @@ TINY_FIT = ["--arch", "test_resnet", "--input-size", "32", "--stain", "none", "-
 def run(*args):
     return CliRunner().invoke(cli, [str(arg) for arg in args])
 
-
-def assert_one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("brst-train: error: "), result.stderr
-    for word in words:
-        assert word in line, line
 
 
 @pytest.mark.parametrize("names", [["--holdout", "C5,C6", "--exclude", "C2,C3"],

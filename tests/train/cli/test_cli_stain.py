@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fit_helpers import assert_one_line_error
 from PIL import Image
 
 from brst.handlers.stain import Macenko, stain_from_json
@@ -16,14 +17,6 @@ from brst.train.data import open_dataset
 def run(*args):
     return CliRunner().invoke(cli, ["stain", *map(str, args)])
 
-
-def assert_one_line_error(result, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("brst-train: error: "), result.stderr
-    for word in words:
-        assert word in line, line
 
 
 @pytest.fixture(scope="module")
