@@ -21,14 +21,12 @@ from brst.handlers.errors import BrstError
 from brst.train.cohort.manifest import MANIFEST_EXIT, ManifestError, read_manifest
 
 from .params import PATH, split_names
-from .slide import _check_sources, _predictor, predict_slide
+from .slide import ENDPOINT_OPTIONS, _check_sources, _predictor, allow_insecure_sources, endpoint_settings, predict_slide
 
 log = logging.getLogger(__name__)
 
 #: predict-slide's options, by where they go: every one is used or given per slide by the manifest
-MODEL_OPTIONS = ("checkpoint", "endpoint", "device", "gene_r")
-ENDPOINT_OPTIONS = ("model_name", "tile_um", "tile_px", "concurrency", "tiles_per_request", "transfer", "retries",
-                    "timeout_s", "token")
+MODEL_OPTIONS = ("checkpoint", "endpoint", "device", "gene_r", "allow_insecure")
 JOB_OPTIONS = ("genes", "top_genes", "step_um", "batch_size", "um_per_px", "read_workers")
 PER_SLIDE_OPTIONS = ("slide", "out_dir", "measured", "section")
 
@@ -68,8 +66,9 @@ def _model(options: dict):
     from brst.train.slide.drawn_genes import table_validation_r
 
     _check_sources(options["checkpoint"], options["endpoint"], None, None)
+    allow_insecure_sources(options["allow_insecure"])
     predictor, validation = _predictor(options["checkpoint"], options["endpoint"], options["device"],
-                                       {name: options[name] for name in ENDPOINT_OPTIONS})
+                                       endpoint_settings(**{name: options[name] for name in ENDPOINT_OPTIONS}))
     if options["gene_r"] is not None:
         validation = table_validation_r(options["gene_r"])
     model = (checkpoint_identity(resolve_checkpoint(options["checkpoint"])) if options["checkpoint"] is not None

@@ -41,6 +41,26 @@ def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpo
     return EndpointPredictor(endpoint, **endpoint_options), {}
 
 
+#: predict-slide's options that set up the endpoint client (:func:`endpoint_settings`)
+ENDPOINT_OPTIONS = ("model_name", "tile_um", "tile_px", "concurrency", "tiles_per_request", "transfer", "retries",
+                    "timeout_s", "token", "tls", "ca_file", "auth_scheme", "credentials_file")
+
+
+def endpoint_settings(*, token: str | None, tls: bool, ca_file: Path | None, auth_scheme: str,
+                      credentials_file: Path | None, **client: object) -> dict:
+    """The :class:`~brst.train.slide.endpoint.EndpointPredictor` keyword arguments from the
+    :data:`ENDPOINT_OPTIONS` values: the client settings as they are, and the transport."""
+    return {**client, "transport": endpoint_transport(token, credentials_file, auth_scheme, tls, ca_file)}
+
+
+def allow_insecure_sources(allow: bool) -> None:
+    """``--allow-insecure``: through the environment, which reaches every place (and process) that opens a slide."""
+    from brst.train.data.readers.dicom_image import ALLOW_INSECURE_ENV
+
+    if allow:
+        os.environ[ALLOW_INSECURE_ENV] = "1"
+
+
 @click.command("predict-slide")
 @click.option("--checkpoint", type=click.Path(path_type=Path), envvar="BRST_CHECKPOINT",
               help="Checkpoint file or run directory (its last.pt): run the model here.")
@@ -101,18 +121,15 @@ def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str
     on it, are read at the model's um/px whatever the slide's, and go through the local
     model (GPU when present) or the served endpoint in batches.
     """
-    from brst.train.data.readers.dicom_image import ALLOW_INSECURE_ENV
     from brst.train.slide.drawn_genes import table_validation_r
     from brst.train.slide.run import SlideJob, run_slide
 
-    if allow_insecure:  # the environment reaches every place (and process) that opens the slide
-        os.environ[ALLOW_INSECURE_ENV] = "1"
+    allow_insecure_sources(allow_insecure)
     _check_sources(checkpoint, endpoint, measured, section)
-    endpoint_options = {"model_name": model_name, "tile_um": tile_um, "tile_px": tile_px, "concurrency": concurrency,
-                        "tiles_per_request": tiles_per_request, "transfer": transfer, "retries": retries,
-                        "timeout_s": timeout_s,
-                        "transport": endpoint_transport(token, credentials_file, auth_scheme, tls, ca_file)}
-    predictor, validation = _predictor(checkpoint, endpoint, device, endpoint_options)
+    predictor, validation = _predictor(checkpoint, endpoint, device, endpoint_settings(
+        model_name=model_name, tile_um=tile_um, tile_px=tile_px, concurrency=concurrency,
+        tiles_per_request=tiles_per_request, transfer=transfer, retries=retries, timeout_s=timeout_s, token=token,
+        tls=tls, ca_file=ca_file, auth_scheme=auth_scheme, credentials_file=credentials_file))
     if gene_r is not None:
         validation = table_validation_r(gene_r)
     job = SlideJob(slide=slide, out_dir=out_dir, um_per_px=um_per_px, step_um=step_um, batch_size=batch_size,

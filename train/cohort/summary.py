@@ -47,12 +47,12 @@ TABLE_CSV, MEANS_H5AD, CONTACT_SHEET = "cohort.csv", "cohort.h5ad", "contact_she
 
 
 def _out_of_domain(folder: Path, obs: pd.DataFrame) -> pd.Series | None:
-    """The per-tile ``out_of_domain`` flags of a slide (AnnData ``obs`` or its table), if present."""
-    if OUT_OF_DOMAIN in obs.columns:
-        return obs[OUT_OF_DOMAIN]
+    """The per-tile ``out_of_domain`` flags of a slide (its table, else AnnData ``obs``), if present."""
     with open(folder / TABLE, encoding="utf-8") as stream:
         header = stream.readline().rstrip("\n").split(",")
-    return pd.read_csv(folder / TABLE, usecols=[OUT_OF_DOMAIN])[OUT_OF_DOMAIN] if OUT_OF_DOMAIN in header else None
+    if OUT_OF_DOMAIN in header:
+        return pd.read_csv(folder / TABLE, usecols=[OUT_OF_DOMAIN])[OUT_OF_DOMAIN]
+    return obs[OUT_OF_DOMAIN] if OUT_OF_DOMAIN in obs.columns else None
 
 
 def slide_row(folder: Path) -> tuple[dict, pd.Series, list[str]]:

@@ -231,16 +231,15 @@ def test_the_summary_tables_every_slide_and_scanpy_reads_the_means(one_process):
 
 def test_slides_with_many_out_of_domain_tiles_are_flagged_and_listed_first(one_process, cohort_root: Path,
                                                                            tmp_path: Path):
-    """Tables that carry predict-slide's per-tile ``out_of_domain`` flag (written here into copies of
-    the real outputs) give a share per slide; slides above --flag-share come first."""
+    """Tables carry predict-slide's per-tile ``out_of_domain`` flag (set here in copies of the real
+    outputs) and give a share per slide; slides above --flag-share come first."""
     out = tmp_path / "out"
     shutil.copytree(one_process[0], out)
     shares = {"C2-jpeg": 0.0, "C3-jpeg": 0.5, "C4-tiff": 0.1}
     for slide_id, share in shares.items():
         table = pd.read_csv(out / slide_id / "predictions.csv")
         flagged = round(share * len(table))
-        table.insert(table.columns.get_loc("tissue_fraction") + 1, "out_of_domain",
-                     [True] * flagged + [False] * (len(table) - flagged))
+        table["out_of_domain"] = [True] * flagged + [False] * (len(table) - flagged)
         table.to_csv(out / slide_id / "predictions.csv", index=False)
         shares[slide_id] = flagged / len(table)
     result = run_cohort("--manifest", cohort_root / "manifest.csv", "--out", out, "--summarize", "--flag-share", 0.25)
@@ -390,8 +389,9 @@ def test_the_served_model_gives_the_local_numbers_and_its_version_is_the_identit
     for slide_id in ("C2-jpeg", "C4-tiff"):
         served, local = (pd.read_csv(folder / slide_id / "predictions.csv") for folder in (out, local_out))
         assert list(served["tile"]) == list(local["tile"])
-        genes = served.columns[served.columns.get_loc("tissue_fraction") + 1:]
-        np.testing.assert_allclose(served[genes].to_numpy(), local[genes].to_numpy(), atol=1e-4)
+        values = [c for c in served.columns[served.columns.get_loc("tissue_fraction") + 1:] if c != "out_of_domain"]
+        np.testing.assert_allclose(served[values].to_numpy(), local[values].to_numpy(), atol=1e-4)
+        assert list(served["out_of_domain"]) == list(local["out_of_domain"])
     record = json.loads((out / "C2-jpeg" / "cohort.json").read_text())
     assert record["identity"]["model"]["kind"] == "endpoint" and record["identity"]["model"]["model_version"]
     table = pd.read_csv(out / "_cohort" / "cohort.csv")
