@@ -68,7 +68,8 @@ def assert_same_map(out: Path, reference: Path, max_abs: float, mean_abs: float,
     shared = ours.merge(theirs, on="key", suffixes=("", "_ref"))
     assert len(shared) >= 0.95 * max(len(ours), len(theirs)) and len(shared) > 50, (len(shared), len(ours), len(theirs))
     genes = [c for c in theirs.columns if f"{c}_ref" in shared.columns and c not in
-             ("pixel_x", "pixel_y", "x_um", "y_um", "array_col", "array_row", "in_tissue", "tissue_fraction", "tile")]
+             ("pixel_x", "pixel_y", "x_um", "y_um", "array_col", "array_row", "in_tissue", "tissue_fraction", "tile",
+              "domain_score", "out_of_domain")]
     values, expected = shared[genes].to_numpy(), shared[[f"{g}_ref" for g in genes]].to_numpy()
     assert np.abs(values - expected).max() < max_abs and np.abs(values - expected).mean() < mean_abs
     varying = expected.std(axis=0) > 1e-3
