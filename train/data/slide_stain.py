@@ -4,7 +4,8 @@ A slide-scope stain normaliser (:mod:`brst.handlers.stain.base`) maps every patc
 with that slide's source statistics: the median of per-tile statistics over the slide's tissue
 tiles (:meth:`~brst.handlers.stain.base.StainNormalizer.slide_statistics`). ``prepare``
 estimates them for every method with its default parameters over the section's spot patches
-(each spot is a tissue tile) and stores them in the file's ``slide_stain`` attribute (schema 2,
+(each spot is a tissue tile; at most :data:`SAMPLE_TILES`, evenly spread) and stores them in the
+file's ``slide_stain`` attribute (schema 2,
 docs/CONTRACTS.md). A run whose normaliser has other parameters, or a schema-1 file, gets them
 estimated from the same patches when the run starts.
 """
@@ -25,6 +26,19 @@ log = logging.getLogger(__name__)
 
 #: methods whose slide statistics ``prepare`` stores
 STORED_METHODS = tuple(name for name in METHODS if name != "none")
+#: a section's stain is the median over at most this many of its spot patches, evenly spread
+#: (a robust median needs no more, and ``prepare`` pays for every one)
+SAMPLE_TILES = 64
+
+
+def sample_rows(n: int) -> np.ndarray:
+    """Positions of at most :data:`SAMPLE_TILES` of ``n`` tiles, evenly spread. Shape: -> ``(k,)`` int64."""
+    return np.unique(np.linspace(0, n - 1, min(n, SAMPLE_TILES)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def estimate(module: StainNormalizer, patches: np.ndarray) -> torch.Tensor:
+    """A section's source statistics ``(K,)`` float64 over :func:`sample_rows` of its patches ``(n, P, P, 3)``."""
+    return module.slide_statistics(patches[sample_rows(len(patches))])
 
 
 def section_stain(patches: np.ndarray) -> dict[str, dict | None]:
@@ -36,7 +50,7 @@ def section_stain(patches: np.ndarray) -> dict[str, dict | None]:
     for method in STORED_METHODS:
         module = make_stain(method)
         try:
-            stains[method] = module.statistics_dict(module.slide_statistics(patches))
+            stains[method] = module.statistics_dict(estimate(module, patches))
         except BrstError:
             stains[method] = None
     return stains
@@ -61,9 +75,9 @@ def _section_statistics(index, section: str, module: StainNormalizer, stored: di
     if fields is not None and stored.get("params", {}).get(module.method) == module.params:
         return statistics_from_dict(module, fields, f"section {section} slide stain").float()
     spots = np.flatnonzero(index.spots["section"] == section)
-    log.info("estimating the %s stain of section %s over its %d spot patches", module.method, section, len(spots))
+    log.info("estimating the %s stain of section %s over its spot patches", module.method, section)
     try:
-        return module.slide_statistics(index.patches(spots)).float()
+        return module.slide_statistics(index.patches(spots[sample_rows(len(spots))])).float()
     except BrstError as err:
         raise BrstError(f"section {section}", f"no slide stain: {err.problem}") from None
 

@@ -28,6 +28,7 @@ import torch
 from brst.handlers.density import hed_jitter
 from brst.handlers.predictor import Predictor
 from brst.train.accuracy import pearson_r
+from brst.train.data.slide_stain import estimate
 
 from .baselines import LinearFit, mean_optical_density
 from .fold import measured_expression
@@ -93,7 +94,7 @@ def predict_patches(predictor: Predictor, patches: np.ndarray, batch_size: int =
     Shape: ``(n, P, P, 3)`` uint8 -> ``(n, G)`` float64.
     """
     stain = predictor.model_input.stain
-    source = stain.slide_statistics(patches).float().to(predictor.device) if stain.uses_slide_statistics else None
+    source = estimate(stain, patches).float().to(predictor.device) if stain.uses_slide_statistics else None
     out = []
     for start in range(0, len(patches), batch_size):
         batch = torch.from_numpy(patches[start:start + batch_size]).to(predictor.device)

@@ -12,7 +12,14 @@ import torch
 from brst.handlers.stain import make_stain, statistics_from_dict
 from brst.train.data import open_dataset
 from brst.train.data.schema import SLIDE_STAIN_ATTR
-from brst.train.data.slide_stain import STORED_METHODS, slide_stain_table, stored_stain
+from brst.train.data.slide_stain import STORED_METHODS, estimate, sample_rows, slide_stain_table, stored_stain
+
+
+def test_the_sample_is_evenly_spread_and_bounded():
+    assert list(sample_rows(5)) == [0, 1, 2, 3, 4]
+    rows = sample_rows(1000)
+    assert len(rows) == 64 and rows[0] == 0 and rows[-1] == 999 and np.all(np.diff(rows) >= 15)
+    assert len(sample_rows(0)) == 0
 
 
 def test_prepare_stores_every_section_stain(her2st_h5):
@@ -25,7 +32,7 @@ def test_prepare_stores_every_section_stain(her2st_h5):
         for section, stains in stored["sections"].items():
             module = make_stain(method)
             spots = np.flatnonzero(index.spots["section"] == section)
-            expected = module.slide_statistics(index.patches(spots))
+            expected = estimate(module, index.patches(spots))
             torch.testing.assert_close(statistics_from_dict(module, stains[method]), expected, rtol=1e-6, atol=1e-6)
 
 
