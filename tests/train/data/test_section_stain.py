@@ -56,7 +56,7 @@ def test_the_estimate_runs_on_the_cutting_threads(her2st_root, tmp_path, monkeyp
     assert threading.current_thread().name not in threads
 
 
-def test_a_section_without_tissue_is_stored_without_a_stain(her2st_root):
+def test_a_section_without_tissue_has_no_stain(her2st_root):
     c6 = read_sections("her2st", her2st_root, ["C6"])[0].take(np.arange(8))
     side_px = FAST.geometry.side_px(c6.um_per_px)
     corner = np.full(8, side_px)  # the slide's top-left corner: glass
