@@ -2,11 +2,11 @@
 
 Steps: read sections (counts, spots, lazy images) -> spot filter (minimum total counts,
 patch inside the image, optionally Otsu tissue) -> gene filter and panel (a
-:class:`~brst.train.data.genes.GenePlan`, computed or loaded) -> cut patches (each image
-decoded once; :mod:`~brst.train.data.cutting` decodes and cuts ``workers`` sections at once on
-threads, starting while later sections' counts are still being read, and the HDF5 writing
-overlaps them) -> one HDF5 file, or one file per section (``out_dir``), each written under a
-temporary name and renamed when complete.
+:class:`~brst.train.data.genes.GenePlan`, computed or loaded) -> cut patches and estimate each
+section's slide stain (each image decoded once; :mod:`~brst.train.data.cutting` decodes, cuts and
+estimates ``workers`` sections at once on threads, starting while later sections' counts are still
+being read, and the HDF5 writing overlaps them) -> one HDF5 file, or one file per section
+(``out_dir``), each written under a temporary name and renamed when complete.
 
 A large cohort is prepared as independent jobs: one ``--write-plan plan.json`` run over
 all sections (counts only, no pixels decoded unless ``otsu``), then one job per section
@@ -29,7 +29,7 @@ from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.train.atomic import atomic_path
 
-from .cutting import SectionCutter, default_threads
+from .cutting import CutSection, SectionCutter, default_threads
 from .genes import MISSING_GENES, GenePlan, choose_genes, read_gene_list, stack_counts, unmeasured_genes
 from .readers import iter_sections, reader
 from .readers.base import Section
@@ -125,15 +125,16 @@ def dataset_attrs(format_name: str, sections: Sequence[Section], options: Prepar
 
 
 def write_dataset(path: Path, attrs: dict, sections: Sequence[Section], plan: GenePlan,
-                  patches: Iterator[np.ndarray], progress: tqdm | None = None) -> Path:
-    """Write ``sections`` (already spot-filtered) and their ``patches`` (one array per section) to ``path``."""
+                  cuts: Iterator[CutSection], progress: tqdm | None = None) -> Path:
+    """Write ``sections`` (already spot-filtered) with their patches and slide stains (``cuts``, one per
+    section) to ``path``."""
     total = sum(section.n_spots for section in sections)
     patch_bytes = total * int(attrs["patch_px"]) ** 2 * 3  # uncompressed uint8: the bulk of the file
     with atomic_path(path, needed_bytes=patch_bytes) as tmp, \
             DatasetWriter(tmp, total, plan.genes, plan.panel, attrs) as writer:
-        for section, section_patches in zip(sections, patches):
-            writer.append(section, section_patches, stack_counts([section], plan.genes, zero_missing=True),
-                          section.library_size)
+        for section, cut in zip(sections, cuts):
+            writer.append(section, cut.patches, stack_counts([section], plan.genes, zero_missing=True),
+                          section.library_size, cut.stain)
             if progress is not None:
                 progress.update(section.n_spots)
         writer.finish()
@@ -212,9 +213,9 @@ def prepare(format_name: str, root: str | Path, out: str | Path | None = None, o
             return [Path(write_plan)], reports, plan
         attrs = dataset_attrs(format_name, kept, options, plan, root)
         with tqdm(total=sum(s.n_spots for s in kept), unit="spot", desc="prepare", dynamic_ncols=True) as progress:
-            patches = cutter.cut(kept)
+            cuts = cutter.cut(kept)
             if out is not None:
-                return [write_dataset(Path(out), attrs, kept, plan, patches, progress)], reports, plan
-            files = [write_dataset(Path(out_dir) / f"{section.section}.h5", attrs, [section], plan, iter([pixels]),
-                                   progress) for section, pixels in zip(kept, patches)]
+                return [write_dataset(Path(out), attrs, kept, plan, cuts, progress)], reports, plan
+            files = [write_dataset(Path(out_dir) / f"{section.section}.h5", attrs, [section], plan, iter([cut]),
+                                   progress) for section, cut in zip(kept, cuts)]
     return files, reports, plan

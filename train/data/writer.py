@@ -3,8 +3,8 @@
 Use it inside :func:`brst.train.atomic.atomic_path` so a reader never sees a partial file::
 
     with atomic_path("out.h5") as tmp, DatasetWriter(tmp, n_spots, genes, panel, attrs) as out:
-        for section, rows, patches in ...:
-            out.append(section, rows, patches, counts)
+        for section, patches, counts, library_size, stain in ...:
+            out.append(section, patches, counts, library_size, stain)
         out.finish()
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .schema import SCHEMA_VERSION, SLIDE_STAIN_ATTR, SPOT_FIELDS, STR, brst_ver
 
 
 class DatasetWriter:
-    """Create a schema-2 file for ``n_spots`` spots and fill it in order; each section's slide
-    stain (:func:`~brst.train.data.slide_stain.section_stain`) is estimated as it is appended.
+    """Create a schema-2 file for ``n_spots`` spots and fill it in order, with each section's slide
+    stain (:func:`~brst.train.data.slide_stain.section_stain`, estimated by the caller).
 
     Args:
         path: file to create (normally a temporary name, renamed when complete).
@@ -69,7 +69,7 @@ class DatasetWriter:
         self.file.close()
 
     def append(self, section: Section, patches: np.ndarray, counts: scipy.sparse.csr_matrix,
-               library_size: np.ndarray) -> None:
+               library_size: np.ndarray, stain: dict[str, dict | None]) -> None:
         """Add a section's spots.
 
         Args:
@@ -77,6 +77,7 @@ class DatasetWriter:
             patches: ``(n, P, P, 3)`` uint8.
             counts: ``(n, G)`` counts of the writer's ``genes``.
             library_size: ``(n,)`` total counts over all source genes.
+            stain: the section's :func:`~brst.train.data.slide_stain.section_stain` (of ``patches``).
         """
         n = section.n_spots
         lo, hi = self.written, self.written + n
@@ -94,9 +95,7 @@ class DatasetWriter:
             self.file[f"spots/{name}"][lo:hi] = values
         self.file["patches"][lo:hi] = patches
         self.file["counts"][lo:hi] = counts.toarray()
-        from .slide_stain import section_stain  # torch: not loaded by the commands that only read files
-
-        self.stains[section.section] = section_stain(patches)
+        self.stains[section.section] = stain
         self.written = hi
 
     def finish(self) -> None:

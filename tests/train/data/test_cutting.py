@@ -15,6 +15,7 @@ from brst.train.data.patches import cut_patch
 from brst.train.data.prepare import PrepareOptions, select_spots
 from brst.train.data.readers import read_sections
 from brst.train.data.readers.images import DecodedImage
+from brst.train.data.slide_stain import section_stain
 
 GEOMETRY = PatchGeometry(patch_um=112.0, um_per_px=4.0)  # 28 px: JPEGs decode at 1/4, fast
 
@@ -33,13 +34,15 @@ def expected_patches(section) -> np.ndarray:
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_patches_come_in_order_and_equal_a_plain_cut(sections, threads):
+def test_patches_and_stains_come_in_order_and_equal_a_plain_cut(sections, threads):
     expected = [expected_patches(section) for section in sections]
     with SectionCutter(GEOMETRY, threads) as cutter:
         cut = list(cutter.cut(sections))
-    assert [len(p) for p in cut] == [section.n_spots for section in sections]
+    assert [len(c.patches) for c in cut] == [section.n_spots for section in sections]
     for mine, reference in zip(cut, expected):
-        np.testing.assert_array_equal(mine, reference)
+        np.testing.assert_array_equal(mine.patches, reference)
+        assert mine.stain == section_stain(reference)
+    assert all(stain is not None for c in cut for stain in c.stain.values())
     assert all(section.image._pixels is None for section in sections)  # each image released after its cut
 
 

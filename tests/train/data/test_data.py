@@ -14,6 +14,7 @@ from brst.handlers.errors import BrstError
 from brst.train.atomic import atomic_path
 from brst.train.data import DatasetWriter, PatchDataset, open_dataset
 from brst.train.data.readers.base import Section
+from brst.train.data.slide_stain import section_stain
 
 PATCH_PX = 8
 
@@ -41,7 +42,8 @@ def write_file(path: Path, parts: list[tuple[Section, np.ndarray]], genes: list[
     with atomic_path(path) as tmp, DatasetWriter(tmp, n, genes, panel, attrs) as writer:
         for section, patches in parts:
             column = {g: i for i, g in enumerate(section.genes)}
-            writer.append(section, patches, section.counts[:, [column[g] for g in genes]], section.library_size)
+            writer.append(section, patches, section.counts[:, [column[g] for g in genes]], section.library_size,
+                          section_stain(patches))
         if finish:
             writer.finish()
     return path

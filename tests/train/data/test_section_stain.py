@@ -1,18 +1,25 @@
 """Each section's slide stain: estimated by prepare, stored in the HDF5 file (schema 2), looked up per spot."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import threading
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from brst.handlers.stain import make_stain, statistics_from_dict
-from brst.train.data import open_dataset
+from brst.handlers.stain import make_stain
+from brst.train.data import open_dataset, slide_stain
+from brst.train.data.cutting import SectionCutter
+from brst.train.data.prepare import PrepareOptions, prepare
+from brst.train.data.readers import read_sections
 from brst.train.data.schema import SLIDE_STAIN_ATTR
 from brst.train.data.slide_stain import STORED_METHODS, estimate, sample_rows, slide_stain_table, stored_stain
+
+FAST = PrepareOptions(um_per_px=4.0, workers=2)  # 28 px patches: the JPEGs decode at 1/4
 
 
 def test_the_sample_is_evenly_spread_and_bounded():
@@ -22,7 +29,8 @@ def test_the_sample_is_evenly_spread_and_bounded():
     assert len(sample_rows(0)) == 0
 
 
-def test_prepare_stores_every_section_stain(her2st_h5):
+def test_prepare_stores_exactly_the_estimate_over_each_section_sample(her2st_h5):
+    """Estimated on the cutting threads, stored as JSON: bit for bit the estimate made here over the same sample."""
     index = open_dataset(her2st_h5)
     stored = stored_stain(index.attrs)
     assert index.attrs["schema_version"] == 2
@@ -32,8 +40,42 @@ def test_prepare_stores_every_section_stain(her2st_h5):
         for section, stains in stored["sections"].items():
             module = make_stain(method)
             spots = np.flatnonzero(index.spots["section"] == section)
-            expected = estimate(module, index.patches(spots))
-            torch.testing.assert_close(statistics_from_dict(module, stains[method]), expected, rtol=1e-6, atol=1e-6)
+            assert stains[method] == module.statistics_dict(estimate(module, index.patches(spots)))
+
+
+def test_the_estimate_runs_on_the_cutting_threads(her2st_root, tmp_path, monkeypatch):
+    real, threads = slide_stain.section_stain, []
+
+    def spy(patches):
+        threads.append(threading.current_thread().name)
+        return real(patches)
+
+    monkeypatch.setattr(slide_stain, "section_stain", spy)
+    prepare("her2st", her2st_root, out=tmp_path / "two.h5", sections=["C4", "C6"], options=FAST)
+    assert len(threads) == 2 and all(name.startswith("cut") for name in threads)
+    assert threading.current_thread().name not in threads
+
+
+def test_a_section_without_tissue_has_no_stain(her2st_root):
+    c6 = read_sections("her2st", her2st_root, ["C6"])[0].take(np.arange(8))
+    side_px = FAST.geometry.side_px(c6.um_per_px)
+    corner = np.full(8, side_px)  # the slide's top-left corner: glass
+    glass = dataclasses.replace(c6, pixel_x=corner + np.arange(8) * side_px, pixel_y=corner)
+    with SectionCutter(FAST.geometry, threads=2) as cutter:
+        (cut,) = cutter.cut([glass])
+    assert cut.patches.min() > 200  # nothing but glass
+    assert cut.stain == {method: None for method in STORED_METHODS}
+
+
+def test_an_estimate_that_fails_stops_prepare_and_leaves_no_file(her2st_root, tmp_path, monkeypatch):
+    """A real estimate fails only for want of tissue (None, above); any other failure is injected here."""
+    def broken(patches):
+        raise RuntimeError("stain estimate failed")
+
+    monkeypatch.setattr(slide_stain, "section_stain", broken)
+    with pytest.raises(RuntimeError, match="stain estimate failed"):
+        prepare("her2st", her2st_root, out=tmp_path / "broken.h5", sections=["C4", "C6"], options=FAST)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("method", STORED_METHODS)
