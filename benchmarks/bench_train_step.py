@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, data: str) -> dict:
     _, loader, _ = make_loaders(options, index, spec, DistContext(), device)
     parts = make_parts(options, spec, model, index, DistContext(), device, total_steps=10_000)
     codes = epoch_augmentation(len(index), options.seed, 0, options.stain_jitter)
-    reference = Reference(args.arch, args.input_size, len(spec.panel) + len(spec.aux), options, device)
+    reference = Reference(args.arch, args.input_size, len(spec.genes) + len(spec.aux_genes), options, device)
     batches = endless(loader)
     warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
     compile_s, _, _, used = ours_round(parts, batches, codes, warmup)  # workers, allocations, compilation
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace, data: str) -> dict:
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "precision": {"ours": precision_name(parts.amp_dtype), "reference": precision_name(reference.dtype)},
             "channels_last": parts.channels_last, "compile": args.compile, "warmup_s": round(compile_s, 2),
-            "patch_px": index.patch_px, "genes": [len(spec.panel), len(spec.aux)]}
+            "patch_px": index.patch_px, "genes": [len(spec.genes), len(spec.aux_genes)]}
 
 
 if __name__ == "__main__":

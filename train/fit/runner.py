@@ -74,21 +74,22 @@ POSTFIX_EVERY = 5
 class RunSpec:
     """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input.
 
-    ``data`` is the training data's fingerprint and ``spots`` the training and validation
-    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint, as does ``domain``,
-    the in-domain score (:mod:`brst.train.fit.domain_calibration`; None where it could not be fitted).
+    Fields that go into the checkpoint carry the checkpoint key's name: ``genes`` (the main panel),
+    ``aux_genes``, ``data_fingerprint`` (the training data's) and ``spots`` (the training and
+    validation spots, :mod:`brst.train.fit.provenance`), as does ``domain``, the in-domain score
+    (:mod:`brst.train.fit.domain_calibration`; None where it could not be fitted).
     """
 
     train_idx: np.ndarray
     val_idx: np.ndarray
     holdout: list[str]
-    panel: list[str]
-    aux: list[str]
+    genes: list[str]
+    aux_genes: list[str]
     main_target: TargetTransform
     aux_target: TargetTransform | None
     stain: torch.nn.Module
     data_config: dict
-    data: dict = field(default_factory=dict)
+    data_fingerprint: dict = field(default_factory=dict)
     spots: dict = field(default_factory=dict)
     density: dict | None = None
     domain: dict | None = None
@@ -136,14 +137,14 @@ def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pr
     """The seeded model; head biases start at the mean training target (0: targets are z-scores)."""
     seed_everything(options.seed)
     density = spec.density and {**spec.density, "data_config": spec.data_config}
-    model = build_model(options.arch, len(spec.panel), len(spec.aux), spec.data_config["input_size"][-1], density)
+    model = build_model(options.arch, len(spec.genes), len(spec.aux_genes), spec.data_config["input_size"][-1], density)
     if load_pretrained and options.pretrained is not None:
         load_backbone_weights(model.backbone, options.pretrained)
     if options.freeze_backbone:
         freeze(model, options.pretrained)
-    model.init_head_bias(torch.zeros(len(spec.panel)), torch.zeros(len(spec.aux)))
+    model.init_head_bias(torch.zeros(len(spec.genes)), torch.zeros(len(spec.aux_genes)))
     log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
-             options.arch, len(spec.panel), len(spec.aux))
+             options.arch, len(spec.genes), len(spec.aux_genes))
     model = model.to(device)
     channels_last = use_channels_last(options.channels_last, device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
@@ -187,12 +188,12 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
     dtype = amp_dtype(options.amp, options.amp_dtype, device)
     log.info("precision on %s: %s autocast%s", device, precision_name(dtype),
              " with a GradScaler" if dtype == torch.float16 else "")
-    aux_cols = torch.from_numpy(index.gene_columns(spec.aux)).to(device) if spec.aux else None
+    aux_cols = torch.from_numpy(index.gene_columns(spec.aux_genes)).to(device) if spec.aux_genes else None
     return StepParts(
         model=stepped, model_input=ModelInput(spec.stain, spec.data_config["input_size"], spec.data_config["mean"],
                                               spec.data_config["std"]).to(device),
         main_target=spec.main_target.to(device), aux_target=spec.aux_target.to(device) if spec.aux_target else None,
-        main_cols=torch.from_numpy(index.gene_columns(spec.panel)).to(device), aux_cols=aux_cols,
+        main_cols=torch.from_numpy(index.gene_columns(spec.genes)).to(device), aux_cols=aux_cols,
         aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps, warmup_steps),
         device=device, amp_dtype=dtype, scaler=grad_scaler(dtype, device),
         channels_last=use_channels_last(options.channels_last, device), stain_table=_on(slide_stain_table(index, spec.stain), device))
@@ -204,7 +205,7 @@ def _on(table: torch.Tensor | None, device: torch.device) -> torch.Tensor | None
 
 def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
     """Fit a fresh run's density expert on its training spots (every process computes the same)."""
-    counts = torch.from_numpy(index.counts(spec.train_idx, spec.panel).astype(np.float64))
+    counts = torch.from_numpy(index.counts(spec.train_idx, spec.genes).astype(np.float64))
     library_size = torch.from_numpy(index.spots["library_size"][spec.train_idx].astype(np.float64))
     targets = parts.main_target(counts.to(parts.device), library_size.to(parts.device)).double().cpu().numpy()
     groups = np.asarray(index.spots[split_by][spec.train_idx]).astype(str)
@@ -215,11 +216,11 @@ def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by
 def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, state: RunState) -> dict:
     """Plain-typed checkpoint (docs/CONTRACTS.md) of the run as it stands."""
     return {
-        "arch": options.arch, "model": model.state_dict(), "genes": spec.panel, "aux_genes": spec.aux,
-        "n_main": len(spec.panel), "n_aux": len(spec.aux), "target": spec.main_target.to_dict(),
+        "arch": options.arch, "model": model.state_dict(), "genes": spec.genes, "aux_genes": spec.aux_genes,
+        "n_main": len(spec.genes), "n_aux": len(spec.aux_genes), "target": spec.main_target.to_dict(),
         "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
         "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
-        "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density, "domain": spec.domain,
+        "data_fingerprint": spec.data_fingerprint, "spots": spec.spots, "density": spec.density, "domain": spec.domain,
         "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
         "precision": precision_name(parts.amp_dtype),
@@ -299,7 +300,7 @@ class Trainer:
                "samples_per_s": progress.samples_seen * self.ctx.world_size / seconds,
                "data_wait_frac": progress.data_seconds / seconds}
         if val_loader is not None:
-            row.update(validate(self.model, self.parts, val_loader, self.spec.panel))
+            row.update(validate(self.model, self.parts, val_loader, self.spec.genes))
         return row
 
     def save(self, score: float | None = None) -> None:
@@ -391,7 +392,7 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
         parts.model_input, spec.data_config, index, spec.train_idx, parts.device, parts.stain_table)
     if ctx.is_main:
         run.write_options(options.to_dict())
-        run.write_genes(spec.panel, spec.aux, spec.main_target.to_dict())
+        run.write_genes(spec.genes, spec.aux_genes, spec.main_target.to_dict())
     if ckpt is not None:
         set_rng_state(ckpt["rng"])
         log.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.step)
