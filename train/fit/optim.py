@@ -44,14 +44,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_de
     return build(params, lr, momentum, weight_decay, **({"fused": True} if fused else {}))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, fused: bool) -> None:
-    """``optimizer.load_state_dict(state)`` with this run's ``fused`` setting: a checkpoint's
-    groups carry the saving device's (CPU: plain, GPU: fused), and torch places state such as
-    AdamW's step counters by the flag it loads."""
-    flags = {"fused": True, "foreach": None} if fused else {"fused": None}
-    optimizer.load_state_dict({**state, "param_groups": [{**group, **flags} for group in state["param_groups"]]})
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LRScheduler:
     """Cosine annealing to 0 over ``total_steps`` optimiser steps (stepped per batch), the first
     ``warmup_steps`` of them a linear ramp from ``WARMUP_START`` times the learning rate."""

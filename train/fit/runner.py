@@ -8,7 +8,6 @@ scheduler, scaler, every RNG state, the epoch, the step and the running epoch to
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,15 @@ from tqdm import tqdm
 from brst.handlers.density import DEFAULT_CROPS
 from brst.handlers.errors import BrstError
 from brst.handlers.model import BrstNet, build_model
-from brst.handlers.stain import stain_from_json
 from brst.handlers.targets import TargetTransform
 from brst.handlers.transforms import ModelInput
-from brst.train.checkpoint import resolve_checkpoint
+from brst.train.checkpoint import (
+    RunState,
+    build_checkpoint,
+    resolve_checkpoint,
+    restore_checkpoint,
+    spec_from_checkpoint,
+)
 from brst.train.data import PatchDataset, open_dataset
 from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.slide_stain import slide_stain_table
@@ -53,7 +57,7 @@ from .hardware import (
     use_channels_last,
 )
 from .loop import EpochProgress, StepParts, run_epoch, validate
-from .optim import load_optimizer_state, make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler
 from .options import FitOptions
 from .pretrained import load_backbone_weights
 from .provenance import check_resume_data, training_spots
@@ -95,17 +99,6 @@ class RunSpec:
     domain: dict | None = None
 
 
-@dataclass
-class RunState:
-    """Where the run is: completed epochs, optimiser steps, metrics so far, best checkpoints."""
-
-    epoch: int = 0
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    best: list[dict] = field(default_factory=list)
-    partial: dict | None = None
-
-
 def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | None) -> RunSpec:
     """A fresh run fits targets and stain on its training spots; a resumed one reads them.
 
@@ -118,11 +111,9 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
     train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout, options.exclude)
     spots = training_spots(index, train_idx, val_idx)
     if ckpt is not None:
-        aux_target = TargetTransform.from_dict(ckpt["aux_target"]) if ckpt.get("aux_target") else None
-        index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])  # raises BrstError if the data lacks any
-        return RunSpec(train_idx, val_idx, holdout, ckpt["genes"], ckpt["aux_genes"],
-                       TargetTransform.from_dict(ckpt["target"]), aux_target, stain_from_json(ckpt["stain"]),
-                       ckpt["data_config"], fingerprint, spots, ckpt.get("density"))
+        restored = spec_from_checkpoint(ckpt)
+        index.gene_columns(restored["genes"] + restored["aux_genes"])  # raises BrstError if the data lacks any
+        return RunSpec(train_idx, val_idx, holdout, **restored, data_fingerprint=fingerprint, spots=spots)
     panel = [str(g) for g in index.panel]
     aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
     return RunSpec(train_idx, val_idx, holdout, panel, aux,
@@ -213,33 +204,6 @@ def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by
                               parts.stain_table)
 
 
-def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, state: RunState) -> dict:
-    """Plain-typed checkpoint (docs/CONTRACTS.md) of the run as it stands."""
-    return {
-        "arch": options.arch, "model": model.state_dict(), "genes": spec.genes, "aux_genes": spec.aux_genes,
-        "n_main": len(spec.genes), "n_aux": len(spec.aux_genes), "target": spec.main_target.to_dict(),
-        "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
-        "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
-        "data_fingerprint": spec.data_fingerprint, "spots": spec.spots, "density": spec.density, "domain": spec.domain,
-        "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
-        "precision": precision_name(parts.amp_dtype),
-        "rng": rng_state(), "metrics": {"history": state.history, "best": state.best, "partial": state.partial},
-        "options": options.to_dict(), "brst_version": importlib.metadata.version("brst"),
-    }
-
-
-def restore(ckpt: dict, model: BrstNet, parts: StepParts) -> RunState:
-    """Load weights, optimiser, schedule and scaler from ``ckpt``; the RNG is restored last."""
-    model.load_state_dict(ckpt["model"])
-    load_optimizer_state(parts.optimizer, ckpt["optimizer"], fused_optimizer(parts.device))
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    if parts.scaler is not None and ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
-    metrics = ckpt["metrics"]
-    return RunState(ckpt["epoch"], ckpt["step"], list(metrics["history"]), list(metrics["best"]), metrics["partial"])
-
-
 def open_run_dir(options: FitOptions, ctx: DistContext, resuming: bool) -> RunDir:
     """Rank 0 picks, creates and locks the run directory; every process learns its path."""
     path = None
@@ -307,7 +271,8 @@ class Trainer:
         """Write last.pt (and a best checkpoint when ``score`` ranks) and metrics.jsonl (rank 0)."""
         if not self.ctx.is_main:
             return
-        ckpt = make_checkpoint(self.options, self.spec, self.model, self.parts, self.state)
+        ckpt = build_checkpoint(self.model, self.spec, self.parts, self.state, self.options.to_dict(),
+                                precision_name(self.parts.amp_dtype), rng_state())
         if score is not None:
             self.state.best = self.run.update_best(ckpt, self.state.best, self.state.epoch, score)
             ckpt["metrics"]["best"] = self.state.best
@@ -385,7 +350,7 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
     parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
                        sampler.batches_per_epoch)
-    state = restore(ckpt, model, parts) if ckpt is not None else RunState()
+    state = restore_checkpoint(ckpt, model, parts, fused_optimizer(device)) if ckpt is not None else RunState()
     if ckpt is None and spec.density is not None:
         spec.density["fit"] = fit_density(spec, model, parts, index, options.split_by)
     spec.domain = ckpt.get("domain") if ckpt is not None else calibrate_domain(

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from brst.handlers.errors import BrstError
-from brst.train.fit.optim import WARMUP_START, load_optimizer_state, make_optimizer, make_scheduler
+from brst.train.checkpoint import load_optimizer_state
+from brst.train.fit.optim import WARMUP_START, make_optimizer, make_scheduler
 from brst.train.fit.sampling import epoch_augmentation
 
 
