@@ -54,7 +54,7 @@ def build_checkpoint(model: torch.nn.Module, spec, parts, state: RunState, optio
         model: the model itself (not its DDP or compiled wrapper).
         spec: what the run derived from its data (:class:`brst.train.fit.runner.RunSpec`): the
             fields named in :data:`SPEC_KEYS`, ``main_target``, ``aux_target``, ``stain``, ``holdout``.
-        parts: the run's step parts (:class:`brst.train.fit.loop.TrainParts`): ``optimizer``,
+        parts: the run's step parts (:class:`brst.train.fit.loop.TrainingStep`): ``optimizer``,
             ``scheduler``, ``scaler`` (None without float16 autocast).
         state: where the run is.
         options: the run's options as plain values (``FitOptions.to_dict()``).

@@ -56,7 +56,7 @@ from .hardware import (
     tune_backends,
     use_channels_last,
 )
-from .loop import EpochProgress, StepParts, run_epoch, validate
+from .loop import EpochProgress, TrainingStep, run_epoch, validate
 from .optim import make_optimizer, make_scheduler
 from .options import FitOptions
 from .pretrained import load_backbone_weights
@@ -97,6 +97,33 @@ class RunSpec:
     spots: dict = field(default_factory=dict)
     density: dict | None = None
     domain: dict | None = None
+
+
+@dataclass
+class AssembledRun:
+    """A run ready to step: its spec, the model itself, the sampler and loaders, and the step parts."""
+
+    spec: RunSpec
+    model: BrstNet
+    sampler: EpochSampler
+    loader: DataLoader
+    val_loader: DataLoader | None
+    parts: TrainingStep
+
+
+def build_run(options: FitOptions, index, device: torch.device, ckpt: dict | None = None,
+              ctx: DistContext | None = None) -> AssembledRun:
+    """derive_spec -> make_model -> make_loaders -> make_parts, as ``fit`` does (a fresh run, or
+    with ``ckpt`` a resumed one: spec read back, no pretrained weights loaded); ``ctx`` defaults to
+    one process. The schedule spans ``options.epochs`` epochs of this process's batches."""
+    ctx = ctx or DistContext()
+    spec = derive_spec(options, index, device, ckpt)
+    model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
+                           device)
+    sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
+    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
+                       sampler.batches_per_epoch)
+    return AssembledRun(spec, model, sampler, loader, val_loader, parts)
 
 
 def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | None) -> RunSpec:
@@ -169,7 +196,7 @@ def make_loaders(options: FitOptions, index, spec: RunSpec, ctx: DistContext, de
 
 
 def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: DistContext,
-               device: torch.device, total_steps: int, steps_per_epoch: int = 1) -> StepParts:
+               device: torch.device, total_steps: int, steps_per_epoch: int = 1) -> TrainingStep:
     """The model as stepped (DDP, compiled), optimiser, schedule, scaler and input pipeline."""
     warmup_steps = round(options.warmup_epochs * steps_per_epoch)
     stepped = wrap_ddp(model, ctx, device)
@@ -180,7 +207,7 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
     log.info("precision on %s: %s autocast%s", device, precision_name(dtype),
              " with a GradScaler" if dtype == torch.float16 else "")
     aux_cols = torch.from_numpy(index.gene_columns(spec.aux_genes)).to(device) if spec.aux_genes else None
-    return StepParts(
+    return TrainingStep(
         model=stepped, model_input=ModelInput(spec.stain, spec.data_config["input_size"], spec.data_config["mean"],
                                               spec.data_config["std"]).to(device),
         main_target=spec.main_target.to(device), aux_target=spec.aux_target.to(device) if spec.aux_target else None,
@@ -194,7 +221,7 @@ def _on(table: torch.Tensor | None, device: torch.device) -> torch.Tensor | None
     return None if table is None else table.to(device)
 
 
-def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
+def fit_density(spec: RunSpec, model: BrstNet, parts: TrainingStep, index, split_by: str) -> dict:
     """Fit a fresh run's density expert on its training spots (every process computes the same)."""
     counts = torch.from_numpy(index.counts(spec.train_idx, spec.genes).astype(np.float64))
     library_size = torch.from_numpy(index.spots["library_size"][spec.train_idx].astype(np.float64))
@@ -222,7 +249,7 @@ def open_run_dir(options: FitOptions, ctx: DistContext, resuming: bool) -> RunDi
 class Trainer:
     """The epoch loop of one process: progress bar, metrics, checkpoints (rank 0 writes)."""
 
-    def __init__(self, options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, run: RunDir,
+    def __init__(self, options: FitOptions, spec: RunSpec, model: BrstNet, parts: TrainingStep, run: RunDir,
                  ctx: DistContext, state: RunState, n_spots: int) -> None:
         self.options, self.spec, self.model, self.parts = options, spec, model, parts
         self.run, self.ctx, self.state, self.n_spots = run, ctx, state, n_spots
@@ -344,12 +371,8 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     if ckpt is None:
         warn_if_other_field(options.recipe, float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)))
     run = held.enter_context(open_run_dir(options, ctx, resuming=ckpt is not None))
-    spec = derive_spec(options, index, device, ckpt)
-    model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
-                           device)
-    sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
-    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
-                       sampler.batches_per_epoch)
+    built = build_run(options, index, device, ckpt, ctx)
+    spec, model, parts = built.spec, built.model, built.parts
     state = restore_checkpoint(ckpt, model, parts, fused_optimizer(device)) if ckpt is not None else RunState()
     if ckpt is None and spec.density is not None:
         spec.density["fit"] = fit_density(spec, model, parts, index, options.split_by)
@@ -361,6 +384,7 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     if ckpt is not None:
         set_rng_state(ckpt["rng"])
         log.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.step)
-    Trainer(options, spec, model, parts, run, ctx, state, len(index)).train(sampler, loader, val_loader)
+    Trainer(options, spec, model, parts, run, ctx, state, len(index)).train(built.sampler, built.loader,
+                                                                            built.val_loader)
     barrier(ctx)
     return run.path

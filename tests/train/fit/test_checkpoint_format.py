@@ -22,12 +22,11 @@ from brst.train.checkpoint import (
     save_checkpoint,
 )
 from brst.train.data import open_dataset
-from brst.train.fit.distributed import DistContext
 from brst.train.fit.hardware import precision_name
 from brst.train.fit.loop import train_step
 from brst.train.fit.options import FitOptions
 from brst.train.fit.rng import rng_state
-from brst.train.fit.runner import derive_spec, make_loaders, make_model, make_parts
+from brst.train.fit.runner import build_run, derive_spec
 from brst.train.fit.sampling import epoch_augmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,11 +38,8 @@ def _run(her2st_h5, seed: int = 0):
     options = FitOptions(arch="test_efficientnet", data=[str(her2st_h5)], input_size=32, workers=0, seed=seed,
                          optimizer="adamw", warmup_epochs=1.0)
     index = open_dataset(options.data)
-    spec = derive_spec(options, index, CPU, None)
-    model = make_model(options, spec, CPU)
-    _, loader, _ = make_loaders(options, index, spec, DistContext(), CPU)
-    parts = make_parts(options, spec, model, index, DistContext(), CPU, total_steps=100, steps_per_epoch=22)
-    return options, index, spec, model, parts, loader
+    built = build_run(options, index, CPU)
+    return options, index, built.spec, built.model, built.parts, built.loader
 
 
 def legacy_checkpoint(options, spec, model, parts, state: RunState) -> dict:
