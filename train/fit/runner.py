@@ -141,10 +141,10 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
         restored = spec_from_checkpoint(ckpt)
         index.gene_columns(restored["genes"] + restored["aux_genes"])  # raises BrstError if the data lacks any
         return RunSpec(train_idx, val_idx, holdout, **restored, data_fingerprint=fingerprint, spots=spots)
-    panel = [str(g) for g in index.panel]
-    aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
-    return RunSpec(train_idx, val_idx, holdout, panel, aux,
-                   fit_targets(index, train_idx, panel, options.target), fit_targets(index, train_idx, aux, options.target),
+    genes = [str(g) for g in index.panel]
+    aux_genes = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
+    return RunSpec(train_idx, val_idx, holdout, genes, aux_genes, fit_targets(index, train_idx, genes, options.target),
+                   fit_targets(index, train_idx, aux_genes, options.target),
                    fit_stain_reference(index, train_idx, options.stain, options.stain_reference, options.stain_scope,
                                        options.stain_fallback, device),
                    run_data_config(options.arch, options.input_size, index), fingerprint, spots,
