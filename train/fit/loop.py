@@ -28,7 +28,8 @@ N_SUMS = 4
 
 @dataclass
 class TrainingStep:
-    """Everything a training step touches.
+    """A training step, assembled: the model as stepped, its input pipeline, the targets, the
+    optimiser and schedule, and the precision (everything one step touches).
 
     Attributes:
         model: what the step calls (the model, maybe wrapped in DDP and/or compiled).
