@@ -34,6 +34,7 @@ from brst.handlers.errors import RejectedInput
 from brst.handlers.geometry import PatchGeometry
 from brst.train.data.patches import cut_patch
 from brst.train.data.readers.her2st import read_sections
+from brst.train.png import png_bytes
 
 log = logging.getLogger("bench_decode")
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +55,7 @@ def real_tiles(n: int, side_px: int) -> list[str]:
     tiles = []
     for row in rows:
         pixels = cut_patch(section.image, section.pixel_x[row], section.pixel_y[row], side_scan_px, side_px)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        tiles.append(base64.b64encode(buffer.getvalue()).decode())
+        tiles.append(base64.b64encode(png_bytes(pixels)).decode())
     section.image.close()
     return tiles
 
@@ -106,9 +105,7 @@ def refusal_seconds(rounds: int) -> float:
     """Best-of-rounds seconds to refuse the 64-image palette request for its budget."""
     image = Image.new("P", (4096, 4096))
     image.putpalette([200, 150, 180, 90, 60, 120])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", bits=1)
-    row = {"body": {"instances": [base64.b64encode(buffer.getvalue()).decode()] * 64}}
+    row = {"body": {"instances": [base64.b64encode(png_bytes(image, bits=1)).decode()] * 64}}
 
     def refuse() -> None:
         try:

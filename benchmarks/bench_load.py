@@ -20,7 +20,6 @@ resnet18 fit at 64 px, archived with batching (4 requests, 20 ms).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -58,15 +57,6 @@ class LevelResult:
     worker_rss_before_mib: float
     worker_rss_after_mib: float
     first_failure: str = ""
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """uint8 ``(H, W, 3)`` -> PNG bytes."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def proc_rss_bytes(pid: int) -> int:
@@ -173,6 +163,7 @@ def in_process_patches_per_s(archive: Path, pngs: list[bytes], batch_size: int, 
 def heldout_pngs(dataset: Path, n: int) -> list[bytes]:
     """``n`` real patches of the held-out section, PNG-encoded."""
     from brst.train.data import open_dataset
+    from brst.train.png import png_bytes
 
     index = open_dataset(dataset)
     rows = np.nonzero(index.spots["section"] == HELDOUT_SECTION)[0]

@@ -49,6 +49,7 @@ from brst.train.checkpoint import load_checkpoint, save_checkpoint
 from brst.train.data.patches import cut_patch
 from brst.train.data.readers.her2st import read_sections
 from brst.train.fit.hardware import precision_name
+from brst.train.png import png_bytes
 from brst.train.serve.archiver import ServeSettings, build_archive
 from brst.train.serve.client import GrpcClient, HttpClient
 from brst.train.serve.torchserve import TorchServe
@@ -117,16 +118,6 @@ def served_per_second(predict, pngs: list[bytes], concurrency: int) -> float:
         return len(pngs) / (time.perf_counter() - start)
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run_rounds(endpoints, pngs: list[bytes], reference: InProcess, rounds: int,
                atol: float) -> tuple[dict[str, float], list[float]]:
     """``rounds`` rounds, each: the in-process reference, then every protocol x batching x concurrency.
@@ -179,8 +170,8 @@ def main() -> None:
         checkpoint = args.checkpoint or random_weights_checkpoint(args.arch, patches, section, work)
         ckpt = load_checkpoint(checkpoint)
         spec = PatchGeometry.from_data_config(ckpt["data_config"])
-        rows = [{"body": encode_png(p), "um_per_px": GEOMETRY.um_per_px} for p in patches]
-        pngs = [encode_png(p) for p in decode_batch(rows, spec).patches]  # at the model's patch size
+        rows = [{"body": png_bytes(p), "um_per_px": GEOMETRY.um_per_px} for p in patches]
+        pngs = [png_bytes(p) for p in decode_batch(rows, spec).patches]  # at the model's patch size
         store = work / "store"
         for name, batch in (("bench_batched", args.batch), ("bench_b1", 1)):
             build_archive(checkpoint, name, store, settings=ServeSettings(batch_size=batch, max_batch_delay_ms=10))

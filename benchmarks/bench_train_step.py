@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from brst.handlers.model import timm_kwargs
 from brst.train.data import open_dataset
 from brst.train.data.prepare import PrepareOptions, prepare
-from brst.train.fit.distributed import DistContext, resolve_device
+from brst.train.fit.distributed import resolve_device
 from brst.train.fit.hardware import bf16_supported, precision_name, tune_backends
 from brst.train.fit.loop import batch_tensors, train_step
 from brst.train.fit.options import DEMO_DATASET, FitOptions
-from brst.train.fit.runner import derive_spec, make_loaders, make_model, make_parts
+from brst.train.fit.runner import build_run
 from brst.train.fit.sampling import epoch_augmentation
 
 ROOT = Path(os.environ.get("BRST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"))
@@ -157,12 +157,10 @@ def run(args: argparse.Namespace, data: str) -> dict:
                          workers=args.workers, device=args.device, stain_jitter=args.stain_jitter,
                          compile=args.compile)
     index = open_dataset(options.data)
-    spec = derive_spec(options, index, device, None)
-    model = make_model(options, spec, device)
-    _, loader, _ = make_loaders(options, index, spec, DistContext(), device)
-    parts = make_parts(options, spec, model, index, DistContext(), device, total_steps=10_000)
+    built = build_run(options, index, device)
+    spec, loader, parts = built.spec, built.loader, built.parts
     codes = epoch_augmentation(len(index), options.seed, 0, options.stain_jitter)
-    reference = Reference(args.arch, args.input_size, len(spec.panel) + len(spec.aux), options, device)
+    reference = Reference(args.arch, args.input_size, len(spec.genes) + len(spec.aux_genes), options, device)
     batches = endless(loader)
     warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
     compile_s, _, _, used = ours_round(parts, batches, codes, warmup)  # workers, allocations, compilation
@@ -182,7 +180,7 @@ def run(args: argparse.Namespace, data: str) -> dict:
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "precision": {"ours": precision_name(parts.amp_dtype), "reference": precision_name(reference.dtype)},
             "channels_last": parts.channels_last, "compile": args.compile, "warmup_s": round(compile_s, 2),
-            "patch_px": index.patch_px, "genes": [len(spec.panel), len(spec.aux)]}
+            "patch_px": index.patch_px, "genes": [len(spec.genes), len(spec.aux_genes)]}
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from bench_serve import REPO, encode_png, random_weights_checkpoint, real_patches
+from bench_serve import REPO, random_weights_checkpoint, real_patches
 
+from brst.train.png import png_bytes
 from brst.train.serve.archiver import ServeSettings, build_archive
 from brst.train.serve.client import HttpClient
 from brst.train.serve.torchserve import TorchServe
@@ -87,7 +88,7 @@ def main() -> None:
         patches, section = real_patches(32)
         checkpoint = random_weights_checkpoint(args.arch, patches, section, work)
         build_archive(checkpoint, "soak", work / "store", settings=ServeSettings(batch_size=4, max_batch_delay_ms=10))
-        pngs = [encode_png(p) for p in patches]
+        pngs = [png_bytes(p) for p in patches]
         server = TorchServe(work / "store", {"soak": "soak.mar"}, work / "serve", REPO / "deploy" / "config.properties")
         with server:
             stop, counts = threading.Event(), {"ok": 0, "failed": 0}

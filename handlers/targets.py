@@ -11,32 +11,68 @@ model outputs back to the expression scale, which is what serving returns.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .errors import BrstError
+from .registry import Registry
 
-KINDS: dict[str, str] = {"log1p": "log1p(count)", "lognorm": "log1p(count per 10k)"}
 COUNTS_PER_LIBRARY = 1e4
 #: a gene whose training std is below this is scaled by 1 (no division by ~0)
 MIN_STD = 1e-6
 
 
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    """One definition of expression: its units and ``(counts (B, G) float, library_size (B,)) -> (B, G)``."""
+
+    units: str
+    expression: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+#: kind name -> :class:`TargetKind`; a new definition of expression registers here with :func:`target_kind`
+KINDS: Registry[TargetKind] = Registry("target kind")
+
+
+def target_kind(name: str, units: str):
+    """Register the decorated ``(counts, library_size) -> expression`` function as kind ``name``."""
+    def register(function):
+        KINDS.register(name, TargetKind(units, function))
+        return function
+    return register
+
+
+@target_kind("log1p", units="log1p(count)")
+def log1p_counts(counts: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor:
+    """The paper's targets: ``log1p(count)``."""
+    return torch.log1p(counts)
+
+
+@target_kind("lognorm", units="log1p(count per 10k)")
+def log_normalised(counts: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor:
+    """Library-size normalised as in HisToGene/Hist2ST: ``log1p(count / library_size * 1e4)``."""
+    library = library_size.to(counts).clamp_min(1.0).unsqueeze(-1)
+    return torch.log1p(counts / library * COUNTS_PER_LIBRARY)
+
+
 def expression(counts: torch.Tensor, library_size: torch.Tensor, kind: str) -> torch.Tensor:
-    """Log expression before z-scoring.
+    """Log expression of target ``kind`` before z-scoring.
 
     Shape:
         - counts: ``(B, G)`` raw counts (any float/int dtype).
         - library_size: ``(B,)`` total counts of each spot over all genes.
         - Output: ``(B, G)`` float, same float dtype as ``counts`` (float32 for integers).
+
+    Raises:
+        BrstError: unknown ``kind``.
     """
     counts = counts if counts.is_floating_point() else counts.float()
-    if kind == "log1p":
-        return torch.log1p(counts)
-    if kind == "lognorm":
-        library = library_size.to(counts).clamp_min(1.0).unsqueeze(-1)
-        return torch.log1p(counts / library * COUNTS_PER_LIBRARY)
-    raise BrstError("target", f"unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+    return KINDS.get(kind, subject="target").expression(counts, library_size)
 
 
 class TargetTransform(nn.Module):
@@ -54,8 +90,7 @@ class TargetTransform(nn.Module):
 
     def __init__(self, kind: str, mean, std) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise BrstError("target", f"unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+        KINDS.get(kind, subject="target")
         mean = torch.as_tensor(mean, dtype=torch.float32)
         std = torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != std.shape or mean.dim() != 1:
@@ -67,7 +102,7 @@ class TargetTransform(nn.Module):
     @property
     def units(self) -> str:
         """Units of :meth:`inverse`'s output."""
-        return KINDS[self.kind]
+        return KINDS[self.kind].units
 
     @classmethod
     def fit(cls, kind: str, counts: torch.Tensor, library_size: torch.Tensor) -> "TargetTransform":

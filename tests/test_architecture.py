@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the shared top-level modules of brst.train: every stage may use them, they use no stage
-SHARED = {"atomic", "checkpoint", "accuracy"}
+SHARED = {"atomic", "checkpoint", "accuracy", "png"}
 #: stage -> the stages it may import (cli may import every stage)
 STAGES = {
     "data": set(),

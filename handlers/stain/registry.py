@@ -7,13 +7,17 @@ from typing import Any
 import torch
 
 from brst.handlers.errors import BrstError
+from brst.handlers.registry import Registry
 
 from .base import JSON_VERSION, NoStain, PatchSource, StainNormalizer
 from .macenko import Macenko
 from .reinhard import Reinhard
 
-#: method name -> normaliser class
-METHODS: dict[str, type[StainNormalizer]] = {cls.method: cls for cls in (Macenko, Reinhard, NoStain)}
+#: method name -> normaliser class; a new stain method registers here
+METHODS: Registry[type[StainNormalizer]] = Registry("stain method")
+METHODS.register(Macenko.method, Macenko)
+METHODS.register(Reinhard.method, Reinhard)
+METHODS.register(NoStain.method, NoStain)
 
 
 def make_stain(method: str, **params: Any) -> StainNormalizer:
@@ -22,9 +26,7 @@ def make_stain(method: str, **params: Any) -> StainNormalizer:
     Raises:
         BrstError: unknown method or parameter.
     """
-    cls = METHODS.get(method)
-    if cls is None:
-        raise BrstError("stain method", f"unknown {method!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[method]
     unknown = set(params) - set(cls.PARAMS)
     if unknown:
         raise BrstError("stain parameters", f"{sorted(unknown)} are not parameters of {method} "

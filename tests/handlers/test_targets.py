@@ -64,7 +64,7 @@ def test_constant_gene_has_finite_targets(c2_counts):
 
 
 def test_bad_kind_and_shapes_raise():
-    with pytest.raises(BrstError, match="unknown kind"):
+    with pytest.raises(BrstError, match="target: unknown target kind .raw.; choose one of log1p, lognorm"):
         TargetTransform("raw", [0.0], [1.0])
     with pytest.raises(BrstError, match="must be"):
         TargetTransform("log1p", [0.0, 1.0], [1.0])

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from brst.handlers.errors import BrstError
 from brst.train.data.cutting import default_threads
 from brst.train.data.readers import FORMATS
 
@@ -16,14 +15,13 @@ log = logging.getLogger(__name__)
 
 
 def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value not in FORMATS:
-        raise BrstError(f"--format {value}", f"unknown format; choose one of {sorted(FORMATS)}")
+    FORMATS.get(value, subject=f"--format {value}")
     return value
 
 
 @click.command()
-@click.option("--format", "format_name", required=True, callback=_check_format, metavar="|".join(FORMATS),
-              help=f"Layout of --root: one of {', '.join(FORMATS)}.")
+@click.option("--format", "format_name", required=True, callback=_check_format, metavar="|".join(FORMATS.names()),
+              help=f"Layout of --root: one of {', '.join(FORMATS.names())}.")
 @click.option("--root", required=True, type=PATH, envvar="BRST_DATA", show_envvar=True,
               help="Data folder (HER2ST data/, ST-Net release, Space Ranger outs/ or a folder of them, "
                    "HEST-1k folder of st/, wsis/, metadata/).")

@@ -57,7 +57,7 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 
 
 @click.command("fit")
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULTS["recipe"], show_default=True,
+@click.option("--recipe", type=click.Choice(RECIPES.names()), default=DEFAULTS["recipe"], show_default=True,
               help="Option defaults: 'paper' (BrST-Net's) or 'small-cohort' (resnet18, AdamW, Macenko stain "
                    "normalisation per slide, stain jitter, density expert; prepare --patch-um 384 --um-per-px 2). "
                    "Options given explicitly win.")
@@ -74,7 +74,7 @@ def resolve_options(ctx: click.Context, params: dict) -> tuple[FitOptions, dict 
 @click.option("--momentum", type=click.FloatRange(0, 1), default=DEFAULTS["momentum"], show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(0), default=DEFAULTS["weight_decay"], show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=DEFAULTS["seed"], show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS["optimizer"], show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS.names()), default=DEFAULTS["optimizer"], show_default=True,
               help="sgd (with --momentum) or adamw (decoupled --weight-decay).")
 @click.option("--warmup-epochs", type=click.FloatRange(0), default=DEFAULTS["warmup_epochs"], show_default=True,
               help="Linear learning-rate warmup before the cosine, in epochs.")

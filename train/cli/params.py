@@ -1,7 +1,8 @@
 """What several commands' options share: path type, comma lists, the model name, registry choices.
 
-Choices come from the registries (``FORMATS``, ``METHODS``, ``KINDS``), never from a list
-written here, so adding a reader, a stain method or a target shows up in every command by itself.
+Choices come from the registries (:class:`brst.handlers.registry.Registry`: ``FORMATS``, ``METHODS``,
+``KINDS``, ``RECIPES``, ``OPTIMIZERS``), never from a list written here, so adding a reader, a stain
+method, a target, a recipe or an optimiser shows up in every command by itself.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def stain_choice() -> click.Choice:
     """The stain methods of :data:`brst.handlers.stain.METHODS`."""
     from brst.handlers.stain import METHODS
 
-    return click.Choice(list(METHODS))
+    return click.Choice(METHODS.names())
 
 
 def stain_scope_choices() -> tuple[click.Choice, click.Choice]:
@@ -49,7 +50,7 @@ def target_choice() -> click.Choice:
     """The target definitions of :data:`brst.handlers.targets.KINDS`."""
     from brst.handlers.targets import KINDS
 
-    return click.Choice(list(KINDS))
+    return click.Choice(KINDS.names())
 
 
 def endpoint_options(command):

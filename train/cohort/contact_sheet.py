@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from brst.train.atomic import atomic_path
+from brst.train.png import write_png
 from brst.train.slide.outputs import gene_file_name
 from brst.train.slide.run import HEATMAPS
 
@@ -56,6 +56,4 @@ def contact_sheet(rows: list[tuple[str, Path, list[str]]]) -> Image.Image:
 
 def write_contact_sheet(rows: list[tuple[str, Path, list[str]]], path: Path) -> Path:
     """Save :func:`contact_sheet` as PNG at ``path`` (atomically)."""
-    with atomic_path(path, suffix=".png") as tmp:
-        contact_sheet(rows).save(tmp, format="PNG")
-    return path
+    return write_png(path, contact_sheet(rows))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from brst.train.atomic import atomic_path
+from brst.train.png import write_png
 
 from .index import PatchIndex
 
@@ -74,9 +74,7 @@ def contact_sheet(index: PatchIndex, n_patches: int = 48) -> Image.Image:
 
 def write_contact_sheet(index: PatchIndex, path: str | Path, n_patches: int = 48) -> Path:
     """Save :func:`contact_sheet` as PNG at ``path`` (atomically)."""
-    with atomic_path(path, suffix=".png") as tmp:
-        contact_sheet(index, n_patches).save(tmp, format="PNG")
-    return Path(path)
+    return write_png(path, contact_sheet(index, n_patches))
 
 
 def export_patches(index: PatchIndex, folder: str | Path, n_patches: int = 48) -> list[Path]:
@@ -89,7 +87,5 @@ def export_patches(index: PatchIndex, folder: str | Path, n_patches: int = 48) -
     paths = []
     for row, patch in zip(rows, index.patches(rows)):
         path = folder / f"{index.spots['section'][row]}_{index.spots['spot_id'][row]}.png"
-        with atomic_path(path, suffix=".png") as tmp:
-            Image.fromarray(patch).save(tmp, format="PNG")
-        paths.append(path)
+        paths.append(write_png(path, patch))
     return paths

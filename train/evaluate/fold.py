@@ -84,7 +84,7 @@ class FoldResult:
 
     @property
     def units(self) -> str:
-        return KINDS[self.kind]
+        return KINDS[self.kind].units
 
     def summary(self, top: int = 10, pooled: bool = False) -> dict:
         """Plain-type summary: every predictor's statistics and the margin over darkness, as means over the

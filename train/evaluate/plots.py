@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from brst.train.atomic import atomic_path
+from brst.train.png import write_png
 
 from .baselines import BASELINES
 
@@ -22,11 +22,9 @@ DPI = 110
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
-    """Render ``fig`` to ``path`` (PNG) atomically."""
+    """Render ``fig`` to ``path`` (PNG, at the plots' :data:`DPI`) atomically."""
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
-    return Path(path)
+    return write_png(path, fig, dpi=DPI)
 
 
 def _label(name: str) -> str:

@@ -27,8 +27,9 @@ N_SUMS = 4
 
 
 @dataclass
-class StepParts:
-    """Everything a training step touches.
+class TrainingStep:
+    """A training step, assembled: the model as stepped, its input pipeline, the targets, the
+    optimiser and schedule, and the precision (everything one step touches).
 
     Attributes:
         model: what the step calls (the model, maybe wrapped in DDP and/or compiled).
@@ -61,7 +62,7 @@ class StepParts:
 
 
 @torch.no_grad()
-def batch_tensors(parts: StepParts, batch: dict, augmentation: EpochAugmentation | None):
+def batch_tensors(parts: TrainingStep, batch: dict, augmentation: EpochAugmentation | None):
     """Model input and targets of a batch, on the device (augmented when ``augmentation`` is given).
 
     Shape: -> x ``(B, 3, S, S)``, main targets ``(B, K)``, aux targets ``(B, A)`` or None.
@@ -78,7 +79,7 @@ def batch_tensors(parts: StepParts, batch: dict, augmentation: EpochAugmentation
     return x, y_main, y_aux
 
 
-def train_step(parts: StepParts, batch: dict, augmentation: EpochAugmentation) -> torch.Tensor:
+def train_step(parts: TrainingStep, batch: dict, augmentation: EpochAugmentation) -> torch.Tensor:
     """One optimiser and scheduler step; returns detached ``[total, main, aux]`` losses."""
     x, y_main, y_aux = batch_tensors(parts, batch, augmentation)
     with autocast(parts.device, parts.amp_dtype):
@@ -129,7 +130,7 @@ class EpochProgress:
         return {"train_loss": sums[1] / n, "train_loss_main": sums[2] / n, "train_loss_aux": sums[3] / n}
 
 
-def run_epoch(parts: StepParts, loader: Sized, augmentation: EpochAugmentation, progress: EpochProgress,
+def run_epoch(parts: TrainingStep, loader: Sized, augmentation: EpochAugmentation, progress: EpochProgress,
               should_stop: Callable[[], bool], on_step: Callable[[EpochProgress], None]) -> bool:
     """Train on every batch of ``loader`` (True) unless ``should_stop()`` says so first (False)."""
     iterator = iter(loader)
@@ -148,7 +149,7 @@ def run_epoch(parts: StepParts, loader: Sized, augmentation: EpochAugmentation, 
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, parts: StepParts, loader: Iterable[dict], genes: list[str]) -> dict:
+def validate(model: torch.nn.Module, parts: TrainingStep, loader: Iterable[dict], genes: list[str]) -> dict:
     """Validation loss, per-gene Pearson r summaries of the main head (z-score scale) and ``val_r_per_gene``
     (one r per main gene in panel order, ``None`` where undefined, so the row stays valid JSON;
     ``predict-slide`` draws the best of them by default)."""

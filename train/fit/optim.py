@@ -6,13 +6,32 @@ follows a cosine from its initial value to 0 over the run, after an optional lin
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-#: --optimizer choices
-OPTIMIZERS = ("sgd", "adamw")
+from brst.handlers.registry import Registry
+
+#: --optimizer choices: name -> ``(params, lr, momentum, weight_decay, **torch_options) -> Optimizer``;
+#: a new optimiser registers here
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 #: the warmup starts at this fraction of the learning rate
 WARMUP_START = 1e-3
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float,
+        **torch_options) -> torch.optim.Optimizer:
+    """The paper's: SGD with ``momentum``."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **torch_options)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float,
+          **torch_options) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay; ``momentum`` is unused)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **torch_options)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
@@ -20,21 +39,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_de
     """SGD (``momentum``) or AdamW over the trainable parameters (frozen experts and a frozen
     backbone are left out: no update, no weight decay); ``fused``: one fused kernel for all
     parameters (CUDA), else torch's default implementation."""
+    build = OPTIMIZERS[name]
     params = [p for p in model.parameters() if p.requires_grad]
-    fused_arg = {"fused": True} if fused else {}
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused_arg)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused_arg)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, fused: bool) -> None:
-    """``optimizer.load_state_dict(state)`` with this run's ``fused`` setting: a checkpoint's
-    groups carry the saving device's (CPU: plain, GPU: fused), and torch places state such as
-    AdamW's step counters by the flag it loads."""
-    flags = {"fused": True, "foreach": None} if fused else {"fused": None}
-    optimizer.load_state_dict({**state, "param_groups": [{**group, **flags} for group in state["param_groups"]]})
+    return build(params, lr, momentum, weight_decay, **({"fused": True} if fused else {}))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LRScheduler:

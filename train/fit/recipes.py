@@ -12,6 +12,9 @@ beside the network. Its field of view comes from the dataset: prepare patches of
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+
+from brst.handlers.registry import Registry
 
 #: The paper's ten architectures (each tested).
 PAPER_ARCHS: tuple[str, ...] = (
@@ -25,17 +28,25 @@ BASELINE_ARCH = "densenet121"
 
 log = logging.getLogger(__name__)
 
-#: recipe -> option defaults it sets (FitOptions field names)
-RECIPES: dict[str, dict[str, object]] = {
-    "paper": {},
-    "small-cohort": {
-        "arch": "resnet18", "epochs": 20, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
-        "warmup_epochs": 1.0, "stain": "macenko", "stain_scope": "slide", "stain_jitter": 0.05, "density_expert": True,
-        "input_size": 112, "aux_weight": 1.0,
-    },
-}
-#: the patch side (µm) a recipe was measured with, from ``brst-train prepare --patch-um`` (None: any)
-RECIPE_PATCH_UM: dict[str, float | None] = {"paper": None, "small-cohort": 384.0}
+
+@dataclass(frozen=True)
+class Recipe:
+    """Option defaults (FitOptions field names) and the patch side (µm, from ``brst-train prepare
+    --patch-um``) they were measured with (None: any)."""
+
+    defaults: dict[str, object] = field(default_factory=dict)
+    patch_um: float | None = None
+
+
+#: recipe name -> :class:`Recipe`; a new recipe registers here (``fit --recipe`` lists it by itself)
+RECIPES: Registry[Recipe] = Registry("recipe")
+RECIPES.register("paper", Recipe())
+RECIPES.register("small-cohort", Recipe({
+    "arch": "resnet18", "epochs": 20, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+    "warmup_epochs": 1.0, "stain": "macenko", "stain_scope": "slide", "stain_jitter": 0.05, "density_expert": True,
+    "input_size": 112, "aux_weight": 1.0,
+}, patch_um=384.0))
+
 #: relative difference of the patch side that is still "the recipe's"
 PATCH_UM_RTOL = 0.05
 
@@ -46,7 +57,7 @@ def warn_if_other_field(name: str, patch_um: float) -> bool:
     Not an error: another field is a legitimate experiment, but the density expert's crops are
     fractions of the patch, so on 112 µm patches they summarise 34-112 µm instead of 115-384 µm.
     """
-    expected = RECIPE_PATCH_UM[name]
+    expected = RECIPES[name].patch_um
     if expected is None or abs(patch_um - expected) <= PATCH_UM_RTOL * expected:
         return False
     log.warning("--recipe %s was measured on %g um patches, these are %g um (prepare --patch-um %g "
@@ -56,4 +67,4 @@ def warn_if_other_field(name: str, patch_um: float) -> bool:
 
 def recipe_defaults(name: str, given: set[str]) -> dict[str, object]:
     """The recipe's values for the options not in ``given`` (those set explicitly)."""
-    return {key: value for key, value in RECIPES[name].items() if key not in given}
+    return {key: value for key, value in RECIPES[name].defaults.items() if key not in given}

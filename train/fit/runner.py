@@ -8,7 +8,6 @@ scheduler, scaler, every RNG state, the epoch, the step and the running epoch to
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,15 @@ from tqdm import tqdm
 from brst.handlers.density import DEFAULT_CROPS
 from brst.handlers.errors import BrstError
 from brst.handlers.model import BrstNet, build_model
-from brst.handlers.stain import stain_from_json
 from brst.handlers.targets import TargetTransform
 from brst.handlers.transforms import ModelInput
-from brst.train.checkpoint import resolve_checkpoint
+from brst.train.checkpoint import (
+    RunState,
+    build_checkpoint,
+    resolve_checkpoint,
+    restore_checkpoint,
+    spec_from_checkpoint,
+)
 from brst.train.data import PatchDataset, open_dataset
 from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.slide_stain import slide_stain_table
@@ -52,8 +56,8 @@ from .hardware import (
     tune_backends,
     use_channels_last,
 )
-from .loop import EpochProgress, StepParts, run_epoch, validate
-from .optim import load_optimizer_state, make_optimizer, make_scheduler
+from .loop import EpochProgress, TrainingStep, run_epoch, validate
+from .optim import make_optimizer, make_scheduler
 from .options import FitOptions
 from .pretrained import load_backbone_weights
 from .provenance import check_resume_data, training_spots
@@ -74,35 +78,52 @@ POSTFIX_EVERY = 5
 class RunSpec:
     """What a run derives from its data (or its checkpoint): split, genes, targets, stain, input.
 
-    ``data`` is the training data's fingerprint and ``spots`` the training and validation
-    spots (:mod:`brst.train.fit.provenance`); both go into every checkpoint, as does ``domain``,
-    the in-domain score (:mod:`brst.train.fit.domain_calibration`; None where it could not be fitted).
+    Fields that go into the checkpoint carry the checkpoint key's name: ``genes`` (the main panel),
+    ``aux_genes``, ``data_fingerprint`` (the training data's) and ``spots`` (the training and
+    validation spots, :mod:`brst.train.fit.provenance`), as does ``domain``, the in-domain score
+    (:mod:`brst.train.fit.domain_calibration`; None where it could not be fitted).
     """
 
     train_idx: np.ndarray
     val_idx: np.ndarray
     holdout: list[str]
-    panel: list[str]
-    aux: list[str]
+    genes: list[str]
+    aux_genes: list[str]
     main_target: TargetTransform
     aux_target: TargetTransform | None
     stain: torch.nn.Module
     data_config: dict
-    data: dict = field(default_factory=dict)
+    data_fingerprint: dict = field(default_factory=dict)
     spots: dict = field(default_factory=dict)
     density: dict | None = None
     domain: dict | None = None
 
 
 @dataclass
-class RunState:
-    """Where the run is: completed epochs, optimiser steps, metrics so far, best checkpoints."""
+class AssembledRun:
+    """A run ready to step: its spec, the model itself, the sampler and loaders, and the step parts."""
 
-    epoch: int = 0
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    best: list[dict] = field(default_factory=list)
-    partial: dict | None = None
+    spec: RunSpec
+    model: BrstNet
+    sampler: EpochSampler
+    loader: DataLoader
+    val_loader: DataLoader | None
+    parts: TrainingStep
+
+
+def build_run(options: FitOptions, index, device: torch.device, ckpt: dict | None = None,
+              ctx: DistContext | None = None) -> AssembledRun:
+    """derive_spec -> make_model -> make_loaders -> make_parts, as ``fit`` does (a fresh run, or
+    with ``ckpt`` a resumed one: spec read back, no pretrained weights loaded); ``ctx`` defaults to
+    one process. The schedule spans ``options.epochs`` epochs of this process's batches."""
+    ctx = ctx or DistContext()
+    spec = derive_spec(options, index, device, ckpt)
+    model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
+                           device)
+    sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
+    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
+                       sampler.batches_per_epoch)
+    return AssembledRun(spec, model, sampler, loader, val_loader, parts)
 
 
 def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | None) -> RunSpec:
@@ -117,15 +138,13 @@ def derive_spec(options: FitOptions, index, device: torch.device, ckpt: dict | N
     train_idx, val_idx, holdout = split_spots(index, options.split_by, options.holdout, options.exclude)
     spots = training_spots(index, train_idx, val_idx)
     if ckpt is not None:
-        aux_target = TargetTransform.from_dict(ckpt["aux_target"]) if ckpt.get("aux_target") else None
-        index.gene_columns(ckpt["genes"] + ckpt["aux_genes"])  # raises BrstError if the data lacks any
-        return RunSpec(train_idx, val_idx, holdout, ckpt["genes"], ckpt["aux_genes"],
-                       TargetTransform.from_dict(ckpt["target"]), aux_target, stain_from_json(ckpt["stain"]),
-                       ckpt["data_config"], fingerprint, spots, ckpt.get("density"))
-    panel = [str(g) for g in index.panel]
-    aux = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
-    return RunSpec(train_idx, val_idx, holdout, panel, aux,
-                   fit_targets(index, train_idx, panel, options.target), fit_targets(index, train_idx, aux, options.target),
+        restored = spec_from_checkpoint(ckpt)
+        index.gene_columns(restored["genes"] + restored["aux_genes"])  # raises BrstError if the data lacks any
+        return RunSpec(train_idx, val_idx, holdout, **restored, data_fingerprint=fingerprint, spots=spots)
+    genes = [str(g) for g in index.panel]
+    aux_genes = [str(g) for g in index.aux_genes] if options.aux_weight > 0 else []
+    return RunSpec(train_idx, val_idx, holdout, genes, aux_genes, fit_targets(index, train_idx, genes, options.target),
+                   fit_targets(index, train_idx, aux_genes, options.target),
                    fit_stain_reference(index, train_idx, options.stain, options.stain_reference, options.stain_scope,
                                        options.stain_fallback, device),
                    run_data_config(options.arch, options.input_size, index), fingerprint, spots,
@@ -136,14 +155,14 @@ def make_model(options: FitOptions, spec: RunSpec, device: torch.device, load_pr
     """The seeded model; head biases start at the mean training target (0: targets are z-scores)."""
     seed_everything(options.seed)
     density = spec.density and {**spec.density, "data_config": spec.data_config}
-    model = build_model(options.arch, len(spec.panel), len(spec.aux), spec.data_config["input_size"][-1], density)
+    model = build_model(options.arch, len(spec.genes), len(spec.aux_genes), spec.data_config["input_size"][-1], density)
     if load_pretrained and options.pretrained is not None:
         load_backbone_weights(model.backbone, options.pretrained)
     if options.freeze_backbone:
         freeze(model, options.pretrained)
-    model.init_head_bias(torch.zeros(len(spec.panel)), torch.zeros(len(spec.aux)))
+    model.init_head_bias(torch.zeros(len(spec.genes)), torch.zeros(len(spec.aux_genes)))
     log.info("%s: %d main + %d auxiliary genes, head biases at the mean z-scored training target (0)",
-             options.arch, len(spec.panel), len(spec.aux))
+             options.arch, len(spec.genes), len(spec.aux_genes))
     model = model.to(device)
     channels_last = use_channels_last(options.channels_last, device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
@@ -177,7 +196,7 @@ def make_loaders(options: FitOptions, index, spec: RunSpec, ctx: DistContext, de
 
 
 def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: DistContext,
-               device: torch.device, total_steps: int, steps_per_epoch: int = 1) -> StepParts:
+               device: torch.device, total_steps: int, steps_per_epoch: int = 1) -> TrainingStep:
     """The model as stepped (DDP, compiled), optimiser, schedule, scaler and input pipeline."""
     warmup_steps = round(options.warmup_epochs * steps_per_epoch)
     stepped = wrap_ddp(model, ctx, device)
@@ -187,12 +206,12 @@ def make_parts(options: FitOptions, spec: RunSpec, model: BrstNet, index, ctx: D
     dtype = amp_dtype(options.amp, options.amp_dtype, device)
     log.info("precision on %s: %s autocast%s", device, precision_name(dtype),
              " with a GradScaler" if dtype == torch.float16 else "")
-    aux_cols = torch.from_numpy(index.gene_columns(spec.aux)).to(device) if spec.aux else None
-    return StepParts(
+    aux_cols = torch.from_numpy(index.gene_columns(spec.aux_genes)).to(device) if spec.aux_genes else None
+    return TrainingStep(
         model=stepped, model_input=ModelInput(spec.stain, spec.data_config["input_size"], spec.data_config["mean"],
                                               spec.data_config["std"]).to(device),
         main_target=spec.main_target.to(device), aux_target=spec.aux_target.to(device) if spec.aux_target else None,
-        main_cols=torch.from_numpy(index.gene_columns(spec.panel)).to(device), aux_cols=aux_cols,
+        main_cols=torch.from_numpy(index.gene_columns(spec.genes)).to(device), aux_cols=aux_cols,
         aux_weight=options.aux_weight, optimizer=optimizer, scheduler=make_scheduler(optimizer, total_steps, warmup_steps),
         device=device, amp_dtype=dtype, scaler=grad_scaler(dtype, device),
         channels_last=use_channels_last(options.channels_last, device), stain_table=_on(slide_stain_table(index, spec.stain), device))
@@ -202,41 +221,14 @@ def _on(table: torch.Tensor | None, device: torch.device) -> torch.Tensor | None
     return None if table is None else table.to(device)
 
 
-def fit_density(spec: RunSpec, model: BrstNet, parts: StepParts, index, split_by: str) -> dict:
+def fit_density(spec: RunSpec, model: BrstNet, parts: TrainingStep, index, split_by: str) -> dict:
     """Fit a fresh run's density expert on its training spots (every process computes the same)."""
-    counts = torch.from_numpy(index.counts(spec.train_idx, spec.panel).astype(np.float64))
+    counts = torch.from_numpy(index.counts(spec.train_idx, spec.genes).astype(np.float64))
     library_size = torch.from_numpy(index.spots["library_size"][spec.train_idx].astype(np.float64))
     targets = parts.main_target(counts.to(parts.device), library_size.to(parts.device)).double().cpu().numpy()
     groups = np.asarray(index.spots[split_by][spec.train_idx]).astype(str)
     return fit_density_expert(model, parts.model_input, index, spec.train_idx, groups, targets, parts.device,
                               parts.stain_table)
-
-
-def make_checkpoint(options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, state: RunState) -> dict:
-    """Plain-typed checkpoint (docs/CONTRACTS.md) of the run as it stands."""
-    return {
-        "arch": options.arch, "model": model.state_dict(), "genes": spec.panel, "aux_genes": spec.aux,
-        "n_main": len(spec.panel), "n_aux": len(spec.aux), "target": spec.main_target.to_dict(),
-        "aux_target": spec.aux_target.to_dict() if spec.aux_target else None, "stain": spec.stain.to_json(),
-        "data_config": spec.data_config, "split": {"by": options.split_by, "holdout": spec.holdout},
-        "data_fingerprint": spec.data, "spots": spec.spots, "density": spec.density, "domain": spec.domain,
-        "epoch": state.epoch, "step": state.step, "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else None,
-        "precision": precision_name(parts.amp_dtype),
-        "rng": rng_state(), "metrics": {"history": state.history, "best": state.best, "partial": state.partial},
-        "options": options.to_dict(), "brst_version": importlib.metadata.version("brst"),
-    }
-
-
-def restore(ckpt: dict, model: BrstNet, parts: StepParts) -> RunState:
-    """Load weights, optimiser, schedule and scaler from ``ckpt``; the RNG is restored last."""
-    model.load_state_dict(ckpt["model"])
-    load_optimizer_state(parts.optimizer, ckpt["optimizer"], fused_optimizer(parts.device))
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    if parts.scaler is not None and ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
-    metrics = ckpt["metrics"]
-    return RunState(ckpt["epoch"], ckpt["step"], list(metrics["history"]), list(metrics["best"]), metrics["partial"])
 
 
 def open_run_dir(options: FitOptions, ctx: DistContext, resuming: bool) -> RunDir:
@@ -257,7 +249,7 @@ def open_run_dir(options: FitOptions, ctx: DistContext, resuming: bool) -> RunDi
 class Trainer:
     """The epoch loop of one process: progress bar, metrics, checkpoints (rank 0 writes)."""
 
-    def __init__(self, options: FitOptions, spec: RunSpec, model: BrstNet, parts: StepParts, run: RunDir,
+    def __init__(self, options: FitOptions, spec: RunSpec, model: BrstNet, parts: TrainingStep, run: RunDir,
                  ctx: DistContext, state: RunState, n_spots: int) -> None:
         self.options, self.spec, self.model, self.parts = options, spec, model, parts
         self.run, self.ctx, self.state, self.n_spots = run, ctx, state, n_spots
@@ -299,14 +291,15 @@ class Trainer:
                "samples_per_s": progress.samples_seen * self.ctx.world_size / seconds,
                "data_wait_frac": progress.data_seconds / seconds}
         if val_loader is not None:
-            row.update(validate(self.model, self.parts, val_loader, self.spec.panel))
+            row.update(validate(self.model, self.parts, val_loader, self.spec.genes))
         return row
 
     def save(self, score: float | None = None) -> None:
         """Write last.pt (and a best checkpoint when ``score`` ranks) and metrics.jsonl (rank 0)."""
         if not self.ctx.is_main:
             return
-        ckpt = make_checkpoint(self.options, self.spec, self.model, self.parts, self.state)
+        ckpt = build_checkpoint(self.model, self.spec, self.parts, self.state, self.options.to_dict(),
+                                precision_name(self.parts.amp_dtype), rng_state())
         if score is not None:
             self.state.best = self.run.update_best(ckpt, self.state.best, self.state.epoch, score)
             ckpt["metrics"]["best"] = self.state.best
@@ -378,23 +371,20 @@ def _fit(options: FitOptions, ckpt: dict | None, ctx: DistContext, device: torch
     if ckpt is None:
         warn_if_other_field(options.recipe, float(index.attrs.get("patch_um", index.patch_px * index.um_per_px)))
     run = held.enter_context(open_run_dir(options, ctx, resuming=ckpt is not None))
-    spec = derive_spec(options, index, device, ckpt)
-    model = sync_batchnorm(make_model(options, spec, device, load_pretrained=ckpt is None), options.sync_bn, ctx,
-                           device)
-    sampler, loader, val_loader = make_loaders(options, index, spec, ctx, device)
-    parts = make_parts(options, spec, model, index, ctx, device, options.epochs * sampler.batches_per_epoch,
-                       sampler.batches_per_epoch)
-    state = restore(ckpt, model, parts) if ckpt is not None else RunState()
+    built = build_run(options, index, device, ckpt, ctx)
+    spec, model, parts = built.spec, built.model, built.parts
+    state = restore_checkpoint(ckpt, model, parts, fused_optimizer(device)) if ckpt is not None else RunState()
     if ckpt is None and spec.density is not None:
         spec.density["fit"] = fit_density(spec, model, parts, index, options.split_by)
     spec.domain = ckpt.get("domain") if ckpt is not None else calibrate_domain(
         parts.model_input, spec.data_config, index, spec.train_idx, parts.device, parts.stain_table)
     if ctx.is_main:
         run.write_options(options.to_dict())
-        run.write_genes(spec.panel, spec.aux, spec.main_target.to_dict())
+        run.write_genes(spec.genes, spec.aux_genes, spec.main_target.to_dict())
     if ckpt is not None:
         set_rng_state(ckpt["rng"])
         log.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.step)
-    Trainer(options, spec, model, parts, run, ctx, state, len(index)).train(sampler, loader, val_loader)
+    Trainer(options, spec, model, parts, run, ctx, state, len(index)).train(built.sampler, built.loader,
+                                                                            built.val_loader)
     barrier(ctx)
     return run.path

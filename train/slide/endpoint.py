@@ -39,12 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
 from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.handlers.images import DecodeLimits
 from brst.handlers.stain import StainNormalizer, make_stain, statistics_from_dict
+from brst.train.png import png_bytes
 from brst.train.serve.client import HttpClient, RequestRejected, make_client
 from brst.train.serve.transport import Transport
 
@@ -64,10 +64,8 @@ NPY_MAX_BYTES = DecodeLimits().max_body_bytes - 4096
 
 
 def png_base64(pixels: np.ndarray) -> str:
-    """Lossless PNG of uint8 ``(H, W, 3)`` pixels, base64 text."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    """Lossless PNG of uint8 ``(H, W, 3)`` pixels (fastest compression), base64 text."""
+    return base64.b64encode(png_bytes(pixels, compress_level=1)).decode("ascii")
 
 
 def npy_bytes(tiles: np.ndarray) -> bytes:

@@ -44,10 +44,11 @@ class MeasuredSection:
 
 def kind_of_units(units: str) -> str:
     """The target kind (``log1p`` / ``lognorm``) whose expression has ``units``."""
-    for kind, kind_units in KINDS.items():
-        if kind_units == units:
+    for kind, target_kind in KINDS.items():
+        if target_kind.units == units:
             return kind
-    raise BrstError("model units", f"unknown units {units!r}; expected one of {', '.join(KINDS.values())}")
+    known = ", ".join(target_kind.units for _, target_kind in KINDS.items())
+    raise BrstError("model units", f"unknown units {units!r}; expected one of {known}")
 
 
 def load_measured(path: str, section: str, genes: list[str], units: str) -> MeasuredSection:

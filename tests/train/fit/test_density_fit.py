@@ -68,7 +68,7 @@ def test_recipe_sets_defaults_that_explicit_options_override():
     chosen = recipe_defaults("small-cohort", {"epochs"})
     assert "epochs" not in chosen and chosen["density_expert"] is True
     assert (chosen["stain"], chosen["stain_scope"]) == ("macenko", "slide")
-    assert RECIPES["small-cohort"]["optimizer"] == "adamw"
+    assert RECIPES["small-cohort"].defaults["optimizer"] == "adamw" and RECIPES["small-cohort"].patch_um == 384.0
 
 
 @pytest.mark.usefixtures("one_thread")

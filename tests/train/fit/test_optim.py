@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brst.train.fit.optim import WARMUP_START, load_optimizer_state, make_optimizer, make_scheduler
+from brst.handlers.errors import BrstError
+from brst.train.checkpoint import load_optimizer_state
+from brst.train.fit.optim import WARMUP_START, make_optimizer, make_scheduler
 from brst.train.fit.sampling import epoch_augmentation
 
 
@@ -24,7 +26,7 @@ def test_adamw_and_sgd_over_trainable_parameters_only():
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
     assert sum(p.numel() for p in adamw.param_groups[0]["params"]) == 8
     assert isinstance(make_optimizer(model, 1e-3, 0.9, 0.0), torch.optim.SGD)
-    with pytest.raises(ValueError, match="unknown optimizer"):
+    with pytest.raises(BrstError, match="unknown optimizer 'lion'; choose one of sgd, adamw"):
         make_optimizer(model, 1e-3, 0.9, 0.0, "lion")
 
 

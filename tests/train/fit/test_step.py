@@ -17,11 +17,10 @@ import torch
 from fit_helpers import one_thread  # noqa: F401 (fixture)
 
 from brst.train.data import open_dataset
-from brst.train.fit.distributed import DistContext
 from brst.train.fit.hardware import AMP_DTYPES, choose_amp_dtype, grad_scaler, use_channels_last
 from brst.train.fit.loop import EpochProgress, train_step
 from brst.train.fit.options import FitOptions
-from brst.train.fit.runner import derive_spec, make_loaders, make_model, make_parts
+from brst.train.fit.runner import build_run
 from brst.train.fit.sampling import epoch_augmentation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,11 +62,8 @@ def step_setup(her2st_h5, device: torch.device, **overrides):
     options = FitOptions(arch="test_efficientnet", data=[str(her2st_h5)], input_size=32, workers=0,
                          device=device.type, **overrides)
     index = open_dataset(options.data)
-    spec = derive_spec(options, index, device, None)
-    model = make_model(options, spec, device)
-    _, loader, _ = make_loaders(options, index, spec, DistContext(), device)
-    parts = make_parts(options, spec, model, index, DistContext(), device, total_steps=100)
-    return parts, iter(loader), epoch_augmentation(len(index), options.seed, 0, options.stain_jitter)
+    built = build_run(options, index, device)
+    return built.parts, iter(built.loader), epoch_augmentation(len(index), options.seed, 0, options.stain_jitter)
 
 
 @contextmanager

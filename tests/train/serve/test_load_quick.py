@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from brst.train.png import png_bytes
+
 BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_load.py"
 #: (concurrency, requests): every level sends at least one request per thread
 LEVELS = ((1, 8), (8, 24), (32, 64))
@@ -31,7 +33,7 @@ def load_bench():
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_quick_load_has_no_failures_and_bounded_memory(served_model, heldout_patches, transport):
     bench = load_bench()
-    pngs = [bench.png_bytes(p) for p in heldout_patches]
+    pngs = [png_bytes(p) for p in heldout_patches]
     send = bench.make_sender(transport, served_model.endpoints, served_model.name)
 
     def rss() -> float:

@@ -16,20 +16,23 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from brst.handlers.errors import BrstError
+from brst.handlers.registry import Registry
 
 from .base import Section, SlideImage
 
-#: format name -> module (relative to this package)
-FORMATS: dict[str, str] = {"her2st": "her2st", "stnet": "stnet", "visium": "visium", "hest": "hest"}
+#: format name -> its reader module (imported when first used); a new format registers here
+FORMATS: Registry[str] = Registry("format")
+FORMATS.register("her2st", f"{__name__}.her2st")
+FORMATS.register("stnet", f"{__name__}.stnet")
+FORMATS.register("visium", f"{__name__}.visium")
+FORMATS.register("hest", f"{__name__}.hest")
 
 __all__ = ["FORMATS", "Section", "SlideImage", "reader", "iter_sections", "read_sections", "check_section"]
 
 
 def reader(format_name: str) -> ModuleType:
     """The reader module of ``format_name``."""
-    if format_name not in FORMATS:
-        raise BrstError(format_name, f"unknown format; choose one of {sorted(FORMATS)}")
-    return importlib.import_module(f"{__name__}.{FORMATS[format_name]}")
+    return importlib.import_module(FORMATS.get(format_name))
 
 
 def check_section(section: Section) -> Section:
