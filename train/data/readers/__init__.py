@@ -17,12 +17,12 @@ import numpy as np
 
 from brst.handlers.errors import BrstError
 
-from .base import Section, SlideImage
+from .base import Section
 
 #: format name -> module (relative to this package)
 FORMATS: dict[str, str] = {"her2st": "her2st", "stnet": "stnet", "visium": "visium", "hest": "hest"}
 
-__all__ = ["FORMATS", "Section", "SlideImage", "reader", "iter_sections", "read_sections", "check_section"]
+__all__ = ["FORMATS", "Section", "reader", "iter_sections", "read_sections", "check_section"]
 
 
 def reader(format_name: str) -> ModuleType:
