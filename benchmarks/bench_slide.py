@@ -37,7 +37,6 @@ import torch
 from bench_serve import REPO, ROOT, random_weights_checkpoint, real_patches
 
 from brst.train.checkpoint import load_checkpoint
-from brst.train.data.readers.images import open_image
 from brst.train.serve.archiver import ServeSettings, build_archive
 from brst.train.serve.torchserve import TorchServe
 from brst.train.slide.endpoint import TRANSFERS, EndpointPredictor
@@ -45,6 +44,7 @@ from brst.train.slide.predictors import LocalPredictor
 from brst.train.slide.run import THUMBNAIL_PX, SlideJob, predict_points, run_slide
 from brst.train.slide.tile_grid import find_tiles
 from brst.train.slide.tiles import read_patches
+from brst.train.sources.open import open_image
 
 log = logging.getLogger("bench_slide")
 SECTION = "C2"

@@ -11,7 +11,7 @@ A :class:`ts.torch_handler.base_handler.BaseHandler` subclass that keeps the bas
   (``gpu_id``) or the CPU, and creates the metrics; one torch thread per worker when several
   workers share a CPU;
 - ``preprocess``: decodes and validates every request of the batch (:mod:`brst.handlers.envelopes`,
-  :mod:`brst.handlers.images`); a bad request is answered with HTTP 400 and a JSON
+  :mod:`brst.handlers.decode`); a bad request is answered with HTTP 400 and a JSON
   ``{"code", "type", "message"}`` while the batch's other requests go on;
 - ``inference``: stain-normalises the batch on the device (patches whose request sent its slide's
   stain statistics are mapped from them, the others follow the archive's policy: a per-patch
@@ -44,11 +44,11 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from brst.handlers.archive_facts import WEIGHTS_FILE
+from brst.handlers.decode import DecodeLimits
 from brst.handlers.envelopes import DecodedBatch, decode_batch
 from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.handlers.handler_metrics import DECODE_SECONDS, INFERENCE_SECONDS, STAIN_SECONDS, HandlerMetrics
-from brst.handlers.images import DecodeLimits
 from brst.handlers.predictor import Predictor
 from brst.handlers.signed_mar import Expected, pinned_versions, verify_directory
 from brst.handlers.signing import KeyRing

@@ -7,7 +7,7 @@ One TorchServe request (a dict of parameter name -> value) may carry its patch a
   gRPC ``input`` entry; TorchServe 0.12 drops query parameters on ``/predictions``);
 - the same places holding a NumPy ``.npy`` file (``application/x-npy``, magic ``\x93NUMPY``)
   of uint8 pixels ``(H, W, 3)`` or ``(N, H, W, 3)`` (a list form): no encoding to pay for,
-  read without ``np.load``'s pickle path (:func:`~brst.handlers.images.decode_npy`);
+  read without ``np.load``'s pickle path (:func:`~brst.handlers.decode.decode_npy`);
 - JSON ``{"image": <base64>, "um_per_px": 0.5}`` (``"data"`` or ``"b64"`` also name the
   image), or ``{"instances": [<that>, ...]}`` for several patches;
 - the KServe v2 envelope ``{"inputs": [{"name", "shape", "datatype", "data"}],
@@ -31,7 +31,7 @@ an :class:`~brst.handlers.errors.InputError` that names a ``reason`` for the met
 quotes at most a few characters of the request (it is logged) and never decoder internals.
 Any other exception while decoding one request (a bug, an input nobody foresaw) is logged with
 its traceback and answers that request alone with a generic ``decode_failed`` refusal.
-Decoding and cropping one image is :mod:`brst.handlers.images`.
+Decoding and cropping one image is :mod:`brst.handlers.decode`.
 """
 from __future__ import annotations
 
@@ -47,11 +47,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from .errors import RejectedInput, shown
-from .geometry import PatchGeometry
-from .images import (
-    NPY_MAGIC,
-    SCALE_KEY,
+from .decode import (
     DecodeLimits,
     check_pixels,
     check_request_pixels,
@@ -60,17 +56,18 @@ from .images import (
     open_image,
     to_patch,
 )
+from .errors import RejectedInput, shown
+from .geometry import PatchGeometry
 from .stain import StainNormalizer
-from .stain_request import STAIN_KEY, parse_stain
+from .stain_request import parse_stain
+from .wire import IMAGE_KEYS, INSTANCES_KEY, NPY_MAGIC, SCALE_KEY, STAIN_KEY
 
 log = logging.getLogger(__name__)
 
-#: parameter names that may hold the image, in order of preference
-IMAGE_KEYS = ("data", "body", "image", "file", "b64")
 #: parameters beside the image
 SIDE_KEYS = (SCALE_KEY, STAIN_KEY)
 #: one image of a request before decoding, with its ``um_per_px``: an opened image (header read,
-#: :func:`~brst.handlers.images.open_image`) or uint8 pixels ``(H, W, 3)`` already in memory
+#: :func:`~brst.handlers.decode.open_image`) or uint8 pixels ``(H, W, 3)`` already in memory
 Source = tuple["Image.Image | np.ndarray", "float | None"]
 #: the answer to a request whose decoding failed unexpectedly (the details are in the server's log)
 DECODE_FAILED = "could not be decoded (an unexpected error, logged by the server)"
@@ -243,16 +240,16 @@ def _as_json(payload: Any, limits: DecodeLimits) -> Any:
 def _json_sources(doc: Any, scale: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
     """The sources of a JSON document, and whether it was a list form."""
     if isinstance(doc, list):
-        doc = {"instances": doc}
+        doc = {INSTANCES_KEY: doc}
     if not isinstance(doc, dict):
         raise RejectedInput("bad_json", "request", "JSON must be an object")
     scale = parse_um_per_px(doc.get(SCALE_KEY, _parameters(doc, "parameters").get(SCALE_KEY)), scale)
     if "inputs" in doc:
         return _kserve_sources(doc["inputs"], scale, limits), True
-    if "instances" in doc:
-        instances = doc["instances"]
+    if INSTANCES_KEY in doc:
+        instances = doc[INSTANCES_KEY]
         if not isinstance(instances, list) or not instances:
-            raise RejectedInput("bad_json", "instances", "must be a non-empty list")
+            raise RejectedInput("bad_json", INSTANCES_KEY, "must be a non-empty list")
         _check_count(len(instances), limits)
         return [_json_source(item, scale, limits) for item in instances], True
     return [_json_source(doc, scale, limits)], False

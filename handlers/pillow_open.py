@@ -5,7 +5,7 @@ that must open larger images (whole H&E scans of ~92 megapixels) would have to c
 global, which changes it for every thread of the process (the serving handler's decoder among
 them). :func:`pil_open` identifies and opens the image exactly as ``Image.open`` does, restricted
 to the formats named, but does not consult the global: the caller checks ``image.size`` against
-its own limit (:func:`brst.handlers.images.check_pixels` for requests) before any pixel is decoded.
+its own limit (:func:`brst.handlers.decode.check_pixels` for requests) before any pixel is decoded.
 The global is never read or written here.
 """
 from __future__ import annotations

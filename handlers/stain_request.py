@@ -25,9 +25,8 @@ import numpy as np
 
 from .errors import BrstError, RejectedInput, shown
 from .stain import StainNormalizer, statistics_from_dict
+from .wire import STAIN_KEY
 
-#: the parameter (JSON field, form field, gRPC input, KServe v2 ``parameters`` entry) that holds it
-STAIN_KEY = "stain"
 #: bytes of JSON text a ``stain`` parameter may hold
 MAX_STAIN_BYTES = 4096
 #: values and containers a ``stain`` object may hold in all

@@ -1,7 +1,7 @@
 """A corpus of bad (and borderline) requests for the served model, generated in code.
 
 Each :class:`BadInput` is one request body plus how it is sent, and the class of answer a
-correct server gives (:class:`Expect`). The decisions follow ``brst.handlers.envelopes and brst.handlers.images``:
+correct server gives (:class:`Expect`). The decisions follow ``brst.handlers.envelopes and brst.handlers.decode``:
 
 - **accepted after conversion** (the pixels are exactly the RGB a scanner produced):
   palette PNG (expanded to RGB), opaque RGBA PNG (alpha 255 everywhere is dropped),
@@ -36,7 +36,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from brst.handlers.images import SCALE_KEY, DecodeLimits
+from brst.handlers.decode import DecodeLimits
+from brst.handlers.wire import SCALE_KEY
 
 #: gRPC input key and multipart field of the image (TorchServe's examples and brst's client use "data")
 GRPC_IMAGE_KEY = FORM_IMAGE_KEY = "data"

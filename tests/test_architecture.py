@@ -16,12 +16,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"atomic", "checkpoint", "accuracy", "png"}
 #: stage -> the stages it may import (cli may import every stage)
 STAGES = {
-    "data": set(),
+    "sources": set(),
+    "data": {"sources"},
     "fit": {"data"},
     "evaluate": {"data", "fit"},
     "serve": set(),
-    "slide": {"data", "evaluate", "serve"},
-    "cohort": {"data", "slide"},
+    "slide": {"sources", "data", "evaluate", "serve"},
+    "cohort": {"sources", "data", "slide"},
 }
 
 

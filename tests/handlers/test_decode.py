@@ -13,10 +13,10 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from serve_fixtures import encode, npy_file, png_declaring
 
+from brst.handlers.decode import DecodeLimits, decode_image, to_patch
 from brst.handlers.envelopes import decode_request, parse_um_per_px
 from brst.handlers.errors import InputError, RejectedInput
 from brst.handlers.geometry import PatchGeometry
-from brst.handlers.images import DecodeLimits, decode_image, to_patch
 
 fixtures_settings = settings(max_examples=40, deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture])

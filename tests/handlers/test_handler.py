@@ -242,7 +242,7 @@ def test_um_per_px_is_resampled_before_the_model(handler, model_dir, heldout_pat
     """A finer scan sent with its um_per_px is served as its resampled patch would be in-process."""
     from PIL import Image
 
-    from brst.handlers.images import to_patch
+    from brst.handlers.decode import to_patch
 
     spec = handler.geometry
     finer = np.asarray(Image.fromarray(heldout_patches[2]).resize((2 * spec.patch_px,) * 2, Image.Resampling.BICUBIC))

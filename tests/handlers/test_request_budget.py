@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from serve_fixtures import encode, npy_file, one_bit_png, png_declaring
 
+from brst.handlers.decode import DecodeLimits
 from brst.handlers.envelopes import decode_batch, decode_request
 from brst.handlers.errors import RejectedInput
 from brst.handlers.geometry import PatchGeometry
-from brst.handlers.images import DecodeLimits
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 GEOMETRY = PatchGeometry.from_pixels(64, 1.0)
@@ -97,7 +97,7 @@ sys.path.insert(0, sys.argv[1])
 from serve_fixtures import one_bit_png
 from brst.handlers.envelopes import decode_request
 from brst.handlers.geometry import PatchGeometry
-from brst.handlers.images import DecodeLimits
+from brst.handlers.decode import DecodeLimits
 side, n = int(sys.argv[2]), int(sys.argv[3])
 items = [base64.b64encode(one_bit_png(side)).decode()] * n
 geometry, limits = PatchGeometry.from_pixels(64, 1.0), DecodeLimits(max_request_pixels=n * side * side)

@@ -36,10 +36,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from brst.handlers.decode import DecodeLimits
 from brst.handlers.envelopes import decode_request, parse_um_per_px
 from brst.handlers.errors import RejectedInput
 from brst.handlers.geometry import PatchGeometry
-from brst.handlers.images import SCALE_KEY, DecodeLimits
+from brst.handlers.wire import SCALE_KEY
 
 #: TorchServe's default max_request_size; the served fixture's own value is read from its config
 DEFAULT_MAX_REQUEST_BYTES = 6_553_500

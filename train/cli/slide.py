@@ -55,7 +55,7 @@ def endpoint_settings(*, token: str | None, tls: bool, ca_file: Path | None, aut
 
 def allow_insecure_sources(allow: bool) -> None:
     """``--allow-insecure``: through the environment, which reaches every place (and process) that opens a slide."""
-    from brst.train.data.readers.dicom_image import ALLOW_INSECURE_ENV
+    from brst.train.sources.dicom_image import ALLOW_INSECURE_ENV
 
     if allow:
         os.environ[ALLOW_INSECURE_ENV] = "1"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from brst.handlers.archive_facts import sha256_file
 from brst.handlers.errors import BrstError
-from brst.train.data.readers.dicom_image import DicomWebSeries, is_dicomweb_url
+from brst.train.sources.dicom_image import DicomWebSeries, is_dicomweb_url
 
 
 def source_identity(source: str) -> dict:

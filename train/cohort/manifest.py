@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brst.handlers.errors import BrstError
-from brst.train.data.readers.dicom_image import is_dicomweb_url
+from brst.train.sources.dicom_image import is_dicomweb_url
 
 #: exit status of a bad manifest (2 is any other user error, 1 a failed slide)
 MANIFEST_EXIT = 3

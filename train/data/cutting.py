@@ -22,10 +22,11 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from brst.handlers.geometry import PatchGeometry
+from brst.train.sources.open import DecodedImage
+from brst.train.sources.slide_image import SlideImage
 
 from .patches import cut_patch
-from .readers.base import Section, SlideImage
-from .readers.images import DecodedImage
+from .readers.base import Section
 
 
 def default_threads() -> int:

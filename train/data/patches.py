@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .readers.base import SlideImage
+from brst.train.sources.slide_image import SlideImage
 
 
 def cut_patch(image: SlideImage, x: float, y: float, side_px: float, patch_px: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .readers.base import SlideImage
+from brst.train.sources.slide_image import SlideImage
 
 THUMBNAIL_PX = 2048
 

@@ -27,15 +27,10 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from brst.handlers.errors import BrstError, InputError
+from brst.handlers.wire import IMAGE_KEY, SCALE_KEY, STAIN_KEY, UNKNOWN_MIME, body_format
 
 from .transport import Auth, Transport
 
-#: magic number -> MIME type (NPY: ``brst.handlers.images.NPY_MAGIC``, not imported to keep numpy out)
-IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"II*\x00", "image/tiff"),
-               (b"MM\x00*", "image/tiff"), (b"\x93NUMPY", "application/x-npy"))
-SCALE_KEY = "um_per_px"
-STAIN_KEY = "stain"
-GRPC_IMAGE_KEY = "data"
 #: endpoint URL scheme -> (client kind, TLS)
 ENDPOINT_SCHEMES = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False),
                     "grpcs": ("grpc", True)}
@@ -70,7 +65,7 @@ class HttpResult:
 
 def content_type(image: bytes) -> str:
     """The body's MIME type from its magic number (``application/octet-stream`` if unknown)."""
-    return next((mime for magic, mime in IMAGE_TYPES if image.startswith(magic)), "application/octet-stream")
+    return (body_format(image) or ("", UNKNOWN_MIME))[1]
 
 
 def error_json(body: bytes) -> dict:
@@ -190,7 +185,7 @@ class HttpClient:
         """
         mime = mime or content_type(body)
         if um_per_px is not None or stain is not None:
-            fields = {GRPC_IMAGE_KEY: (body, mime)}
+            fields = {IMAGE_KEY: (body, mime)}
             if um_per_px is not None:
                 fields[SCALE_KEY] = (repr(um_per_px).encode(), None)
             if stain is not None:
@@ -254,7 +249,7 @@ class GrpcClient:
     def predict(self, image: bytes, um_per_px: float | None = None, subject: str = "image",
                 stain: dict | None = None) -> dict | list:
         """The served JSON for one request; refusals raise :class:`RequestRejected`."""
-        inputs = {GRPC_IMAGE_KEY: image}
+        inputs = {IMAGE_KEY: image}
         if um_per_px is not None:
             inputs[SCALE_KEY] = repr(um_per_px).encode()
         if stain is not None:

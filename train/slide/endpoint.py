@@ -40,10 +40,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from brst.handlers.decode import DecodeLimits
 from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
-from brst.handlers.images import DecodeLimits
 from brst.handlers.stain import StainNormalizer, make_stain, statistics_from_dict
+from brst.handlers.wire import INSTANCES_KEY, SCALE_KEY, STAIN_KEY
 from brst.train.png import png_bytes
 from brst.train.serve.client import HttpClient, RequestRejected, make_client
 from brst.train.serve.transport import Transport
@@ -145,9 +146,9 @@ class EndpointPredictor:
         """The request body for uint8 ``(n, P, P, 3)`` tiles and the client's options for it."""
         if self.transfer == "npy":
             return npy_bytes(tiles), {"um_per_px": self.geometry.um_per_px, "stain": self._stain_fields}
-        doc = {"instances": [png_base64(tile) for tile in tiles], "um_per_px": self.geometry.um_per_px}
+        doc = {INSTANCES_KEY: [png_base64(tile) for tile in tiles], SCALE_KEY: self.geometry.um_per_px}
         if self._stain_fields is not None:
-            doc["stain"] = self._stain_fields
+            doc[STAIN_KEY] = self._stain_fields
         body = json.dumps(doc).encode()
         return body, {"mime": "application/json"} if isinstance(self.client, HttpClient) else {}
 

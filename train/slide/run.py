@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from brst.handlers.errors import BrstError
 from brst.train.atomic import atomic_path, write_json_atomic
-from brst.train.data.readers.base import SlideImage
-from brst.train.data.readers.dicom_image import is_dicomweb_url
-from brst.train.data.readers.images import open_image, source_name
 from brst.train.evaluate.plots import save_png, tissue_figure
+from brst.train.sources.dicom_image import is_dicomweb_url
+from brst.train.sources.open import open_image, source_name
+from brst.train.sources.slide_image import SlideImage
 
 from .drawn_genes import genes_to_draw
 from .measured import MeasuredSection, check_inside, gene_table, grid_origin, load_measured, spot_table

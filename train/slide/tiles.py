@@ -3,7 +3,7 @@
 A tile is the model's patch: a square of ``patch_um`` micrometres centred on a grid point,
 resampled to ``patch_px`` pixels (``um_per_px`` of the training patches), whatever the
 slide's own resolution. Tiles are read by region through the slide's image handle
-(:mod:`brst.train.data.readers.images`), a few batches ahead on worker threads, so at most
+(:mod:`brst.train.sources.open`), a few batches ahead on worker threads, so at most
 ``prefetch`` batches are in memory besides what the handle itself keeps (a JPEG/PNG is
 decoded once; a pyramidal TIFF, OpenSlide or DICOM slide is only ever read tile by tile).
 """
@@ -18,7 +18,7 @@ import numpy as np
 from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.train.data.patches import cut_patch
-from brst.train.data.readers.base import SlideImage
+from brst.train.sources.slide_image import SlideImage
 
 #: A resolution read from metadata is believed only inside this range (µm per pixel):
 #: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.

@@ -14,8 +14,8 @@ from brst.train.data.cutting import SectionCutter, cut_section
 from brst.train.data.patches import cut_patch
 from brst.train.data.prepare import PrepareOptions, select_spots
 from brst.train.data.readers import read_sections
-from brst.train.data.readers.images import DecodedImage
 from brst.train.data.slide_stain import section_stain
+from brst.train.sources.open import DecodedImage
 
 GEOMETRY = PatchGeometry(patch_um=112.0, um_per_px=4.0)  # 28 px: JPEGs decode at 1/4, fast
 
@@ -62,7 +62,7 @@ def test_warm_decodes_only_the_first_sections_ahead(sections):
 
 def test_one_decode_when_threads_ask_at_once(her2st_root, caplog):
     image = read_sections("her2st", her2st_root, ["C6"])[0].image
-    caplog.set_level(logging.DEBUG, logger="brst.train.data.readers.images")
+    caplog.set_level(logging.DEBUG, logger="brst.train.sources.open")
     results, start = [], threading.Barrier(4)
 
     def ask() -> None:

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from brst.handlers.errors import BrstError
 from brst.train.cli.main import cli
-from brst.train.data.readers.dicom_image import DicomWebSeries, check_transport
-from brst.train.data.readers.images import open_image
+from brst.train.sources.dicom_image import DicomWebSeries, check_transport
+from brst.train.sources.open import open_image
 
 SERIES = "studies/1.2.3/series/4.5.6"
 REMOTE = f"dicomweb://pacs.invalid:8042/dicom-web/{SERIES}"

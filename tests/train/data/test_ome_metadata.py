@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from brst.handlers.errors import BrstError
-from brst.train.data.readers.images import TiffImage, open_image
+from brst.train.sources.open import TiffImage, open_image
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
 

@@ -19,7 +19,7 @@ from serve_fixtures import encode, png_declaring
 from brst.handlers.envelopes import decode_request
 from brst.handlers.errors import RejectedInput
 from brst.handlers.geometry import PatchGeometry
-from brst.train.data.readers.images import DecodedImage
+from brst.train.sources.open import DecodedImage
 
 
 class GuardWatch:

@@ -13,10 +13,10 @@ import tifffile
 from PIL import Image
 
 from brst.handlers.errors import BrstError
-from brst.train.data.readers import images as images_module
 from brst.train.data.readers import read_sections
-from brst.train.data.readers.images import DecodedImage, TiffImage, open_image
 from brst.train.data.tissue import to_grey
+from brst.train.sources import open as open_module
+from brst.train.sources.open import DecodedImage, TiffImage, open_image
 
 HER2ST_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
@@ -82,8 +82,8 @@ def test_her2st_subset_layout(her2st_root, tmp_path):
 def test_image_decoded_once(her2st_sections, monkeypatch):
     image = DecodedImage(her2st_sections[0].image.path)
     opened = []
-    real_open = images_module.pil_open
-    monkeypatch.setattr(images_module, "pil_open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    real_open = open_module.pil_open
+    monkeypatch.setattr(open_module, "pil_open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     x, y = her2st_sections[0].pixel_x[0], her2st_sections[0].pixel_y[0]
     first = image.read_resampled((x - 80, y - 80, x + 80, y + 80), 224)
     for dx in range(5):

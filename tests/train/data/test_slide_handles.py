@@ -14,9 +14,9 @@ from PIL import Image
 from slide_files import write_aperio_svs, write_generic_pyramid, write_secondary_capture
 
 from brst.handlers.errors import BrstError
-from brst.train.data.readers.dicom_image import DicomImage, DicomWebSeries, read_credentials
-from brst.train.data.readers.images import TiffImage, open_image, source_name
-from brst.train.data.readers.openslide_image import OpenSlideImage
+from brst.train.sources.dicom_image import DicomImage, DicomWebSeries, read_credentials
+from brst.train.sources.open import TiffImage, open_image, source_name
+from brst.train.sources.openslide_image import OpenSlideImage
 
 UM_PER_PX = 0.69
 #: a tissue-rich box of section C2 (x0, y0, width, height) in full-resolution pixels; sides divisible by 16,

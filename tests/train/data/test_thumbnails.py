@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brst.train.data.readers import pyramid
-from brst.train.data.readers.images import TiffImage, open_image
+from brst.train.sources import pyramid
+from brst.train.sources.open import TiffImage, open_image
 
 WIDTH, HEIGHT, TILE_PX = 6000, 4500, 256
 READ_PX = 1 << 20

@@ -93,8 +93,8 @@ def test_um_per_px_is_used_over_both_protocols(served_model, http, grpc_client, 
     served as the in-process model answers for its cropped, resampled patch."""
     from PIL import Image
 
+    from brst.handlers.decode import to_patch
     from brst.handlers.geometry import PatchGeometry
-    from brst.handlers.images import to_patch
     from brst.train.checkpoint import load_checkpoint
 
     spec = PatchGeometry.from_data_config(load_checkpoint(served_model.checkpoint)["data_config"])

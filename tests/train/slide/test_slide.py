@@ -26,12 +26,12 @@ from PIL import Image
 from slide_files import assert_clean_failure
 
 from brst.train.cli.main import cli
-from brst.train.data.readers.images import open_image
 from brst.train.data.tissue import tissue_fraction
 from brst.train.slide.measured import grid_origin
 from brst.train.slide.run import THUMBNAIL_PX
 from brst.train.slide.tile_grid import find_tiles
 from brst.train.slide.tiles import iter_patch_batches, metadata_um_per_px, read_patches
+from brst.train.sources.open import open_image
 
 HER2ST_UM_PER_PX = 0.69  # the dataset README's figure
 ST_PITCH_UM = 200.0

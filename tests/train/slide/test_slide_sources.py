@@ -27,7 +27,7 @@ from slide_files import assert_clean_failure, write_aperio_svs, write_secondary_
 
 from brst.train.accuracy import pearson_r
 from brst.train.cli.main import cli
-from brst.train.data.readers.images import open_image
+from brst.train.sources.open import open_image
 
 UM_PER_PX = 0.69  # the HER2ST README's figure; the SVS and DICOM copies carry it in their metadata
 STEP_UM = "300"

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from serve_fixtures import ServedModel, encode, npy_file, scrape_metrics, start_serve, stop_serve
 
 from brst.train.cli.main import cli
-from brst.train.data.readers.images import open_image
 from brst.train.slide.run import stain_tiles
 from brst.train.slide.tiles import read_patches
+from brst.train.sources.open import open_image
 
 HER2ST_UM_PER_PX = 0.69
 STEP_UM = "400"

@@ -18,7 +18,7 @@ import numpy as np
 from brst.handlers.errors import BrstError
 from brst.handlers.registry import Registry
 
-from .base import Section, SlideImage
+from .base import Section
 
 #: format name -> its reader module (imported when first used); a new format registers here
 FORMATS: Registry[str] = Registry("format")
@@ -27,7 +27,7 @@ FORMATS.register("stnet", f"{__name__}.stnet")
 FORMATS.register("visium", f"{__name__}.visium")
 FORMATS.register("hest", f"{__name__}.hest")
 
-__all__ = ["FORMATS", "Section", "SlideImage", "reader", "iter_sections", "read_sections", "check_section"]
+__all__ = ["FORMATS", "Section", "reader", "iter_sections", "read_sections", "check_section"]
 
 
 def reader(format_name: str) -> ModuleType:

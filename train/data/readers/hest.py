@@ -32,10 +32,11 @@ import numpy as np
 import scipy.spatial
 
 from brst.handlers.errors import BrstError
+from brst.train.sources.open import FLAT_SUFFIXES, TIFF_SUFFIXES, open_image
+from brst.train.sources.slide_image import SlideImage
 
-from .base import Section, SlideImage
+from .base import Section
 from .hest_patches import patches_image
-from .images import FLAT_SUFFIXES, TIFF_SUFFIXES, open_image
 from .tables import integer_counts, pick_sections, unique_names
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from typing import Iterator
 import numpy as np
 
 from brst.handlers.errors import BrstError
+from brst.train.sources.open import FLAT_SUFFIXES, TIFF_SUFFIXES, open_image
 
 from .base import Section
 from .grid import ST_SPOT_DIAMETER_UM, grid_um_per_px, parse_keys, spot_keys
-from .images import FLAT_SUFFIXES, TIFF_SUFFIXES, open_image
 from .tables import join_keys, pick_sections, read_counts, read_table
 
 READER_VERSION = "1"

@@ -27,9 +27,9 @@ import numpy as np
 import scipy.sparse
 
 from brst.handlers.errors import BrstError
+from brst.train.sources.open import open_image
 
 from .base import Section
-from .images import open_image
 from .tables import join_keys, pick_sections, read_table, unique_names
 
 READER_VERSION = "1"

@@ -10,13 +10,13 @@
   thumbnails use the same reduced decoding.
 * every format OpenSlide reads (Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS, Leica SCN,
   Ventana BIF, Philips TIFF, generic tiled TIFF) ->
-  :class:`~brst.train.data.readers.openslide_image.OpenSlideImage`, read by region from the
+  :class:`~brst.train.sources.openslide_image.OpenSlideImage`, read by region from the
   best level (HEST-1k's JPEG-tiled pyramidal TIFFs among them: no ``imagecodecs`` needed);
 * OME-TIFF, and TIFFs OpenSlide does not take (untiled ones) -> :class:`TiffImage`: regions
   are read through tifffile's zarr view of the best pyramid level, so only the tiles under a
   patch are decoded (OME's SubIFD pyramids are tifffile's strength);
 * a folder of DICOM files, or a ``dicomweb://`` URL of a series on a DICOMweb server ->
-  :class:`~brst.train.data.readers.dicom_image.DicomImage` (wsidicom).
+  :class:`~brst.train.sources.dicom_image.DicomImage` (wsidicom).
 
 Every handle states the µm/px its metadata gives (``um_per_px``, ``None`` when it gives none)
 and pickles without its decoded pixels or native handle, so worker processes reopen it cheaply.
@@ -35,10 +35,10 @@ from PIL import Image, UnidentifiedImageError
 from brst.handlers.errors import BrstError
 from brst.handlers.pillow_open import pil_open
 
-from .base import SlideImage
 from .dicom_image import DicomImage, is_dicomweb_url
 from .openslide_image import OPENSLIDE_SUFFIXES, OpenSlideImage, openslide_format
 from .pyramid import RESAMPLE, PyramidImage, fit_thumbnail
+from .slide_image import SlideImage
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ with ``um_per_px`` to the model's field of view (:class:`~brst.handlers.geometry
 and resample it to ``patch_px``; without a scale the image must be square and is taken to cover
 the model's field. Bad input raises
 :class:`~brst.handlers.errors.RejectedInput`; its message never carries decoder internals.
-Request envelopes (JSON, KServe v2, multipart) are :mod:`brst.handlers.envelopes`.
+Request envelopes (JSON, KServe v2, multipart) are :mod:`brst.handlers.envelopes`; the magic numbers and
+field names both the server and the clients use, :mod:`brst.handlers.wire`.
 """
 from __future__ import annotations
 
@@ -31,15 +32,12 @@ from PIL import Image
 from .errors import RejectedInput, shown
 from .geometry import PatchGeometry
 from .pillow_open import pil_open
+from .wire import SCALE_KEY, body_format
 
 #: the only formats Pillow may try (a smaller attack surface than all its plugins)
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF")
-MAGIC_NUMBERS = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-#: the first bytes of a NumPy ``.npy`` file (its format versions 1.0 and 2.0 are read)
-NPY_MAGIC = b"\x93NUMPY"
+#: the ``.npy`` format versions read
 NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
-
-SCALE_KEY = "um_per_px"
 
 
 @dataclass(frozen=True)
@@ -196,8 +194,8 @@ def _open(data: bytes) -> Image.Image:
     try:
         return pil_open(io.BytesIO(data), IMAGE_FORMATS)
     except Image.UnidentifiedImageError as err:
-        fmt = next((name for magic, name in MAGIC_NUMBERS if data.startswith(magic)), None)
-        if fmt is not None:
+        fmt = (body_format(data) or ("", ""))[0]
+        if fmt in IMAGE_FORMATS:
             raise RejectedInput("corrupt", "image", f"starts like {fmt} but its header is truncated or "
                                                     "corrupt") from err
         raise RejectedInput("not_an_image", "image", f"is not a {'/'.join(IMAGE_FORMATS)} image") from err

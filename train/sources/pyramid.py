@@ -2,7 +2,7 @@
 
 A pyramid is level 0 (full resolution) and coarser copies of it. :class:`PyramidImage` turns
 one primitive, "read this box of level *k*" (:meth:`PyramidImage._read`), into the
-:class:`~brst.train.data.readers.base.SlideImage` calls: a patch is read from the coarsest
+:class:`~brst.train.sources.slide_image.SlideImage` calls: a patch is read from the coarsest
 level that is still at least as fine as the patch asks for, with a two-pixel margin, and
 resampled sub-pixel exactly; a thumbnail from the smallest level at least as large as asked,
 read region by region when that level is large (a one-level 60000 x 60000 slide is never held
