@@ -16,7 +16,7 @@ Steps 1-4 use a regular sub-grid of about ``max_sample_px`` pixels per patch (pe
 of a few thousand pixels are as good as of 50 000); step 5 is a per-patch 3x3 matrix applied
 to every pixel in log space (one ``baddbmm`` and one ``exp``), which makes it fast. For uint8
 batches on the CPU it is one fused C loop (:mod:`~brst.handlers.stain.fused`); otherwise eager
-torch ops, on the CPU group by group of patches (:func:`~brst.handlers.stain.tensor.patch_chunks`)
+torch ops, on the CPU group by group of patches (:func:`~brst.handlers.stain.pixels.patch_chunks`)
 into one preallocated output.
 
 Patches with too little tissue (``min_tissue`` of the sampled pixels), a degenerate stain
@@ -31,7 +31,7 @@ import torch
 
 from .base import StainNormalizer, reference_tensor
 from .fused import fused_remix, fused_remix_applies
-from .tensor import (
+from .pixels import (
     check_image,
     enough_tissue,
     log_intensity,

@@ -18,7 +18,7 @@ import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
 from .base import StainNormalizer, reference_tensor
-from .tensor import (
+from .pixels import (
     check_image,
     enough_tissue,
     pass_through,

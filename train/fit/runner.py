@@ -42,7 +42,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .domain_calibration import calibrate_domain
-from .gauges import TrainingMetrics
+from .prometheus_gauges import TrainingGauges
 from .hardware import (
     amp_dtype,
     compile_model,
@@ -61,7 +61,7 @@ from .recipes import warn_if_other_field
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
 from .sampling import EpochSampler, epoch_augmentation
-from .setup import fit_stain_reference, fit_targets, run_data_config, split_spots
+from .data_derived import fit_stain_reference, fit_targets, run_data_config, split_spots
 from .signals import Interrupted, StopSignals
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class Trainer:
                  ctx: DistContext, state: RunState, n_spots: int) -> None:
         self.options, self.spec, self.model, self.parts = options, spec, model, parts
         self.run, self.ctx, self.state, self.n_spots = run, ctx, state, n_spots
-        self.metrics = TrainingMetrics()
+        self.metrics = TrainingGauges()
         self.bar: tqdm | None = None
         self.stop = StopSignals()
 

@@ -1,4 +1,4 @@
-"""Input checks, optical density and robust statistics shared by the stain normalisers.
+"""Pixel-level steps shared by the stain normalisers: input checks, optical density, sampling, robust statistics.
 
 Images are batches ``(B, 3, H, W)`` of uint8 (0..255) or float in [0, 1]. Optical
 density follows Macenko's reference code (and torchstain): ``OD = -log((255 x + 1) / io)``
