@@ -104,9 +104,9 @@ class TestTemplate:
         # float input, since uint8 Macenko batches take the fused kernel instead (test_stain_fused.py)
         module = NORMALISERS[method]()
         x = as_batch(np.concatenate([white_patch(224), real_patches[:4]]), torch.device("cpu"), torch.float32)
-        monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 1 << 40)
+        monkeypatch.setattr(stain_pixels, "CPU_CHUNK_PX", 1 << 40)
         whole, whole_ok = module.forward_flagged(x)
-        monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 2 * 224 * 224)
+        monkeypatch.setattr(stain_pixels, "CPU_CHUNK_PX", 2 * 224 * 224)
         assert len(stain_pixels.patch_chunks(x)) == 3
         chunked, chunked_ok = module.forward_flagged(x)
         assert chunked_ok.tolist() == whole_ok.tolist() == [False, True, True, True, True]

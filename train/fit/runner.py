@@ -29,6 +29,7 @@ from brst.train.data import PatchDataset, open_dataset
 from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.slide_stain import slide_stain_table
 
+from .data_derived import fit_stain_reference, fit_targets, run_data_config, split_spots
 from .density_expert import fit_density_expert
 from .distributed import (
     DistContext,
@@ -42,7 +43,6 @@ from .distributed import (
     wrap_ddp,
 )
 from .domain_calibration import calibrate_domain
-from .prometheus_gauges import TrainingGauges
 from .hardware import (
     amp_dtype,
     compile_model,
@@ -56,12 +56,12 @@ from .loop import EpochProgress, StepParts, run_epoch, validate
 from .optim import load_optimizer_state, make_optimizer, make_scheduler
 from .options import FitOptions
 from .pretrained import load_backbone_weights
+from .prometheus_gauges import TrainingGauges
 from .provenance import check_resume_data, training_spots
 from .recipes import warn_if_other_field
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
 from .sampling import EpochSampler, epoch_augmentation
-from .data_derived import fit_stain_reference, fit_targets, run_data_config, split_spots
 from .signals import Interrupted, StopSignals
 
 log = logging.getLogger(__name__)
