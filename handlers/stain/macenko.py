@@ -29,17 +29,16 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..tissue import enough_tissue, stain_tissue_mask
 from .base import StainNormalizer, reference_tensor
 from .fused import fused_remix, fused_remix_applies
 from .pixels import (
     check_image,
-    enough_tissue,
     log_intensity,
     masked_quantile,
     pass_through,
     patch_chunks,
     sampled_optical_density,
-    tissue_mask,
 )
 
 #: Macenko's reference (from the original code, also torchstain's default): columns H, E
@@ -173,7 +172,7 @@ def macenko_stains(x: torch.Tensor, *, io: float = 240.0, alpha: float = 1.0, be
     """
     check_image(x)
     od = sampled_optical_density(x, io, max_sample_px)
-    tissue = tissue_mask(od, beta)
+    tissue = stain_tissue_mask(od, beta)
     ok = enough_tissue(tissue, min_tissue)
     stains = _extreme_stains(od, tissue, _principal_plane(od, tissue, ok), alpha)
     unmix, well_conditioned = _unmixing(stains)

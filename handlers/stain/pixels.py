@@ -86,23 +86,6 @@ def sampled_optical_density(x: torch.Tensor, io: float, max_sample_px: int) -> t
     return math.log(io) - log_intensity(sample_grid(x, max_sample_px)).flatten(2)
 
 
-def tissue_mask(od: torch.Tensor, beta: float) -> torch.Tensor:
-    """Pixels whose optical density is at least ``beta`` in every channel (not background).
-
-    Shape: ``(B, 3, N)`` -> ``(B, N)`` bool.
-    """
-    return od.amin(dim=1) >= beta  # 5-10x faster than (od >= beta).all(dim=1) on the CPU
-
-
-def enough_tissue(tissue: torch.Tensor, min_tissue: float, min_px: int = 16) -> torch.Tensor:
-    """True for patches with at least a ``min_tissue`` fraction (and ``min_px``) of tissue pixels.
-
-    Shape: ``(B, N)`` -> ``(B,)`` bool.
-    """
-    needed = max(min_px, math.ceil(min_tissue * tissue.shape[-1]))
-    return tissue.sum(dim=-1) >= needed
-
-
 def masked_quantile(values: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row ``q`` quantile of the values under ``mask``, interpolated linearly (numpy's default).
 

@@ -13,10 +13,10 @@ import tifffile
 from PIL import Image
 
 from brst.handlers.errors import BrstError
+from brst.handlers.tissue import to_grey
 from brst.train.data.readers import images as images_module
 from brst.train.data.readers import read_sections
 from brst.train.data.readers.images import DecodedImage, TiffImage, open_image
-from brst.train.data.tissue import to_grey
 
 HER2ST_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
