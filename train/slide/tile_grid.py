@@ -59,7 +59,7 @@ def tile_grid(tissue: TissueMask, width_px: int, height_px: int, um_per_px: floa
         width_px, height_px: slide size in pixels.
         um_per_px: micrometres per slide pixel.
         step_um: grid step (200 ST pitch, 100 Visium, or denser).
-        tile_um: side of the square each tile covers (the model's patch).
+        tile_um: side of the square each tile covers (the model's ``patch_um``).
         min_tissue: least share of a tile that must be tissue.
         origin_px: ``(x, y)`` a point the grid passes through (e.g. a measured spot);
             default half a step from the top-left corner.
@@ -71,7 +71,7 @@ def tile_grid(tissue: TissueMask, width_px: int, height_px: int, um_per_px: floa
     ys = _grid_positions(origin_y, step_px, height_px)
     col, row = (a.ravel() for a in np.meshgrid(np.arange(xs.size), np.arange(ys.size)))
     centre_x, centre_y = xs[col], ys[row]
-    half = tile_px / 2 + 1  # a pixel of margin: patch boxes are centred on pixel centres (+0.5)
+    half = tile_px / 2 + 1  # a pixel of margin: a tile's patch box is centred on pixel centres (+0.5)
     inside = ((centre_x - half >= 0) & (centre_x + half <= width_px)
               & (centre_y - half >= 0) & (centre_y + half <= height_px))
     col, row, centre_x, centre_y = col[inside], row[inside], centre_x[inside], centre_y[inside]
