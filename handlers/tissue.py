@@ -17,7 +17,7 @@ Three masks, because they answer three questions on three kinds of input:
 
 Both thumbnail masks share :func:`otsu_threshold`, and both fractions "share of a box that is
 tissue" (a spot's patch, a grid tile) are :func:`box_tissue_fraction`; each caller chooses how
-its boxes round to thumbnail pixels. scipy is imported only by :func:`slide_tissue_mask`: the
+its boxes round to thumbnail pixels. scipy is imported only for :func:`slide_tissue_mask`: the
 serving worker needs the stain mask, never a slide's, and starts without scipy.
 """
 from __future__ import annotations
