@@ -66,8 +66,8 @@ def slide_path() -> Path:
 def tile_centres(predictor: LocalPredictor, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``limit`` tile centres of C2's tissue grid, slide pixels ``(n,)`` each."""
     image = open_image(slide_path())
-    thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
-    _, grid = find_tiles(thumbnail, scale, image.width, image.height, SLIDE_UM_PER_PX, STEP_UM,
+    thumbnail, thumb_px_per_slide_px = image.thumbnail(THUMBNAIL_PX)
+    _, grid = find_tiles(thumbnail, thumb_px_per_slide_px, image.width, image.height, SLIDE_UM_PER_PX, STEP_UM,
                          predictor.geometry.side_um, SECTION)
     return grid.pixel_x[:limit], grid.pixel_y[:limit]
 

@@ -21,8 +21,8 @@ parameter (a JSON field, ``parameters.stain``, or a form field / gRPC entry hold
 Everything is checked before it costs memory or time: body size, the declared pixel
 count in each image header (decompression-bomb guard) and summed over the request (its
 budget, checked from the headers before the first image is decoded), format, truncation,
-colour mode (H&E is RGB: grayscale, CMYK and transparent images are refused) and patch
-scale. The images of a request are then decoded, cropped, resampled and released one at a
+colour mode (H&E is RGB: grayscale, CMYK and transparent images are refused) and the
+patch's ``um_per_px``. The images of a request are then decoded, cropped, resampled and released one at a
 time, so a request never holds more than one full-size image. A patch
 sent with ``um_per_px`` is centre-cropped to the model's field of view (``patch_um``) and
 resampled to the model's ``patch_px``; without it the patch must be square and is taken
@@ -151,15 +151,15 @@ def decode_request(row: Mapping[str, Any], geometry: PatchGeometry, limits: Deco
     Raises:
         RejectedInput: anything wrong with the content.
     """
-    scale = parse_um_per_px(row.get(SCALE_KEY))
+    um_per_px = parse_um_per_px(row.get(SCALE_KEY))
     payload = _image_payload(row)
     if isinstance(payload, (bytes, bytearray)) and not _looks_like_json(payload):
         source = None if stain is None else parse_stain(row.get(STAIN_KEY), stain)
-        sources, many = _binary_sources(bytes(payload), scale, limits)
+        sources, many = _binary_sources(bytes(payload), um_per_px, limits)
     else:
         doc = _as_json(payload, limits)
         source = None if stain is None else parse_stain(_stain_value(doc, row), stain)
-        sources, many = _json_sources(doc, scale, limits)
+        sources, many = _json_sources(doc, um_per_px, limits)
     return DecodedRequest(_patches(sources, geometry, limits), many, source)
 
 
@@ -180,8 +180,8 @@ def _patches(sources: list[Source], geometry: PatchGeometry, limits: DecodeLimit
     budget; one image at a time is decoded, cropped, resampled and released."""
     declared_px = sum(_declared_pixels(source) for source, _ in sources)
     check_request_pixels(declared_px, len(sources), limits)
-    return [to_patch(source, scale, geometry, limits) if isinstance(source, np.ndarray)
-            else image_patch(source, scale, geometry, limits) for source, scale in sources]
+    return [to_patch(source, um_per_px, geometry, limits) if isinstance(source, np.ndarray)
+            else image_patch(source, um_per_px, geometry, limits) for source, um_per_px in sources]
 
 
 def _declared_pixels(source: Image.Image | np.ndarray) -> int:
@@ -191,12 +191,12 @@ def _declared_pixels(source: Image.Image | np.ndarray) -> int:
     return source.width * source.height
 
 
-def _binary_sources(data: bytes, scale: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
+def _binary_sources(data: bytes, um_per_px: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
     """The sources of a binary body (NPY pixels or one encoded image), and whether it was a list form."""
     if data.startswith(NPY_MAGIC):
         pixels, many = decode_npy(data, limits)
-        return [(image, scale) for image in pixels], many
-    return [(open_image(data, limits), scale)], False
+        return [(image, um_per_px) for image in pixels], many
+    return [(open_image(data, limits), um_per_px)], False
 
 
 def _image_payload(row: Mapping[str, Any]) -> Any:
@@ -237,27 +237,27 @@ def _as_json(payload: Any, limits: DecodeLimits) -> Any:
         raise RejectedInput("bad_json", "request", f"body is not valid JSON: {err}") from err
 
 
-def _json_sources(doc: Any, scale: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
+def _json_sources(doc: Any, um_per_px: float | None, limits: DecodeLimits) -> tuple[list[Source], bool]:
     """The sources of a JSON document, and whether it was a list form."""
     if isinstance(doc, list):
         doc = {INSTANCES_KEY: doc}
     if not isinstance(doc, dict):
         raise RejectedInput("bad_json", "request", "JSON must be an object")
-    scale = parse_um_per_px(doc.get(SCALE_KEY, _parameters(doc, "parameters").get(SCALE_KEY)), scale)
+    um_per_px = parse_um_per_px(doc.get(SCALE_KEY, _parameters(doc, "parameters").get(SCALE_KEY)), um_per_px)
     if "inputs" in doc:
-        return _kserve_sources(doc["inputs"], scale, limits), True
+        return _kserve_sources(doc["inputs"], um_per_px, limits), True
     if INSTANCES_KEY in doc:
         instances = doc[INSTANCES_KEY]
         if not isinstance(instances, list) or not instances:
             raise RejectedInput("bad_json", INSTANCES_KEY, "must be a non-empty list")
         _check_count(len(instances), limits)
-        return [_json_source(item, scale, limits) for item in instances], True
-    return [_json_source(doc, scale, limits)], False
+        return [_json_source(item, um_per_px, limits) for item in instances], True
+    return [_json_source(doc, um_per_px, limits)], False
 
 
-def _json_source(item: Any, scale: float | None, limits: DecodeLimits) -> Source:
+def _json_source(item: Any, um_per_px: float | None, limits: DecodeLimits) -> Source:
     if isinstance(item, str):
-        return open_image(b64decode(item, "image", limits), limits), scale
+        return open_image(b64decode(item, "image", limits), limits), um_per_px
     if not isinstance(item, dict):
         raise RejectedInput("bad_json", "instance", "must be a base64 string or an object")
     key = next((k for k in ("image", "data", "b64") if k in item), None)
@@ -267,15 +267,15 @@ def _json_source(item: Any, scale: float | None, limits: DecodeLimits) -> Source
     if isinstance(value, dict) and "b64" in value:
         value = value["b64"]
     image = open_image(b64decode(value, key, limits), limits)
-    return image, parse_um_per_px(item.get(SCALE_KEY), scale)
+    return image, parse_um_per_px(item.get(SCALE_KEY), um_per_px)
 
 
-def _kserve_sources(inputs: Any, scale: float | None, limits: DecodeLimits) -> list[Source]:
+def _kserve_sources(inputs: Any, um_per_px: float | None, limits: DecodeLimits) -> list[Source]:
     """Images from KServe v2 ``inputs``: BYTES (base64 images) or UINT8 (pixels)."""
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise RejectedInput("bad_json", "inputs", "must be a list holding one tensor object")
     tensor = inputs[0]
-    scale = parse_um_per_px(_parameters(tensor, "inputs[0].parameters").get(SCALE_KEY), scale)
+    um_per_px = parse_um_per_px(_parameters(tensor, "inputs[0].parameters").get(SCALE_KEY), um_per_px)
     datatype = tensor.get("datatype")
     data = tensor.get("data")
     if not isinstance(data, list) or not data:
@@ -284,9 +284,9 @@ def _kserve_sources(inputs: Any, scale: float | None, limits: DecodeLimits) -> l
     if kind == "BYTES":
         flat = _flatten(data)
         _check_count(len(flat), limits)
-        return [(open_image(b64decode(item, "inputs[0].data", limits), limits), scale) for item in flat]
+        return [(open_image(b64decode(item, "inputs[0].data", limits), limits), um_per_px) for item in flat]
     if kind == "UINT8":
-        return [(image, scale) for image in _kserve_pixels(tensor.get("shape"), data, limits)]
+        return [(image, um_per_px) for image in _kserve_pixels(tensor.get("shape"), data, limits)]
     raise RejectedInput("bad_json", "inputs[0].datatype", f"{shown(datatype or 'missing')}: use BYTES or UINT8")
 
 
@@ -364,9 +364,9 @@ def parse_um_per_px(value: Any, default: float | None = None) -> float | None:
     if isinstance(value, bool):
         raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} is not a number")
     try:
-        scale = float(value)
+        um_per_px = float(value)
     except (TypeError, ValueError, OverflowError) as err:
         raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} is not a number") from err
-    if not math.isfinite(scale) or scale <= 0:
+    if not math.isfinite(um_per_px) or um_per_px <= 0:
         raise RejectedInput("bad_scale", SCALE_KEY, f"{shown(value)} must be a positive number")
-    return scale
+    return um_per_px

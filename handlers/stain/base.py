@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from brst.handlers.errors import BrstError
 
-from .tensor import check_image, to_float_image
+from .pixels import check_image, to_float_image
 
 log = logging.getLogger(__name__)
 

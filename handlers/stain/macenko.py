@@ -16,7 +16,7 @@ Steps 1-4 use a regular sub-grid of about ``max_sample_px`` pixels per patch (pe
 of a few thousand pixels are as good as of 50 000); step 5 is a per-patch 3x3 matrix applied
 to every pixel in log space (one ``baddbmm`` and one ``exp``), which makes it fast. For uint8
 batches on the CPU it is one fused C loop (:mod:`~brst.handlers.stain.fused`); otherwise eager
-torch ops, on the CPU group by group of patches (:func:`~brst.handlers.stain.tensor.patch_chunks`)
+torch ops, on the CPU group by group of patches (:func:`~brst.handlers.stain.pixels.patch_chunks`)
 into one preallocated output.
 
 Patches with too little tissue (``min_tissue`` of the sampled pixels), a degenerate stain
@@ -29,17 +29,16 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..tissue import enough_tissue, stain_tissue_mask
 from .base import StainNormalizer, reference_tensor
 from .fused import fused_remix, fused_remix_applies
-from .tensor import (
+from .pixels import (
     check_image,
-    enough_tissue,
     log_intensity,
     masked_quantile,
     pass_through,
     patch_chunks,
     sampled_optical_density,
-    tissue_mask,
 )
 
 #: Macenko's reference (from the original code, also torchstain's default): columns H, E
@@ -173,7 +172,7 @@ def macenko_stains(x: torch.Tensor, *, io: float = 240.0, alpha: float = 1.0, be
     """
     check_image(x)
     od = sampled_optical_density(x, io, max_sample_px)
-    tissue = tissue_mask(od, beta)
+    tissue = stain_tissue_mask(od, beta)
     ok = enough_tissue(tissue, min_tissue)
     stains = _extreme_stains(od, tissue, _principal_plane(od, tissue, ok), alpha)
     unmix, well_conditioned = _unmixing(stains)

@@ -17,15 +17,14 @@ from typing import Any, NamedTuple
 import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 
+from ..tissue import enough_tissue, stain_tissue_mask
 from .base import StainNormalizer, reference_tensor
-from .tensor import (
+from .pixels import (
     check_image,
-    enough_tissue,
     pass_through,
     patch_chunks,
     sample_grid,
     sampled_optical_density,
-    tissue_mask,
     to_float_image,
 )
 
@@ -64,7 +63,7 @@ def reinhard_stats(x: torch.Tensor, *, io: float = 240.0, beta: float = 0.15, mi
 def _lab_statistics(x: torch.Tensor, *, io: float, beta: float, min_tissue: float, max_sample_px: int
                     ) -> tuple[ReinhardReference, torch.Tensor, torch.Tensor]:
     """:func:`reinhard_stats` on an already checked batch."""
-    ok = enough_tissue(tissue_mask(sampled_optical_density(x, io, max_sample_px), beta), min_tissue)
+    ok = enough_tissue(stain_tissue_mask(sampled_optical_density(x, io, max_sample_px), beta), min_tissue)
     lab = rgb_to_lab(to_float_image(x))
     mean, std = lab.mean(dim=(2, 3)), lab.flatten(2).std(dim=-1)
     return ReinhardReference(mean, std), lab, ok & (std > MIN_STD).all(dim=-1)

@@ -3,7 +3,7 @@
 Expressions are parsed with promql-parser (a port of Prometheus' parser; promtool is not
 available offline) and every metric name they select must be exported by one of: the served
 model (a real TorchServe ``/metrics`` scrape, fixture ``served_metrics_text``), the training
-process (brst.train.fit.gauges, exposed with prometheus-client), a cohort shard
+process (brst.train.fit.prometheus_gauges, exposed with prometheus-client), a cohort shard
 (brst.train.cohort.metrics) or a named cluster exporter
 (k8s_checks.EXTERNAL_METRICS).
 """
@@ -28,10 +28,10 @@ def all_queries() -> list[tuple[str, str]]:
 
 
 def training_exposition() -> str:
-    """What a training process serves on --metrics-port, from the real TrainingMetrics."""
-    from brst.train.fit.gauges import TrainingMetrics
+    """What a training process serves on --metrics-port, from the real TrainingGauges."""
+    from brst.train.fit.prometheus_gauges import TrainingGauges
 
-    return generate_latest(TrainingMetrics().registry).decode()
+    return generate_latest(TrainingGauges().registry).decode()
 
 
 def cohort_exposition() -> str:

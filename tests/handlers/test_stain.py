@@ -29,7 +29,7 @@ from brst.handlers.stain import (
     stain_from_json,
 )
 from brst.handlers.stain import macenko as macenko_module
-from brst.handlers.stain import tensor as stain_tensor
+from brst.handlers.stain import pixels as stain_pixels
 from brst.handlers.stain.macenko import symmetric3_top_eigenvectors
 
 #: one uint8 level: torchstain truncates its output to integers (up to 1 level), float32
@@ -104,10 +104,10 @@ class TestTemplate:
         # float input, since uint8 Macenko batches take the fused kernel instead (test_stain_fused.py)
         module = NORMALISERS[method]()
         x = as_batch(np.concatenate([white_patch(224), real_patches[:4]]), torch.device("cpu"), torch.float32)
-        monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 1 << 40)
+        monkeypatch.setattr(stain_pixels, "CPU_CHUNK_PX", 1 << 40)
         whole, whole_ok = module.forward_flagged(x)
-        monkeypatch.setattr(stain_tensor, "CPU_CHUNK_PX", 2 * 224 * 224)
-        assert len(stain_tensor.patch_chunks(x)) == 3
+        monkeypatch.setattr(stain_pixels, "CPU_CHUNK_PX", 2 * 224 * 224)
+        assert len(stain_pixels.patch_chunks(x)) == 3
         chunked, chunked_ok = module.forward_flagged(x)
         assert chunked_ok.tolist() == whole_ok.tolist() == [False, True, True, True, True]
         assert levels(chunked, whole).max() < 1e-3
@@ -305,12 +305,12 @@ def test_masked_quantile_is_numpys():
     mask = torch.rand(5, 2, 301, generator=generator) > 0.4
     mask[0, 1] = False
     for q in (0.0, 0.01, 0.37, 0.5, 0.99, 1.0):
-        got = stain_tensor.masked_quantile(values, q, mask)
+        got = stain_pixels.masked_quantile(values, q, mask)
         for index in np.ndindex(5, 2):
             kept = values[index][mask[index]].numpy()
             expected = np.quantile(kept, q) if len(kept) else 0.0
             assert got[index].item() == pytest.approx(expected, abs=1e-6), (q, index)
-        torch.testing.assert_close(stain_tensor.masked_quantile(values, q),
+        torch.testing.assert_close(stain_pixels.masked_quantile(values, q),
                                    torch.from_numpy(np.quantile(values.numpy(), q, axis=-1)).float())
 
 
@@ -341,6 +341,6 @@ def test_pass_through_keeps_failed_patches_on_every_path(device):
     x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, device=device)
     out = torch.rand(3, 3, 8, 8, device=device)
     ok = torch.tensor([True, False, True], device=device)
-    kept = stain_tensor.pass_through(out, x, ok)
+    kept = stain_pixels.pass_through(out, x, ok)
     assert torch.equal(kept[1], x[1].float() / 255) and torch.equal(kept[[0, 2]], out[[0, 2]])
-    assert torch.equal(stain_tensor.pass_through(out, x, torch.ones(3, dtype=torch.bool, device=device)), out)
+    assert torch.equal(stain_pixels.pass_through(out, x, torch.ones(3, dtype=torch.bool, device=device)), out)

@@ -16,7 +16,7 @@ from stain_patches import cut_patches
 
 from brst.handlers.stain import FUSED_CPU_REMIX, Macenko
 from brst.handlers.stain import macenko as macenko_module
-from brst.handlers.stain import tensor as stain_tensor
+from brst.handlers.stain import pixels as stain_pixels
 from brst.handlers.stain.fused import fused_applies, fused_remix, fused_remix_applies, fused_sampled_optical_density
 
 #: every test but the first needs the kernels; the first says when they are missing
@@ -109,9 +109,9 @@ def test_remix_is_the_same_on_any_thread_count_and_layout(patches):
 def test_sampled_optical_density_equals_eager(patches, shape, max_sample_px):
     b, _, h, w = shape
     x = patches[:b, :, :h, :w].contiguous()
-    stride = stain_tensor.sample_stride(h, w, max_sample_px)
+    stride = stain_pixels.sample_stride(h, w, max_sample_px)
     fused = fused_sampled_optical_density(x, stride, math.log(240))
-    eager = math.log(240) - stain_tensor.log_intensity(stain_tensor.sample_grid(x, max_sample_px)).flatten(2)
+    eager = math.log(240) - stain_pixels.log_intensity(stain_pixels.sample_grid(x, max_sample_px)).flatten(2)
     assert fused.shape == eager.shape
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-6)
 

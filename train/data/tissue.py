@@ -1,44 +1,26 @@
-"""Background (white glass) detection with Otsu's threshold, as in the BrST-Net paper.
+"""A section's spots on tissue, as the BrST-Net paper filters them (``prepare --otsu``).
 
-The threshold is computed once per section on a grey thumbnail; a spot's tissue fraction
-is the share of thumbnail pixels under its patch that are darker than the threshold.
+The mask is :func:`brst.handlers.tissue.spot_tissue_mask` (Otsu on grey levels), computed
+once per section on a thumbnail; a spot's tissue fraction is the share of thumbnail pixels
+under its patch that are tissue.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from brst.handlers.tissue import box_tissue_fraction, spot_tissue_mask
 from brst.train.sources.slide_image import SlideImage
 
 THUMBNAIL_PX = 2048
 
 
-def otsu_threshold(grey: np.ndarray) -> float:
-    """Otsu's threshold of uint8 grey values (any shape): maximises between-class variance.
-
-    A constant image has one class only: its value is returned (nothing is darker than it).
-    """
-    histogram = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
-    weight = np.cumsum(histogram)
-    total = weight[-1]
-    mass = np.cumsum(histogram * np.arange(256))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_low = mass / weight
-        mean_high = (mass[-1] - mass) / (total - weight)
-        between = weight * (total - weight) * (mean_low - mean_high) ** 2
-    between = between[:-1]
-    if np.isnan(between).all():
-        return float(grey.flat[0]) if grey.size else 0.0
-    return float(np.nanargmax(between))
-
-
-def to_grey(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma of RGB uint8 ``(..., 3)`` -> uint8 ``(...)``."""
-    return (rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
-
-
 def tissue_fraction(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray, side_px: float,
                     thumbnail_px: int = THUMBNAIL_PX) -> np.ndarray:
     """Share of tissue (darker than the section's Otsu threshold) under each spot's patch.
+
+    A patch's box runs from the thumbnail pixel holding its top-left corner (truncated) to the
+    one past its bottom-right corner (rounded up), at least half a thumbnail pixel either side
+    of the centre, clipped to the thumbnail.
 
     Args:
         image: the section's image.
@@ -48,14 +30,19 @@ def tissue_fraction(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
     Returns:
         ``(N,)`` float64 in [0, 1].
     """
-    thumb, scale = image.thumbnail(thumbnail_px)
-    grey = to_grey(thumb)
-    dark = grey < otsu_threshold(grey)
-    half = max(side_px * scale / 2, 0.5)
-    fractions = np.empty(len(pixel_x), dtype=np.float64)
-    for i, (x, y) in enumerate(zip(pixel_x * scale, pixel_y * scale)):
-        rows = slice(max(0, int(y - half)), max(1, int(np.ceil(y + half))))
-        cols = slice(max(0, int(x - half)), max(1, int(np.ceil(x + half))))
-        box = dark[rows, cols]
-        fractions[i] = box.mean() if box.size else 0.0
-    return fractions
+    thumb, thumb_px_per_slide_px = image.thumbnail(thumbnail_px)
+    tissue = spot_tissue_mask(thumb)
+    half = max(side_px * thumb_px_per_slide_px / 2, 0.5)
+    x = np.asarray(pixel_x) * thumb_px_per_slide_px
+    y = np.asarray(pixel_y) * thumb_px_per_slide_px
+    height, width = tissue.shape
+
+    def low(centre: np.ndarray, limit: int) -> np.ndarray:
+        return np.clip(np.trunc(centre - half).astype(np.int64), 0, limit)
+
+    def high(centre: np.ndarray, limit: int) -> np.ndarray:
+        return np.clip(np.ceil(centre + half).astype(np.int64), 1, limit)
+
+    x0, y0 = low(x, width), low(y, height)
+    x1, y1 = np.maximum(high(x, width), x0), np.maximum(high(y, height), y0)
+    return box_tissue_fraction(tissue, x0, y0, x1, y1)

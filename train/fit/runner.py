@@ -33,6 +33,7 @@ from brst.train.data import PatchDataset, open_dataset
 from brst.train.data.fingerprint import data_fingerprint
 from brst.train.data.slide_stain import slide_stain_table
 
+from .data_derived import fit_stain_reference, fit_targets, run_data_config, split_spots
 from .density_expert import fit_density_expert
 from .distributed import (
     DistContext,
@@ -46,7 +47,6 @@ from .distributed import (
     wrap_ddp,
 )
 from .domain_calibration import calibrate_domain
-from .gauges import TrainingMetrics
 from .hardware import (
     amp_dtype,
     compile_model,
@@ -60,12 +60,12 @@ from .loop import EpochProgress, TrainingStep, run_epoch, validate
 from .optim import make_optimizer, make_scheduler
 from .options import FitOptions
 from .pretrained import load_backbone_weights
+from .prometheus_gauges import TrainingGauges
 from .provenance import check_resume_data, training_spots
 from .recipes import warn_if_other_field
 from .rng import rng_state, seed_everything, set_rng_state
 from .run_dir import BEST_METRIC, RunDir, default_run_dir
 from .sampling import EpochSampler, epoch_augmentation
-from .setup import fit_stain_reference, fit_targets, run_data_config, split_spots
 from .signals import Interrupted, StopSignals
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class Trainer:
                  ctx: DistContext, state: RunState, n_spots: int) -> None:
         self.options, self.spec, self.model, self.parts = options, spec, model, parts
         self.run, self.ctx, self.state, self.n_spots = run, ctx, state, n_spots
-        self.metrics = TrainingMetrics()
+        self.metrics = TrainingGauges()
         self.bar: tqdm | None = None
         self.stop = StopSignals()
 

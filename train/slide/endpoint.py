@@ -1,25 +1,26 @@
 """A served model (TorchServe, HTTP or gRPC) as a slide predictor.
 
-Tiles go out ``tiles_per_request`` at a time, ``concurrency`` requests in flight, so
-TorchServe's own batching fills its batches. With ``transfer="npy"`` (the default) a request
-is one NumPy ``.npy`` file of the tiles' uint8 pixels ``(n, P, P, 3)`` (HTTP: a multipart file
-part beside the ``um_per_px`` field; gRPC: the ``data`` and ``um_per_px`` inputs): nothing to
-encode or decode. With ``transfer="png"`` it is JSON ``{"instances": [<base64 PNG>, ...],
-"um_per_px": ...}``, lossless PNGs that any brst server reads; a server that refuses the NPY
-probe (one from before NPY requests) is used with PNG, with a warning. Each tile is ``tile_px``
-pixels covering ``tile_um`` micrometres around its centre; the handler crops its model's field
-from the centre and resamples it. When ``tile_um``/``tile_px`` are the model's own
-``patch_um``/``patch_px`` (the defaults are the project's default geometry, 112 µm at
-0.5 µm/px) the served model sees exactly the pixels the local model would.
+The patches of the tiles go out ``tiles_per_request`` at a time (one patch per tile),
+``concurrency`` requests in flight, so TorchServe's own batching fills its batches. With
+``transfer="npy"`` (the default) a request is one NumPy ``.npy`` file of the patches' uint8
+pixels ``(n, P, P, 3)`` (HTTP: a multipart file part beside the ``um_per_px`` field; gRPC: the
+``data`` and ``um_per_px`` inputs): nothing to encode or decode. With ``transfer="png"`` it is
+JSON ``{"instances": [<base64 PNG>, ...], "um_per_px": ...}``, lossless PNGs that any brst
+server reads; a server that refuses the NPY probe (one from before NPY requests) is used with
+PNG, with a warning. Each patch is ``tile_px`` pixels covering the tile's ``tile_um``
+micrometres around its centre; the handler crops its model's field from the centre and
+resamples it. When ``tile_um``/``tile_px`` are the model's own ``patch_um``/``patch_px`` (the
+defaults are the project's default geometry, 112 µm at 0.5 µm/px) the served model sees exactly
+the pixels the local model would.
 
 :meth:`EndpointPredictor.stream` sends each batch's requests as soon as the batch is read and
 keeps up to ``BATCHES_IN_FLIGHT`` batches outstanding, so the server is not idle while the
-client reads the next tiles.
+client reads the next patches.
 
 Every answer names the archive's stain policy (docs/CONTRACTS.md, "Served response"); when it is
 slide-scope, ``slide_stain`` is a normaliser of the served method and parameters that estimates a
-slide's statistics here (on the tiles it sends), and after :meth:`EndpointPredictor.use_slide_stain`
-every request carries them (``stain``: a form field or gRPC input beside NPY tiles, a JSON field
+slide's statistics here (on the patches it sends), and after :meth:`EndpointPredictor.use_slide_stain`
+every request carries them (``stain``: a form field or gRPC input beside NPY patches, a JSON field
 beside PNG ones).
 
 An unreachable or failing server is retried with exponential back-off; after the last
@@ -56,7 +57,7 @@ DEFAULT_TILE_UM = 112.0
 DEFAULT_TILE_PX = 224
 #: first back-off delay in seconds; doubled after each failed attempt
 BACKOFF_S = 0.5
-#: how tiles travel: ``npy`` (raw uint8 pixels) or ``png`` (base64 PNGs in JSON)
+#: how patches travel: ``npy`` (raw uint8 pixels) or ``png`` (base64 PNGs in JSON)
 TRANSFERS = ("npy", "png")
 #: batches whose requests may be outstanding at once in :meth:`EndpointPredictor.stream`
 BATCHES_IN_FLIGHT = 2
@@ -69,10 +70,10 @@ def png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(png_bytes(pixels, compress_level=1)).decode("ascii")
 
 
-def npy_bytes(tiles: np.ndarray) -> bytes:
-    """A ``.npy`` file of uint8 ``(n, P, P, 3)`` tiles."""
+def npy_bytes(patches: np.ndarray) -> bytes:
+    """A ``.npy`` file of uint8 ``(n, P, P, 3)`` patches."""
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(tiles, dtype=np.uint8), allow_pickle=False)
+    np.save(buffer, np.ascontiguousarray(patches, dtype=np.uint8), allow_pickle=False)
     return buffer.getvalue()
 
 
@@ -82,10 +83,10 @@ class EndpointPredictor:
     Args:
         endpoint: ``http://HOST:PORT`` or ``grpc://HOST:PORT``.
         model_name: the model's name on the server.
-        tile_um: field of view sent per tile, micrometres (at least the model's).
-        tile_px: pixels a side of each sent tile.
+        tile_um: field of view sent per patch, micrometres (at least the model's).
+        tile_px: pixels a side of each sent patch.
         concurrency: requests in flight.
-        tiles_per_request: tiles per request (the handler's limit: 64; NPY requests also stay
+        tiles_per_request: patches per request (the handler's limit: 64; NPY requests also stay
             under its 8 MiB body limit).
         timeout_s: per-request timeout.
         retries: attempts after the first when the server does not answer.
@@ -119,7 +120,7 @@ class EndpointPredictor:
         self.description = {"mode": "endpoint", "endpoint": endpoint, "model_name": model_name,
                             "model_version": str(probe.get("model_version", "")), "tile_um": tile_um,
                             "tile_px": tile_px, "transfer": self.transfer}
-        log.info("served model %s (%s), %d genes in %s, tiles sent as %s", model_name,
+        log.info("served model %s (%s), %d genes in %s, patches sent as %s", model_name,
                  self.description["model_version"], len(self.genes), self.units, self.transfer)
 
     def use_slide_stain(self, statistics: dict) -> None:
@@ -131,35 +132,35 @@ class EndpointPredictor:
         self._stain_fields = statistics
 
     def _probe(self) -> dict:
-        """The answer for one white tile; a server refusing NPY is then used with PNG."""
-        tile = np.full((1, self.geometry.patch_px, self.geometry.patch_px, 3), 255, np.uint8)
+        """The answer for one white patch; a server refusing NPY is then used with PNG."""
+        patch = np.full((1, self.geometry.patch_px, self.geometry.patch_px, 3), 255, np.uint8)
         if self.transfer == "npy":
             try:
-                return self._answers(tile)[0]
+                return self._answers(patch)[0]
             except RequestRejected as err:
-                log.warning("%s refused tiles as NPY (%s); sending PNG instead (an older brst server?)",
+                log.warning("%s refused patches as NPY (%s); sending PNG instead (an older brst server?)",
                             self.endpoint, err.problem)
                 self.transfer = "png"
-        return self._request(tile)[0]
+        return self._request(patch)[0]
 
-    def _encoded(self, tiles: np.ndarray) -> tuple[bytes, dict]:
-        """The request body for uint8 ``(n, P, P, 3)`` tiles and the client's options for it."""
+    def _encoded(self, patches: np.ndarray) -> tuple[bytes, dict]:
+        """The request body for uint8 ``(n, P, P, 3)`` patches and the client's options for it."""
         if self.transfer == "npy":
-            return npy_bytes(tiles), {"um_per_px": self.geometry.um_per_px, "stain": self._stain_fields}
-        doc = {INSTANCES_KEY: [png_base64(tile) for tile in tiles], SCALE_KEY: self.geometry.um_per_px}
+            return npy_bytes(patches), {"um_per_px": self.geometry.um_per_px, "stain": self._stain_fields}
+        doc = {INSTANCES_KEY: [png_base64(patch) for patch in patches], SCALE_KEY: self.geometry.um_per_px}
         if self._stain_fields is not None:
             doc[STAIN_KEY] = self._stain_fields
         body = json.dumps(doc).encode()
         return body, {"mime": "application/json"} if isinstance(self.client, HttpClient) else {}
 
-    def _answers(self, tiles: np.ndarray) -> list[dict]:
+    def _answers(self, patches: np.ndarray) -> list[dict]:
         """One request's answers, retried with back-off while the server does not answer;
         a refusal raises :class:`RequestRejected`."""
-        body, options = self._encoded(tiles)
+        body, options = self._encoded(patches)
         delay_s, attempt = BACKOFF_S, 0
         while True:
             try:
-                answer = self.client.predict(body, subject="tile", **options)
+                answer = self.client.predict(body, subject="patch", **options)
                 break
             except RequestRejected:
                 raise
@@ -172,26 +173,26 @@ class EndpointPredictor:
                 time.sleep(delay_s)
                 delay_s *= 2
         answers = answer if isinstance(answer, list) else [answer]
-        if len(answers) != len(tiles):
-            raise BrstError(f"--endpoint {self.endpoint}", f"answered {len(answers)} results for {len(tiles)} tiles")
+        if len(answers) != len(patches):
+            raise BrstError(f"--endpoint {self.endpoint}", f"answered {len(answers)} results for {len(patches)} patches")
         return answers
 
-    def _request(self, tiles: np.ndarray) -> list[dict]:
+    def _request(self, patches: np.ndarray) -> list[dict]:
         """One request's answers; a refusal is a :class:`BrstError` naming the endpoint."""
         try:
-            return self._answers(tiles)
+            return self._answers(patches)
         except RequestRejected as err:
-            raise BrstError(f"--endpoint {self.endpoint}", f"the model refused a tile: {err.problem}") from None
+            raise BrstError(f"--endpoint {self.endpoint}", f"the model refused a patch: {err.problem}") from None
 
     def _per_request(self) -> int:
-        """Tiles per request: ``tiles_per_request``, fewer where an NPY body would pass the limit."""
+        """Patches per request: ``tiles_per_request``, fewer where an NPY body would pass the limit."""
         if self.transfer == "png":
             return self.tiles_per_request
-        tile_bytes = self.geometry.patch_px ** 2 * 3
-        return max(1, min(self.tiles_per_request, NPY_MAX_BYTES // tile_bytes))
+        patch_bytes = self.geometry.patch_px ** 2 * 3
+        return max(1, min(self.tiles_per_request, NPY_MAX_BYTES // patch_bytes))
 
     def _submit(self, patches: np.ndarray) -> list[Future]:
-        """Send uint8 ``(B, P, P, 3)`` tiles as requests on the pool; their futures in order."""
+        """Send uint8 ``(B, P, P, 3)`` patches as requests on the pool; their futures in order."""
         step = self._per_request()
         return [self.pool.submit(self._request, patches[i:i + step]) for i in range(0, len(patches), step)]
 

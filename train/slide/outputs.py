@@ -48,7 +48,7 @@ class SlideMap:
         values: ``(N, G)`` float32 predicted expression in ``units``.
         units: ``"log1p(count)"`` or ``"log1p(count per 10k)"``.
         thumbnail: ``(h, w, 3)`` uint8 slide thumbnail.
-        scale: thumbnail px per slide px.
+        thumb_px_per_slide_px: thumbnail pixels per slide pixel.
         um_per_px: the slide's micrometres per pixel.
         provenance: plain facts about the model and the run (stored in ``uns["brst"]``).
         domain_score: ``(N,)`` float32 in-domain score per tile, or None for a model without one.
@@ -62,7 +62,7 @@ class SlideMap:
     values: np.ndarray
     units: str
     thumbnail: np.ndarray
-    scale: float
+    thumb_px_per_slide_px: float
     um_per_px: float
     provenance: dict
     domain_score: np.ndarray | None = None
@@ -117,7 +117,7 @@ def to_anndata(slide_map: SlideMap, var: pd.DataFrame | None = None):
     adata.obsm["spatial"] = np.column_stack([slide_map.grid.pixel_x, slide_map.grid.pixel_y])
     adata.uns["spatial"] = {slide_map.library_id: {
         "images": {"hires": slide_map.thumbnail},
-        "scalefactors": {"tissue_hires_scalef": slide_map.scale,
+        "scalefactors": {"tissue_hires_scalef": slide_map.thumb_px_per_slide_px,
                          "spot_diameter_fullres": slide_map.grid.step_px},
         "metadata": {"source_image_path": slide_map.slide},
     }}
@@ -159,16 +159,17 @@ def _raster_extent(slide_map: SlideMap) -> tuple[float, float, float, float]:
     left, top = x_first - half, y_first - half
     right = left + (grid.col.max() + 1) * grid.step_px
     bottom = top + (grid.row.max() + 1) * grid.step_px
-    return tuple(v * slide_map.scale for v in (left, right, bottom, top))
+    return tuple(v * slide_map.thumb_px_per_slide_px for v in (left, right, bottom, top))
 
 
 def tissue_view(slide_map: SlideMap) -> tuple[float, float, float, float]:
     """Thumbnail box ``(left, right, bottom, top)`` around the tiles, with some glass."""
-    grid, scale = slide_map.grid, slide_map.scale
+    grid, thumb_px_per_slide_px = slide_map.grid, slide_map.thumb_px_per_slide_px
     height, width = slide_map.thumbnail.shape[:2]
     margin_px = grid.step_px / 2 + max(grid.step_px, TISSUE_MARGIN_UM / slide_map.um_per_px)
-    return (max((grid.pixel_x.min() - margin_px) * scale, 0), min((grid.pixel_x.max() + margin_px) * scale, width),
-            min((grid.pixel_y.max() + margin_px) * scale, height), max((grid.pixel_y.min() - margin_px) * scale, 0))
+    left, right = ((grid.pixel_x.min() - margin_px) * thumb_px_per_slide_px, (grid.pixel_x.max() + margin_px) * thumb_px_per_slide_px)
+    top, bottom = ((grid.pixel_y.min() - margin_px) * thumb_px_per_slide_px, (grid.pixel_y.max() + margin_px) * thumb_px_per_slide_px)
+    return max(left, 0), min(right, width), min(bottom, height), max(top, 0)
 
 
 def tile_figure(slide_map: SlideMap, values: np.ndarray, limits: tuple[float, float], title: str, label: str,

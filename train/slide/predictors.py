@@ -1,8 +1,8 @@
-"""Turn batches of tiles into expression: the :class:`SlidePredictor` protocol and the local model.
+"""Turn batches of tiles' patches into expression: the :class:`SlidePredictor` protocol and the local model.
 
 The served endpoint's predictor is :class:`brst.train.slide.endpoint.EndpointPredictor`; the
 local one wraps the one inference path, :class:`brst.handlers.predictor.Predictor`. Both take
-uint8 tiles already cut at the model's geometry (``patch_px`` pixels at ``um_per_px``) and
+uint8 patches already cut from the tiles at the model's geometry (``patch_px`` pixels at ``um_per_px``) and
 return expression on the model's target scale (``units``), so the two modes give the same
 numbers up to floating point. ``stream`` maps an iterable of batches to their expression in
 order; the endpoint's keeps requests in flight across batches. ``stream_scored`` does the same
@@ -11,7 +11,7 @@ one, whose ``domain_threshold`` is then None).
 
 **Slide stain.** ``slide_stain`` is the normaliser a caller estimates the slide's stain statistics
 with (:meth:`~brst.handlers.stain.base.StainNormalizer.slide_statistics`) when the model's
-normaliser is slide-scope, else None; after ``use_slide_stain(named statistics)`` every tile is
+normaliser is slide-scope, else None; after ``use_slide_stain(named statistics)`` every patch is
 mapped from them (locally as ``stain_source`` rows, by an endpoint with each request); without
 them the model follows its archive's or checkpoint's fallback. ``stain_policy`` is the model's
 declared ``{"method", "scope", "fallback", "params"}`` (None for a server that does not say).
@@ -29,7 +29,7 @@ from brst.handlers.stain import StainNormalizer, statistics_from_dict
 
 
 class SlidePredictor(Protocol):
-    """Expression of ``genes`` (in ``units``) for tiles of ``geometry``."""
+    """Expression of ``genes`` (in ``units``) for patches of ``geometry``."""
 
     genes: list[str]
     units: str
@@ -40,7 +40,7 @@ class SlidePredictor(Protocol):
     stain_policy: dict | None
 
     def use_slide_stain(self, statistics: dict) -> None:
-        """Map every following tile from these slide statistics (``slide_stain``'s named fields)."""
+        """Map every following patch from these slide statistics (``slide_stain``'s named fields)."""
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """uint8 ``(B, P, P, 3)`` -> float32 ``(B, G)``."""
@@ -80,7 +80,7 @@ class LocalPredictor:
         self._stain_row: torch.Tensor | None = None
 
     def use_slide_stain(self, statistics: dict) -> None:
-        """Map every following tile from these slide statistics (checked like a request's)."""
+        """Map every following patch from these slide statistics (checked like a request's)."""
         stats = statistics_from_dict(self.predictor.model_input.stain, statistics, "slide stain")
         self._stain_row = stats.float().to(self.predictor.device).unsqueeze(0)
 

@@ -122,7 +122,7 @@ class SlidePlan:
     Attributes:
         image: the slide's handle.
         um_per_px: the slide's resolution.
-        tissue: the tissue mask (holds the thumbnail and its scale).
+        tissue: the tissue mask (holds the thumbnail and its thumbnail pixels per slide pixel).
         grid: the tile centres.
         draw: the genes to draw.
         measured: the measured section, or ``None``.
@@ -142,14 +142,14 @@ def plan_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str,
         raise BrstError(job.slide, "no such slide file or folder")
     image = open_image(job.slide)
     um_per_px = slide_um_per_px(image, job.um_per_px)
-    thumbnail, scale = image.thumbnail(THUMBNAIL_PX)
+    thumbnail, thumb_px_per_slide_px = image.thumbnail(THUMBNAIL_PX)
     draw = genes_to_draw(job.genes, predictor.genes, validation_r, job.top_genes)
     measured, origin = None, None
     if job.measured is not None:
         measured = load_measured(str(job.measured), job.section, predictor.genes, predictor.units)
         check_inside(measured, image.width, image.height, job.slide)
         origin = grid_origin(measured.pixel_x, measured.pixel_y, job.step_um / um_per_px)
-    tissue, grid = find_tiles(thumbnail, scale, image.width, image.height, um_per_px, job.step_um,
+    tissue, grid = find_tiles(thumbnail, thumb_px_per_slide_px, image.width, image.height, um_per_px, job.step_um,
                               predictor.geometry.side_um, job.slide, origin_px=origin)
     log.info("%s: %d tiles of %.0f um every %.0f um on %.1f%% tissue", source_name(job.slide), len(grid),
              predictor.geometry.side_um, job.step_um, 100 * tissue.fraction)
@@ -258,7 +258,8 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
         plan.image.close()
     slide_map = SlideMap(
         slide=job.slide, library_id=source_name(job.slide), grid=grid, genes=predictor.genes, values=values,
-        units=predictor.units, thumbnail=plan.tissue.thumbnail, scale=plan.tissue.scale,
+        units=predictor.units, thumbnail=plan.tissue.thumbnail,
+        thumb_px_per_slide_px=plan.tissue.thumb_px_per_slide_px,
         um_per_px=plan.um_per_px, domain_score=None if predictor.domain_threshold is None else scores,
         domain_threshold=predictor.domain_threshold,
         provenance={**predictor.description, "step_um": job.step_um, "tile_um": predictor.geometry.side_um,

@@ -1,11 +1,12 @@
-"""Cut tiles from a slide at the model's µm/px and stream them in bounded batches.
+"""The slide's µm/px, and the model's patch of each tile, streamed in bounded batches.
 
-A tile is the model's patch: a square of ``patch_um`` micrometres centred on a grid point,
-resampled to ``patch_px`` pixels (``um_per_px`` of the training patches), whatever the
-slide's own resolution. Tiles are read by region through the slide's image handle
-(:mod:`brst.train.sources.open`), a few batches ahead on worker threads, so at most
-``prefetch`` batches are in memory besides what the handle itself keeps (a JPEG/PNG is
-decoded once; a pyramidal TIFF, OpenSlide or DICOM slide is only ever read tile by tile).
+A tile is a square of the slide, ``patch_um`` micrometres centred on a grid point; its patch
+is the pixel array the model sees, the tile resampled to ``patch_px`` pixels (``um_per_px`` of
+the training patches), whatever the slide's own resolution. Patches are read by region through
+the slide's image handle (:mod:`brst.train.sources.open`), a few batches ahead on worker
+threads, so at most ``prefetch`` batches are in memory besides what the handle itself keeps (a
+JPEG/PNG is decoded once; a pyramidal TIFF, OpenSlide or DICOM slide is only ever read region by
+region).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def slide_um_per_px(image: SlideImage, given: float | None) -> float:
 
 def read_patches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray, side_px: float,
                  patch_px: int) -> np.ndarray:
-    """Patches of ``side_px`` slide pixels centred on the points, resampled to ``patch_px``.
+    """The patches of the tiles of ``side_px`` slide pixels centred on the points, resampled to ``patch_px``.
 
     Shape: pixel_x, pixel_y (n,) -> uint8 (n, patch_px, patch_px, 3).
     """
@@ -58,11 +59,11 @@ def read_patches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray, si
 def iter_patch_batches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
                        slide_um_per_px: float, geometry: PatchGeometry, batch_size: int,
                        workers: int = 2, prefetch: int = 2) -> Iterator[np.ndarray]:
-    """Batches of model patches at the points, in order, read ``prefetch`` batches ahead.
+    """Batches of the model's patches of the tiles centred on the points, in order, read ``prefetch`` batches ahead.
 
     Args:
         image: the slide's handle (reads by region).
-        pixel_x, pixel_y: ``(N,)`` patch centres in slide pixels.
+        pixel_x, pixel_y: ``(N,)`` tile centres in slide pixels.
         slide_um_per_px: the slide's resolution.
         geometry: the model's patch geometry.
         batch_size: patches per batch.

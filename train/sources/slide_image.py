@@ -23,7 +23,7 @@ class SlideImage(Protocol):
         """Return RGB uint8 pixels ``(height, width, 3)`` of the box at (x0, y0); inside the image."""
 
     def thumbnail(self, max_px: int) -> tuple[np.ndarray, float]:
-        """Return an RGB uint8 thumbnail ``(h, w, 3)`` whose longer side is ``max_px``, and its scale."""
+        """Return an RGB uint8 thumbnail ``(h, w, 3)`` whose longer side is ``max_px``, and its thumbnail pixels per image pixel."""
 
     def read_resampled(self, box: tuple[float, float, float, float], out_px: int) -> np.ndarray:
         """Resample the float box ``(x0, y0, x1, y1)`` (inside the image) to ``(out_px, out_px, 3)`` uint8.

@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from brst.handlers.errors import BrstError
+from brst.handlers.tissue import to_grey
 from brst.train.cli.main import cli
 from brst.train.data import open_dataset
 from brst.train.data.patches import cut_patch
 from brst.train.data.readers import read_sections
 from brst.train.data.readers.hest_patches import PatchesImage
-from brst.train.data.tissue import to_grey
 from brst.train.evaluate.crossval import make_folds
 from brst.train.sources.open import DecodedImage
 

@@ -12,11 +12,12 @@ from PIL import Image
 
 from brst.handlers.errors import BrstError
 from brst.handlers.pillow_open import pil_open
+from brst.handlers.tissue import otsu_threshold, to_grey
 from brst.train.data import open_dataset
 from brst.train.data.genes import GenePlan
 from brst.train.data.prepare import PrepareOptions, prepare
 from brst.train.data.readers import read_sections
-from brst.train.data.tissue import otsu_threshold, tissue_fraction, to_grey
+from brst.train.data.tissue import tissue_fraction
 
 SMALL = PrepareOptions(um_per_px=2.0)
 
@@ -192,7 +193,7 @@ def test_otsu_threshold_of_a_constant_image_is_its_value():
     """A blank (constant) image has one class: no 'All-NaN slice' error, nothing counted as darker."""
     import numpy as np
 
-    from brst.train.data.tissue import otsu_threshold
+    from brst.handlers.tissue import otsu_threshold
 
     blank = np.full((32, 32), 243, np.uint8)
     assert otsu_threshold(blank) == 243.0

@@ -13,8 +13,8 @@ import tifffile
 from PIL import Image
 
 from brst.handlers.errors import BrstError
+from brst.handlers.tissue import to_grey
 from brst.train.data.readers import read_sections
-from brst.train.data.tissue import to_grey
 from brst.train.sources import open as open_module
 from brst.train.sources.open import DecodedImage, TiffImage, open_image
 

@@ -138,7 +138,7 @@ def test_recipe_field_warning(caplog):
 def test_exclude_names_unknown_and_overlapping_groups(her2st_h5):
     from brst.handlers.errors import BrstError
     from brst.train.data import open_dataset
-    from brst.train.fit.setup import split_spots
+    from brst.train.fit.data_derived import split_spots
 
     index = open_dataset(her2st_h5)
     train_idx, val_idx, holdout = split_spots(index, "section", [], ["C6"])

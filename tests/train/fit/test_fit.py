@@ -13,8 +13,8 @@ from fit_helpers import TINY, free_port, metrics_rows, one_thread, run_cli  # no
 from brst.train.checkpoint import load_checkpoint
 from brst.train.data import open_dataset
 from brst.train.evaluate.predict import predict_expression
-from brst.train.fit.gauges import TrainingMetrics
 from brst.train.fit.hardware import amp_dtype, precision_name
+from brst.train.fit.prometheus_gauges import TrainingGauges
 from brst.train.slide.drawn_genes import checkpoint_validation_r
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +129,7 @@ def test_cuda_requested_without_gpu(her2st_h5, tmp_path):
 
 
 def test_prometheus_gauges_are_served():
-    metrics, port = TrainingMetrics(), free_port()
+    metrics, port = TrainingGauges(), free_port()
     metrics.serve(port)
     try:
         metrics.update(loss=0.75, samples_per_second=12.5, device=torch.device("cpu"), epoch=3)

@@ -599,7 +599,7 @@ def test_a_server_refusing_npy_gets_png(served_model, heldout_patches, in_proces
         server.shutdown()
         server.server_close()
     assert predictor.transfer == "png" and predictor.description["transfer"] == "png"
-    assert "refused tiles as NPY" in caplog.text and "not a PNG/JPEG/TIFF image" in caplog.text
+    assert "refused patches as NPY" in caplog.text and "not a PNG/JPEG/TIFF image" in caplog.text
     np.testing.assert_allclose(values, in_process(tiles), rtol=0, atol=1e-4)
 
 

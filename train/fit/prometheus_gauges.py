@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 log = logging.getLogger(__name__)
 
 
-class TrainingMetrics:
+class TrainingGauges:
     """The training gauges in their own registry; :meth:`serve` exposes them over HTTP."""
 
     def __init__(self) -> None:
