@@ -22,9 +22,9 @@ from brst.handlers.tissue import (
     spot_tissue_mask,
     stain_tissue_mask,
 )
-from brst.train.sources.open import open_image
 from brst.train.data.tissue import THUMBNAIL_PX, tissue_fraction
 from brst.train.slide.tile_grid import tile_grid
+from brst.train.sources.open import open_image
 
 HER2ST_UM_PER_PX = 0.69
 
