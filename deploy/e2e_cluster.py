@@ -87,15 +87,17 @@ def cluster_down(report: Report, kit: Kit) -> None:
 
 
 def wheelhouse() -> Path:
-    """Every wheel the images install, downloaded on this machine (no index is reachable in a build)."""
+    """Every wheel the images install, downloaded on this machine (no index is reachable in a build),
+    in the versions of deploy/constraints.txt, which every ``pip install`` in the images is held to."""
     wheels = CACHE / "wheels"
     stamp = wheels / ".complete"
-    key = (REPO / "pyproject.toml").read_text()
+    constraints = REPO / "deploy" / "constraints.txt"
+    key = (REPO / "pyproject.toml").read_text() + constraints.read_text()
     if stamp.is_file() and stamp.read_text() == key:
         return wheels
     wheels.mkdir(parents=True, exist_ok=True)
     run(sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-d", str(wheels),
-        f"{REPO}[serve]", "pip", "setuptools>=74.1", "wheel", timeout_s=3600, quiet=False)
+        "-c", str(constraints), f"{REPO}[serve]", "pip", "setuptools>=74.1", "wheel", timeout_s=3600, quiet=False)
     stamp.write_text(key)
     return wheels
 

@@ -96,6 +96,26 @@ class Models:
 
 # --- 1. the model (on this machine) -----------------------------------------------------------------
 
+def prepare_her2st(model_dir: Path) -> Path:
+    """The real HER2ST sections as one dataset at 2 um/px: ``model_dir/her2st.h5``."""
+    from brst.train.data.prepare import PrepareOptions, prepare
+
+    h5 = model_dir / "her2st.h5"
+    prepare("her2st", DATA / "her2st", out=h5, options=PrepareOptions(um_per_px=2.0))
+    return h5
+
+
+def short_fit(h5: Path, out_dir: Path, steps: int, seed: int) -> Path:
+    """A few steps of resnet18 at 64 px on the CPU, section HELDOUT held out: its ``last.pt``."""
+    from brst.train.fit.options import FitOptions
+    from brst.train.fit.runner import fit
+
+    run_dir = fit(FitOptions(arch="resnet18", data=[str(h5)], out=str(out_dir), epochs=1, input_size=64,
+                             density_expert=True, workers=0, max_steps=steps, device="cpu", holdout=[HELDOUT],
+                             seed=seed))
+    return Path(run_dir) / "last.pt"
+
+
 def make_models(report: Report) -> Models:
     with report.step("two real fits archived as brst.mar and brst-2.mar; in-process reference predictions") as note:
         import torch
@@ -103,9 +123,6 @@ def make_models(report: Report) -> Models:
         from brst.handlers.predictor import Predictor
         from brst.train.checkpoint import load_checkpoint
         from brst.train.data import open_dataset
-        from brst.train.data.prepare import PrepareOptions, prepare
-        from brst.train.fit.options import FitOptions
-        from brst.train.fit.runner import fit
         from brst.train.serve.archiver import ServeSettings, build_archive
         from brst.train.serve.keys import generate_keys
 
@@ -114,17 +131,13 @@ def make_models(report: Report) -> Models:
         (model_dir / "store").mkdir(parents=True)
         signing_key, public_key = model_dir / "archive.key", model_dir / "archive.pub"
         generate_keys(signing_key, public_key)
-        h5 = model_dir / "her2st.h5"
-        prepare("her2st", DATA / "her2st", out=h5, options=PrepareOptions(um_per_px=2.0))
+        h5 = prepare_her2st(model_dir)
         index = open_dataset([h5])
         rows = np.nonzero(index.spots["section"] == HELDOUT)[0]
         patches = np.asarray(index.patches(rows[np.linspace(0, len(rows) - 1, 8).round().astype(int)]))
         expected, archives = {}, {}
         for version, (name, steps) in enumerate((("brst", 2), ("brst-2", 4)), start=1):
-            run_dir = fit(FitOptions(arch="resnet18", data=[str(h5)], out=str(model_dir / f"run{version}"), epochs=1,
-                                     input_size=64, density_expert=True, workers=0, max_steps=steps, device="cpu",
-                                     holdout=[HELDOUT], seed=version))
-            checkpoint = Path(run_dir) / "last.pt"
+            checkpoint = short_fit(h5, model_dir / f"run{version}", steps, seed=version)
             store = model_dir / f"store{version}"
             archive = build_archive(checkpoint, MODEL, store, settings=ServeSettings(batch_size=4, max_batch_delay_ms=20),
                                     signing_key=signing_key)
