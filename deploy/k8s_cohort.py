@@ -219,7 +219,8 @@ def check_job_outcome(kube: Kube, cohort: Cohort, out_dir: Path) -> str:
     work = out_dir / "_cohort" / "work"
     leftovers = sorted(p.name for p in work.iterdir()) if work.is_dir() else []
     check(not leftovers, f"work folders left: {leftovers}")
-    return f"completed indexes {status.get('completedIndexes')}, failed {status.get('failedIndexes')}"
+    return (f"completed indexes {status.get('completedIndexes')}, failed {status.get('failedIndexes')}; "
+            f"pods succeeded {status.get('succeeded', 0)}, failed {status.get('failed', 0)}")
 
 
 def run_cohort_job(report: Report, kube: Kube, cohort: Cohort) -> ClusterRun:
@@ -317,22 +318,56 @@ def max_table_diff(cluster_table, local_table) -> float:
     return float(np.nanmax(np.abs(a - b), initial=0.0))
 
 
-def file_diff(a: Path, b: Path) -> float:
-    """0 for equal bytes, else the max |difference| of the values (tables, AnnData, pictures)."""
+#: what differs between two runs by nature: wall time, its rate, the clock
+TIMING_KEYS = frozenset({"seconds", "tiles_per_s", "finished_utc"})
+
+
+def json_diff(a, b, slides_dir: Path, where: str) -> float:
+    """Max |difference| of two JSON values' numbers (timing keys left out, /data paths read as the
+    host's); :class:`Failed` when anything else differs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) - TIMING_KEYS
+        check(keys == set(b) - TIMING_KEYS, f"{where}: keys {sorted(keys ^ (set(b) - TIMING_KEYS))} in one only")
+        return max((json_diff(a[k], b[k], slides_dir, f"{where}.{k}") for k in keys), default=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        check(len(a) == len(b), f"{where}: {len(a)} != {len(b)} items")
+        return max((json_diff(x, y, slides_dir, where) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        check(bool(np.isclose(a, b, rtol=RTOL, atol=ATOL)), f"{where}: {a} != {b}")
+        return abs(float(a) - float(b))
+    if isinstance(a, str) and a.startswith(f"{SLIDES_MOUNT}/"):
+        a = f"{slides_dir}{a[len(SLIDES_MOUNT):]}"
+    check(a == b, f"{where}: {a!r} != {b!r}")
+    return 0.0
+
+
+def h5ad_diff(a: Path, b: Path) -> float:
+    """Max |difference| of two AnnData files' X and numeric obs columns (same genes, tiles, columns)."""
+    import anndata
+
+    x, y = anndata.read_h5ad(a), anndata.read_h5ad(b)
+    check(list(x.var_names) == list(y.var_names) and list(x.obs_names) == list(y.obs_names)
+          and list(x.obs.columns) == list(y.obs.columns), f"{a.name}: {x} != {y}")
+    numeric = [c for c in x.obs.columns if np.issubdtype(x.obs[c].dtype, np.number)]
+    pairs = [(np.asarray(x.X, float), np.asarray(y.X, float)),
+             (x.obs[numeric].to_numpy(float), y.obs[numeric].to_numpy(float))]
+    for one, other in pairs:
+        check(np.allclose(one, other, rtol=RTOL, atol=ATOL, equal_nan=True), f"{a} differs from {b}")
+    return max(float(np.nanmax(np.abs(one - other), initial=0.0)) for one, other in pairs)
+
+
+def file_diff(a: Path, b: Path, slides_dir: Path) -> float:
+    """0 for equal bytes, else the max |difference| of the values (tables, JSON, AnnData, pictures)."""
     if a.read_bytes() == b.read_bytes():
         return 0.0
     if a.suffix == ".csv":
         import pandas as pd
 
         return max_table_diff(pd.read_csv(a), pd.read_csv(b))
+    if a.suffix == ".json":
+        return json_diff(json.loads(a.read_text()), json.loads(b.read_text()), slides_dir, a.name)
     if a.suffix == ".h5ad":
-        import anndata
-
-        x, y = anndata.read_h5ad(a), anndata.read_h5ad(b)
-        check(list(x.var_names) == list(y.var_names) and x.shape == y.shape, f"{a.name}: {x} != {y}")
-        diff = float(np.abs(np.asarray(x.X, float) - np.asarray(y.X, float)).max(initial=0.0))
-        check(diff <= ATOL + RTOL * float(np.abs(np.asarray(y.X)).max(initial=0.0)), f"{a} X differs by {diff}")
-        return diff
+        return h5ad_diff(a, b)
     if a.suffix == ".png":
         from PIL import Image
 
@@ -351,15 +386,16 @@ def compare_outputs(report: Report, cohort: Cohort, cluster_dir: Path, local_dir
             files = {p.relative_to(cluster_dir / slide_id) for p in (cluster_dir / slide_id).rglob("*") if p.is_file()}
             local = {p.relative_to(local_dir / slide_id) for p in (local_dir / slide_id).rglob("*") if p.is_file()}
             check(files == local, f"{slide_id}: files {sorted(map(str, files ^ local))} in one output only")
-            for name in sorted(files - {Path("cohort.json")}):  # its time and source path differ by nature
-                diff = file_diff(cluster_dir / slide_id / name, local_dir / slide_id / name)
-                identical += diff == 0.0
+            for name in sorted(files):
+                ours, theirs = cluster_dir / slide_id / name, local_dir / slide_id / name
+                identical += ours.read_bytes() == theirs.read_bytes()
+                diff = file_diff(ours, theirs, cohort.slides_dir)
                 (png_levels if name.suffix == ".png" else diffs).append(diff)
         n_files = len(diffs) + len(png_levels)
         report.facts["cluster vs one process"] = (f"cohort.csv max |diff| {table_diff:.1e}; {identical} of {n_files} "
                                                   f"slide files byte-identical")
-        note.append(f"cohort.csv max |diff| {table_diff:.1e}; {identical}/{n_files} files byte-identical, "
-                    f"tables/AnnData max |diff| {max(diffs, default=0):.1e}, "
+        note.append(f"cohort.csv max |diff| {table_diff:.1e}; {identical}/{n_files} files byte-identical (the "
+                    f"others differ in times and paths only), values max |diff| {max(diffs, default=0):.1e}, "
                     f"pictures max {max(png_levels, default=0):.0f} levels")
 
 
