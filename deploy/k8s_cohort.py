@@ -173,13 +173,14 @@ def write_cohort(report: Report, kube: Kube, checkpoint: Path) -> Cohort:
 
 # --- 4. the Job, a pod deleted mid-run ----------------------------------------------------------------
 
-def status_lines(out_dir: Path) -> list[dict]:
-    """Every status line of every shard (a torn last line left out)."""
-    lines = []
+def status_lines(out_dir: Path) -> dict[str, list[dict]]:
+    """Every shard's status lines, by file name (a torn last line left out)."""
+    lines: dict[str, list[dict]] = {}
     for path in sorted((out_dir / "_cohort" / "status").glob("*.jsonl")):
+        lines[path.name] = []
         for text in path.read_text().splitlines():
             try:
-                lines.append(json.loads(text))
+                lines[path.name].append(json.loads(text))
             except json.JSONDecodeError:
                 continue
     return lines
@@ -408,7 +409,7 @@ def file_times(out_dir: Path, slide_ids: tuple[str, ...]) -> dict[Path, int]:
 def rerun_does_nothing(report: Report, kube: Kube, cohort: Cohort, out_dir: Path) -> None:
     with report.step("the Job again: every readable slide skipped, no output touched") as note:
         before_times = file_times(out_dir, cohort.readable)
-        n_lines = len(status_lines(out_dir))
+        n_lines = {name: len(lines) for name, lines in status_lines(out_dir).items()}
         kube.in_namespace("delete", "job", JOB, "--wait=true", "--timeout=120s", timeout_s=150)
         t0 = time.monotonic()
         kube.apply(OVERLAY)
@@ -416,8 +417,9 @@ def rerun_does_nothing(report: Report, kube: Kube, cohort: Cohort, out_dir: Path
         wall_s = time.monotonic() - t0
         check_job_outcome(kube, cohort, out_dir)
         latest = {}
-        for line in status_lines(out_dir)[n_lines:]:
-            latest.setdefault(line["slide_id"], set()).add(line["status"])
+        for name, lines in status_lines(out_dir).items():
+            for line in lines[n_lines.get(name, 0):]:
+                latest.setdefault(line["slide_id"], set()).add(line["status"])
         expected = {**{s: {"skipped"} for s in cohort.readable}, cohort.unreadable: {"failed"}}
         check(latest == expected, f"this run's statuses {latest} != {expected}")
         check(file_times(out_dir, cohort.readable) == before_times, "an output changed on the rerun")
