@@ -84,16 +84,6 @@ class Cohort:
     n_shards: int
 
 
-@dataclass(frozen=True)
-class ClusterRun:
-    """The first run of the Job: its output folder (host), wall time and what the deletion hit."""
-
-    out_dir: Path
-    wall_s: float
-    deleted_index: int
-    finished_before_deletion: tuple[str, ...]
-
-
 # --- 2. the model -------------------------------------------------------------------------------------
 
 def make_checkpoint(report: Report) -> Path:
@@ -224,7 +214,8 @@ def check_job_outcome(kube: Kube, cohort: Cohort, out_dir: Path) -> str:
             f"pods succeeded {status.get('succeeded', 0)}, failed {status.get('failed', 0)}")
 
 
-def run_cohort_job(report: Report, kube: Kube, cohort: Cohort) -> ClusterRun:
+def run_cohort_job(report: Report, kube: Kube, cohort: Cohort) -> Path:
+    """The Job run with one pod deleted mid-run; returns its output folder (the host's side of brst-cohort)."""
     with report.step("cohort Job (k8s/local-node/cohort): 3 shards, 2 at a time; one pod deleted mid-run") as note:
         t0 = time.monotonic()
         kube.apply(OVERLAY)
@@ -246,7 +237,7 @@ def run_cohort_job(report: Report, kube: Kube, cohort: Cohort) -> ClusterRun:
                                                f"its next pod skipped them and finished the rest")
         note.append(f"{wall_s:.0f} s; deleted {pod} after {list(finished)}; {outcome}; "
                     f"{len(published(out_dir))} slide folders")
-    return ClusterRun(out_dir, wall_s, index, finished)
+    return out_dir
 
 
 def summarize_on_cluster(report: Report, kube: Kube, out_dir: Path) -> None:
@@ -437,11 +428,11 @@ def run_all(report: Report, kit: Kit, kube: Kube) -> None:
     load_images(report, kit, (TRAIN_IMAGE,))
     checkpoint = make_checkpoint(report)
     cohort = write_cohort(report, kube, checkpoint)
-    first = run_cohort_job(report, kube, cohort)
-    summarize_on_cluster(report, kube, first.out_dir)
+    out_dir = run_cohort_job(report, kube, cohort)
+    summarize_on_cluster(report, kube, out_dir)
     local_dir = run_locally(report, kube, cohort)
-    compare_outputs(report, cohort, first.out_dir, local_dir)
-    rerun_does_nothing(report, kube, cohort, first.out_dir)
+    compare_outputs(report, cohort, out_dir, local_dir)
+    rerun_does_nothing(report, kube, cohort, out_dir)
 
 
 def main() -> int:
