@@ -14,7 +14,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 # sha256. Missing, the first `make test` builds it (about 6 min on 2 cores); then 0 s.
 export K8S_LOCAL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/brst-k8s-local
 
-.PHONY: venv test-servers lint grpc-stubs test test-fast demo bench clean k8s-e2e constraints pin-images
+.PHONY: venv test-servers lint grpc-stubs test test-fast demo bench clean k8s-e2e k8s-cohort constraints pin-images
 
 $(BIN)/brst-train: pyproject.toml handlers/stain/_remix.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ demo: venv
 # predictions, metrics, a rollout, pod replacement and the Jobs; tears everything down (docs/DEPLOY.md).
 k8s-e2e: venv
 	$(BIN)/python deploy/k8s_e2e.py
+
+# The cohort as an indexed Job on the same kind of one-node cluster (root): 11 slides made from the
+# HER2ST sections (JPEG, tiled TIFF, a DICOM folder, one unreadable file), 3 shards 2 at a time, a pod
+# deleted mid-run, the outputs compared with one process here, a rerun that skips everything.
+k8s-cohort: venv
+	$(BIN)/python deploy/k8s_cohort.py
 
 bench: venv
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

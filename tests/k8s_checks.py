@@ -59,6 +59,7 @@ LOCAL_NODE_KUSTOMIZATIONS = {
     "local-node-serve": "local-node/serve",
     "local-node-serve-v2": "local-node/serve-v2",
     "local-node-train-cpu": "local-node/train-cpu",
+    "local-node-cohort": "local-node/cohort",
 }
 
 #: custom resource kinds -> the CRD file that defines them

@@ -396,7 +396,7 @@ def test_cohort_job_runs_one_shard_per_index_through_the_service_with_real_cli_o
     assert job["spec"]["completions"] == int(command[command.index("--shards") + 1])
     assert 1 <= job["spec"]["parallelism"] <= job["spec"]["completions"]
     assert job["spec"]["backoffLimitPerIndex"] >= 1 and pod["restartPolicy"] == "Never"
-    # a bad manifest fails the Job at once; a deleted or evicted pod is retried without counting
+    # a bad manifest fails the Job at once; an evicted or preempted pod is retried without counting
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "onExitCodes": {"containerName": main["name"], "operator": "In",
                                                  "values": [MANIFEST_EXIT]}} in rules
