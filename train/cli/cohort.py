@@ -21,7 +21,7 @@ from brst.handlers.errors import BrstError
 from brst.train.cohort.manifest import MANIFEST_EXIT, ManifestError, read_manifest
 
 from .params import PATH, split_names
-from .slide import ENDPOINT_OPTIONS, _check_sources, _predictor, allow_insecure_sources, endpoint_settings, predict_slide
+from .slide import ENDPOINT_OPTIONS, allow_insecure_sources, check_model_sources, endpoint_settings, open_predictor, predict_slide
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ def _model(options: dict):
     from brst.train.cohort.identity import checkpoint_identity, endpoint_identity
     from brst.train.slide.drawn_genes import table_validation_r
 
-    _check_sources(options["checkpoint"], options["endpoint"], None, None)
+    check_model_sources(options["checkpoint"], options["endpoint"], None, None)
     allow_insecure_sources(options["allow_insecure"])
-    predictor, validation = _predictor(options["checkpoint"], options["endpoint"], options["device"],
-                                       endpoint_settings(**{name: options[name] for name in ENDPOINT_OPTIONS}))
+    predictor, validation = open_predictor(options["checkpoint"], options["endpoint"], options["device"],
+                                           endpoint_settings(**{name: options[name] for name in ENDPOINT_OPTIONS}))
     if options["gene_r"] is not None:
         validation = table_validation_r(options["gene_r"])
     model = (checkpoint_identity(resolve_checkpoint(options["checkpoint"])) if options["checkpoint"] is not None

@@ -18,15 +18,17 @@ from brst.train.slide.endpoint import TRANSFERS
 from .params import endpoint_options, endpoint_transport, model_name_option, split_names
 
 
-def _check_sources(checkpoint: Path | None, endpoint: str | None, measured: Path | None,
-                   section: str | None) -> None:
+def check_model_sources(checkpoint: Path | None, endpoint: str | None, measured: Path | None,
+                        section: str | None) -> None:
+    """The model options name exactly one model (``--checkpoint`` or ``--endpoint``), and ``--measured``
+    comes with ``--section``; otherwise a :class:`BrstError` naming the options."""
     if (checkpoint is None) == (endpoint is None):
         raise BrstError("--checkpoint/--endpoint", "give exactly one: a checkpoint to run here, or a served endpoint")
     if (measured is None) != (section is None):
         raise BrstError("--measured/--section", "give both: the prepared dataset and the section of this slide")
 
 
-def _predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpoint_options: dict):
+def open_predictor(checkpoint: Path | None, endpoint: str | None, device: str, endpoint_options: dict):
     """The predictor of the chosen mode and the checkpoint's per-gene validation r (empty if none)."""
     if checkpoint is not None:
         from brst.train.checkpoint import load_checkpoint
@@ -125,8 +127,8 @@ def predict_slide(checkpoint: Path | None, endpoint: str | None, model_name: str
     from brst.train.slide.run import SlideJob, run_slide
 
     allow_insecure_sources(allow_insecure)
-    _check_sources(checkpoint, endpoint, measured, section)
-    predictor, validation = _predictor(checkpoint, endpoint, device, endpoint_settings(
+    check_model_sources(checkpoint, endpoint, measured, section)
+    predictor, validation = open_predictor(checkpoint, endpoint, device, endpoint_settings(
         model_name=model_name, tile_um=tile_um, tile_px=tile_px, concurrency=concurrency,
         tiles_per_request=tiles_per_request, transfer=transfer, retries=retries, timeout_s=timeout_s, token=token,
         tls=tls, ca_file=ca_file, auth_scheme=auth_scheme, credentials_file=credentials_file))

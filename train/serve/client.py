@@ -14,17 +14,24 @@ sent as ``Authorization: Bearer <token>`` (HTTP header or gRPC metadata); an Ing
 basic authentication takes ``user:password`` as Basic. TLS (``https://``, ``grpcs://`` or
 ``--tls``, optionally with a CA file) and the choice of scheme: :mod:`brst.train.serve.transport`.
 
-The HTTP client keeps one persistent connection per thread, so it can be shared by a
-thread pool (as the benchmark does).
+The HTTP client is ``requests``: one :class:`requests.Session` per thread (its pool keeps the
+connection alive between requests), so a client can be shared by a thread pool (as the slide
+predictor and the benchmarks do); multipart bodies are urllib3's encoder. TLS verification is the
+transport's own context (the CA file's roots, or the system's), and the environment's proxies and
+``.netrc`` are not consulted.
 """
 from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
-import uuid
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3 import encode_multipart_formdata
 
 from brst.handlers.errors import BrstError, InputError
 from brst.handlers.wire import IMAGE_KEY, SCALE_KEY, STAIN_KEY, UNKNOWN_MIME, body_format
@@ -78,14 +85,10 @@ def error_json(body: bytes) -> dict:
 
 
 def multipart_form(fields: dict[str, tuple[bytes, str | None]]) -> tuple[bytes, str]:
-    """A multipart/form-data body and its Content-Type; a field with a MIME type is a file part."""
-    boundary = f"brst-{uuid.uuid4().hex}"
-    parts = []
-    for name, (value, mime) in fields.items():
-        head = f'Content-Disposition: form-data; name="{name}"'
-        head += f'; filename="{name}"\r\nContent-Type: {mime}' if mime else ""
-        parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+    """A multipart/form-data body and its Content-Type; a field with a MIME type is a file part
+    (its file name is the field's name)."""
+    parts = {name: (name, value, mime) if mime else value for name, (value, mime) in fields.items()}
+    return encode_multipart_formdata(parts)
 
 
 def served_error(doc: object) -> bool:
@@ -93,50 +96,96 @@ def served_error(doc: object) -> bool:
     return isinstance(doc, dict) and "genes" not in doc and isinstance(doc.get("code"), int) and doc["code"] >= 400
 
 
+class _ContextAdapter(HTTPAdapter):
+    """Verifies HTTPS servers with one :class:`ssl.SSLContext` alone (no certifi bundle added)."""
+
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        if self._context is not None:
+            kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn, url: str, verify, cert) -> None:
+        """Nothing to add: the context holds the roots and verifies (certificate and host name)."""
+
+
+#: the errors of a kept-alive connection the server had closed: the request is sent once more
+_DROPPED = (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)
+
+
+def _causes(err: BaseException):
+    """``err`` and what it wraps (``args``, ``__cause__``, ``__context__``), outermost first."""
+    seen, stack = set(), [err]
+    while stack:
+        current = stack.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack += [a for a in current.args if isinstance(a, BaseException)]
+        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
+
+
+def _reason(err: requests.RequestException) -> str:
+    """The socket-level cause of a failed request (``[Errno 111] Connection refused``, ``timed out``,
+    the TLS verification failure), else requests' own message."""
+    socket_errors = [e for e in _causes(err) if isinstance(e, OSError) and not isinstance(e, requests.RequestException)]
+    return str(socket_errors[-1]) if socket_errors else str(err)
+
+
 class HttpConnections:
-    """One persistent ``http.client`` connection per thread to ``base_url``."""
+    """One :class:`requests.Session` per thread to ``base_url`` (keep-alive connections, pooled)."""
 
     def __init__(self, base_url: str, timeout_s: float = 60, transport: Transport | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BrstError(base_url, "is not an http(s)://HOST:PORT URL")
         self.base_url = base_url.rstrip("/")
-        self._parts = parts
         self._timeout_s = timeout_s
         self._ssl = (transport or Transport()).ssl_context() if parts.scheme == "https" else None
         self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self._ssl is not None:
-                conn = http.client.HTTPSConnection(self._parts.hostname, self._parts.port, timeout=self._timeout_s,
-                                                   context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(self._parts.hostname, self._parts.port, timeout=self._timeout_s)
-            self._local.conn = conn
-        return conn
+    def _session(self) -> requests.Session:
+        """This thread's session (a new one after :meth:`close`)."""
+        session = getattr(self._local, "session", None)
+        if session is None or session not in self._sessions:
+            session = requests.Session()
+            session.trust_env = False  # no proxies, CA bundle or .netrc credentials from the environment
+            session.mount("https://", _ContextAdapter(self._ssl))
+            with self._sessions_lock:
+                self._sessions.append(session)
+            self._local.session = session
+        return session
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> HttpResult:
-        conn = self._connection()
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return HttpResult(response.status, response.read(), response.getheader("WWW-Authenticate"))
-        except OSError:
-            conn.close()
-            raise
+        response = self._session().request(method, self.base_url + path, data=body, headers=headers,
+                                           timeout=self._timeout_s, allow_redirects=False)
+        return HttpResult(response.status_code, response.content, response.headers.get("WWW-Authenticate"))
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> HttpResult:
-        """Send a request; once more on a fresh connection if the server closed an idle one."""
+        """Send a request; once more if the server had closed the kept-alive connection."""
         try:
             try:
                 return self._send(method, path, body, headers or {})
-            except (ConnectionResetError, BrokenPipeError):  # incl. http.client.RemoteDisconnected
+            except requests.ConnectionError as err:
+                if not any(isinstance(cause, _DROPPED) for cause in _causes(err)):
+                    raise
                 return self._send(method, path, body, headers or {})
-        except OSError as err:
-            raise BrstError(self.base_url, f"cannot reach the server: {err}") from err
+        except requests.RequestException as err:
+            raise BrstError(self.base_url, f"cannot reach the server: {_reason(err)}") from err
+
+    def close(self) -> None:
+        """Close every thread's session and its connections."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -147,8 +196,12 @@ def bearer(token: str | None) -> dict[str, str]:
 def http_json(url: str, timeout_s: float = 30, token: str | None = None) -> object:
     """GET ``url`` (with a bearer ``token`` if given) and parse its JSON; anything but 200 raises BrstError."""
     parts = urlsplit(url)
-    result = HttpConnections(f"{parts.scheme}://{parts.netloc}", timeout_s).request(
-        "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=bearer(token))
+    connections = HttpConnections(f"{parts.scheme}://{parts.netloc}", timeout_s)
+    try:
+        result = connections.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                                     headers=bearer(token))
+    finally:
+        connections.close()
     if result.status != 200:
         raise BrstError(url, f"answered {result.status}: {error_json(result.body).get('message', '')}")
     return result.json()
@@ -211,6 +264,10 @@ class HttpClient:
             raise BrstError(self.connections.base_url, f"server error {result.status}: "
                                                        f"{error_json(result.body).get('message', '')}")
         return result.json()
+
+    def close(self) -> None:
+        """Close the connections of every thread that used this client."""
+        self.connections.close()
 
 
 class GrpcClient:

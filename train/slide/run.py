@@ -6,19 +6,28 @@ little tissue are left out by the estimate itself), before the first prediction;
 measured spot is then mapped from them, and they are logged and written to ``summary.json`` and the
 ``.h5ad``'s ``uns["brst"]["stain"]``.
 
+The stages overlap: once the slide is planned (opened, tissue found, tiles placed), its tiles are
+read and decoded ahead on threads (:mod:`brst.train.slide.reading`, at most ``read_ahead + 1``
+batches ahead) while the stain is estimated and the model runs; with a measured section, the map's
+outputs are written on a writer thread while the model predicts the measured spots.
+``read_ahead=0`` runs the stages one after another, with the same outputs.
+
 Everything that can fail because of the input (a missing or unreadable slide, no
 resolution, no tissue, a measured section that is not this slide) fails before the
 first output file is written; outputs are computed in memory and then written one by
-one, each atomically.
+one, each atomically, ``summary.json`` last (a run that fails while the model runs on the measured
+spots may leave the map's files, never a summary).
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -36,7 +45,7 @@ from .measured import MeasuredSection, check_inside, gene_table, grid_origin, lo
 from .outputs import SlideMap, write_domain_map, write_h5ad, write_heatmaps, write_table
 from .predictors import SlidePredictor
 from .tile_grid import TileGrid, TissueMask, find_tiles
-from .tiles import iter_patch_batches, read_patches, slide_um_per_px
+from .tiles import patch_batch_reader, read_patches, slide_um_per_px
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ class SlideJob:
         measured: a prepared dataset (``.h5``) holding this slide's section, or ``None``.
         section: that section's id.
         read_workers: threads reading tiles.
+        read_ahead: batches of tiles read ahead of the model (memory bound); 0 reads each batch when
+            the model asks for it, one stage after the other.
     """
 
     slide: str
@@ -80,32 +91,44 @@ class SlideJob:
     measured: Path | None = None
     section: str | None = None
     read_workers: int = 2
+    read_ahead: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slide", str(self.slide))  # a Path is welcome; a URL must keep its "//"
 
 
-def predict_points_scored(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
-                          slide_um_per_px: float, batch_size: int, desc: str,
-                          read_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Expression and in-domain scores at tile centres, streamed in batches through
+def predict_batches(predictor: SlidePredictor, batches: Iterable[np.ndarray], n_tiles: int,
+                    desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expression and in-domain scores of ``n_tiles`` tiles arriving in batches, streamed through
     ``predictor.stream_scored`` under a progress bar.
 
-    Shape: pixel_x, pixel_y (N,) slide pixels -> (N, G) float32 in ``predictor.units`` and (N,) float32
-    scores (NaN for a model without one).
+    Shape: uint8 (b, P, P, 3) batches -> (N, G) float32 in ``predictor.units`` and (N,) float32 scores
+    (NaN for a model without one).
     """
-    values = np.empty((len(pixel_x), len(predictor.genes)), dtype=np.float32)
-    scores = np.empty(len(pixel_x), dtype=np.float32)
+    values = np.empty((n_tiles, len(predictor.genes)), dtype=np.float32)
+    scores = np.empty(n_tiles, dtype=np.float32)
     done = 0
-    batches = iter_patch_batches(image, pixel_x, pixel_y, slide_um_per_px, predictor.geometry, batch_size,
-                                 workers=read_workers)
-    with tqdm(total=len(pixel_x), desc=desc, unit="tile") as bar:
+    with tqdm(total=n_tiles, desc=desc, unit="tile") as bar:
         for predicted, scored in predictor.stream_scored(batches):
             values[done:done + len(predicted)] = predicted
             scores[done:done + len(predicted)] = scored
             done += len(predicted)
             bar.update(len(predicted))
     return values, scores
+
+
+def predict_points_scored(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                          slide_um_per_px: float, batch_size: int, desc: str,
+                          read_workers: int = 2, read_ahead: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Expression and in-domain scores at tile centres: tiles read ``read_ahead`` batches ahead
+    through :func:`predict_batches`.
+
+    Shape: pixel_x, pixel_y (N,) slide pixels -> (N, G) float32 in ``predictor.units`` and (N,) float32
+    scores (NaN for a model without one).
+    """
+    with patch_batch_reader(image, pixel_x, pixel_y, slide_um_per_px, predictor.geometry, batch_size,
+                            workers=read_workers, prefetch=read_ahead) as batches:
+        return predict_batches(predictor, batches, len(pixel_x), desc)
 
 
 def predict_points(predictor: SlidePredictor, image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
@@ -161,7 +184,8 @@ def _predict_measured(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor)
     (None without a score). Shape: (n, K) float64, (n,) float32."""
     measured = plan.measured
     values, scores = predict_points_scored(predictor, plan.image, measured.pixel_x, measured.pixel_y, plan.um_per_px,
-                                           job.batch_size, f"spots of {measured.section}", job.read_workers)
+                                           job.batch_size, f"spots of {measured.section}", job.read_workers,
+                                           job.read_ahead)
     values = values[:, [predictor.genes.index(g) for g in measured.genes]].astype(np.float64)
     return values, None if predictor.domain_threshold is None else scores
 
@@ -241,23 +265,43 @@ def estimate_slide_stain(plan: SlidePlan, predictor: SlidePredictor) -> dict:
     return {**summary, "slide_statistics": statistics, "tiles_sampled": len(picked)}
 
 
-def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float] | None = None) -> dict:
-    """Predict one slide and write its outputs into ``job.out_dir``; returns the summary."""
-    started = time.perf_counter()
-    validation_r = validation_r or {}
-    plan = plan_slide(job, predictor, validation_r)
+def _predict_tiles(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor) -> tuple[np.ndarray, np.ndarray, dict, float]:
+    """The grid's tiles, read ahead from the start (the slide's decode included) while the slide's stain
+    is estimated, then through the model: expression ``(N, G)``, scores ``(N,)``, the stain summary and
+    the model's tiles/s."""
     grid = plan.grid
-    try:
+    with patch_batch_reader(plan.image, grid.pixel_x, grid.pixel_y, plan.um_per_px, predictor.geometry,
+                            job.batch_size, workers=job.read_workers, prefetch=job.read_ahead) as batches:
         stain = estimate_slide_stain(plan, predictor)
         predict_started = time.perf_counter()
-        values, scores = predict_points_scored(predictor, plan.image, grid.pixel_x, grid.pixel_y, plan.um_per_px,
-                                               job.batch_size, "tiles", job.read_workers)
-        tiles_per_s = len(grid) / (time.perf_counter() - predict_started)
-        measured_values = _predict_measured(job, plan, predictor) if plan.measured is not None else None
+        values, scores = predict_batches(predictor, batches, len(grid), "tiles")
+    return values, scores, stain, len(grid) / (time.perf_counter() - predict_started)
+
+
+def _predict_and_write(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor,
+                       validation_r: dict[str, float]) -> tuple[SlideMap, dict, float, dict | None]:
+    """Predict the tiles, then write the map's outputs on a writer thread while the measured spots (if
+    any) are predicted and written; the slide handle is closed before this returns. Returns the map, the
+    stain summary, the model's tiles/s and the measured summary (None without a measured section)."""
+    try:
+        values, scores, stain, tiles_per_s = _predict_tiles(job, plan, predictor)
+        slide_map = _slide_map(job, plan, predictor, values, scores, stain)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-write") as writer:
+            written = writer.submit(_write_map, job, slide_map, plan.draw, validation_r)
+            measured_values = _predict_measured(job, plan, predictor) if plan.measured is not None else None
+            written.result()
     finally:
         plan.image.close()
-    slide_map = SlideMap(
-        slide=job.slide, library_id=source_name(job.slide), grid=grid, genes=predictor.genes, values=values,
+    measured = None if plan.measured is None else _write_measured(job, plan.measured, measured_values, plan.draw,
+                                                                  predictor.domain_threshold)
+    return slide_map, stain, tiles_per_s, measured
+
+
+def _slide_map(job: SlideJob, plan: SlidePlan, predictor: SlidePredictor, values: np.ndarray, scores: np.ndarray,
+               stain: dict) -> SlideMap:
+    """The predicted map with its provenance. Shape: values (N, G), scores (N,)."""
+    return SlideMap(
+        slide=job.slide, library_id=source_name(job.slide), grid=plan.grid, genes=predictor.genes, values=values,
         units=predictor.units, thumbnail=plan.tissue.thumbnail,
         thumb_px_per_slide_px=plan.tissue.thumb_px_per_slide_px,
         um_per_px=plan.um_per_px, domain_score=None if predictor.domain_threshold is None else scores,
@@ -265,15 +309,21 @@ def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, 
         provenance={**predictor.description, "step_um": job.step_um, "tile_um": predictor.geometry.side_um,
                     "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "stain": json.dumps(stain)})
-    _write_map(job, slide_map, plan.draw, validation_r)
+
+
+def run_slide(job: SlideJob, predictor: SlidePredictor, validation_r: dict[str, float] | None = None) -> dict:
+    """Predict one slide and write its outputs into ``job.out_dir``; returns the summary."""
+    started = time.perf_counter()
+    validation_r = validation_r or {}
+    plan = plan_slide(job, predictor, validation_r)
+    slide_map, stain, tiles_per_s, measured = _predict_and_write(job, plan, predictor, validation_r)
     summary = {"slide": job.slide, "um_per_px": plan.um_per_px, "width_px": plan.image.width,
-               "height_px": plan.image.height, "tiles": len(grid), "step_um": job.step_um,
+               "height_px": plan.image.height, "tiles": len(plan.grid), "step_um": job.step_um,
                "tile_um": predictor.geometry.side_um, "tissue_fraction": plan.tissue.fraction,
                "units": predictor.units, "genes_drawn": plan.draw, "tiles_per_s": tiles_per_s,
                "model": predictor.description, "domain": domain_summary(slide_map), "stain": stain}
-    if plan.measured is not None:
-        summary["measured"] = _write_measured(job, plan.measured, measured_values, plan.draw,
-                                              predictor.domain_threshold)
+    if measured is not None:
+        summary["measured"] = measured
     summary["seconds"] = time.perf_counter() - started
     write_json_atomic(job.out_dir / SUMMARY, summary)
     return summary

@@ -3,15 +3,13 @@
 A tile is a square of the slide, ``patch_um`` micrometres centred on a grid point; its patch
 is the pixel array the model sees, the tile resampled to ``patch_px`` pixels (``um_per_px`` of
 the training patches), whatever the slide's own resolution. Patches are read by region through
-the slide's image handle (:mod:`brst.train.sources.open`), a few batches ahead on worker
-threads, so at most ``prefetch`` batches are in memory besides what the handle itself keeps (a
-JPEG/PNG is decoded once; a pyramidal TIFF, OpenSlide or DICOM slide is only ever read region by
-region).
+the slide's image handle (:mod:`brst.train.sources.open`), a few batches ahead on worker threads
+(:mod:`brst.train.slide.reading`), so at most ``prefetch + 1`` batches are in memory besides what
+the handle itself keeps (a JPEG/PNG is decoded once; a pyramidal TIFF, OpenSlide or DICOM slide is
+only ever read region by region).
 """
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +18,8 @@ from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.train.data.patches import cut_patch
 from brst.train.sources.slide_image import SlideImage
+
+from .reading import BatchReader
 
 #: A resolution read from metadata is believed only inside this range (µm per pixel):
 #: JPEG/PNG "72 dpi" headers (353 µm/px) are not a microscope's.
@@ -56,10 +56,11 @@ def read_patches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray, si
     return out
 
 
-def iter_patch_batches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+def patch_batch_reader(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
                        slide_um_per_px: float, geometry: PatchGeometry, batch_size: int,
-                       workers: int = 2, prefetch: int = 2) -> Iterator[np.ndarray]:
-    """Batches of the model's patches of the tiles centred on the points, in order, read ``prefetch`` batches ahead.
+                       workers: int = 2, prefetch: int = 2) -> BatchReader:
+    """A :class:`~brst.train.slide.reading.BatchReader` of model patches at the points, in order,
+    reading from now on, ``prefetch`` batches ahead (0: each batch when asked for, in the caller's thread).
 
     Args:
         image: the slide's handle (reads by region).
@@ -70,23 +71,25 @@ def iter_patch_batches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarr
         workers: reading threads.
         prefetch: batches read ahead of the consumer (memory bound).
 
-    Yields: uint8 ``(b, patch_px, patch_px, 3)``, ``b <= batch_size``.
+    Yields (iterated): uint8 ``(b, patch_px, patch_px, 3)``, ``b <= batch_size``.
     """
     side_px = geometry.side_px(slide_um_per_px)
 
-    def batch(start: int) -> np.ndarray:
+    def batch(index: int) -> np.ndarray:
+        start = index * batch_size
         stop = start + batch_size
         return read_patches(image, pixel_x[start:stop], pixel_y[start:stop], side_px, geometry.patch_px)
 
-    starts = list(range(0, len(pixel_x), batch_size))
-    if not starts:
-        return
-    yield batch(starts[0])  # in this thread: the handle decodes or opens once, before threads share it
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slide-read") as pool:
-        pending: deque = deque()
-        for start in starts[1:]:
-            pending.append(pool.submit(batch, start))
-            if len(pending) > prefetch:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    return BatchReader(batch, -(-len(pixel_x) // batch_size), workers=workers, depth=prefetch)
+
+
+def iter_patch_batches(image: SlideImage, pixel_x: np.ndarray, pixel_y: np.ndarray,
+                       slide_um_per_px: float, geometry: PatchGeometry, batch_size: int,
+                       workers: int = 2, prefetch: int = 2) -> Iterator[np.ndarray]:
+    """:func:`patch_batch_reader`'s batches as a generator that closes the reader when it ends.
+
+    Yields: uint8 ``(b, patch_px, patch_px, 3)``, ``b <= batch_size``.
+    """
+    with patch_batch_reader(image, pixel_x, pixel_y, slide_um_per_px, geometry, batch_size, workers,
+                            prefetch) as reader:
+        yield from reader

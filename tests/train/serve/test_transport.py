@@ -11,12 +11,14 @@ tested is the client's side of the connection.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
 import ssl
 import threading
 from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -124,19 +126,39 @@ class IngressLike(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(params=["basic"])
-def https(pki, request):
-    """An HTTPS server on 127.0.0.1 asking for ``request.param`` ("basic" or "bearer")."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), IngressLike)
-    server.wants, server.received = request.param, []
+class KeepAliveIngress(IngressLike):
+    """:class:`IngressLike` over HTTP/1.1 (the connection stays open between requests), noting the
+    client address (one per connection) of each request."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.server.peers.append(self.client_address)
+        super().do_POST()
+
+
+@contextlib.contextmanager
+def https_server(pki, handler: type[BaseHTTPRequestHandler], wants: str):
+    """An HTTPS server on 127.0.0.1 asking for ``wants`` ("basic" or "bearer")."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.wants, server.received, server.peers = wants, [], []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki / "server.pem", pki / "server.key")
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(params=["basic"])
+def https(pki, request):
+    """An HTTPS server on 127.0.0.1 asking for ``request.param`` ("basic" or "bearer")."""
+    with https_server(pki, IngressLike, request.param) as server:
+        yield server
 
 
 def _basic(pki, **options) -> Transport:
@@ -203,6 +225,28 @@ def test_https_refusals_name_the_scheme_sent_and_asked(https, pki):
     untrusted = make_client(f"https://localhost:{https.server_port}", "brst", transport=_basic(pki, ca_file=None))
     with pytest.raises(BrstError, match="cannot reach the server: .*CERTIFICATE_VERIFY_FAILED"):
         untrusted.predict(b"x")
+
+
+def test_each_thread_keeps_its_connection_alive(pki):
+    """One session per thread: a thread's requests share one kept-alive TLS connection; each new thread
+    opens its own; ``close`` ends them."""
+    with https_server(pki, KeepAliveIngress, "basic") as server:
+        client = make_client(f"https://localhost:{server.server_port}", "brst", transport=_basic(pki))
+        assert [client.predict(body) for body in (b"a", b"b", b"c")] == [ANSWER] * 3
+        assert len(server.peers) == 3 and len(set(server.peers)) == 1
+        both_started = threading.Barrier(2)
+
+        def two_requests(body: bytes) -> list:
+            both_started.wait(timeout=10)
+            return [client.predict(body), client.predict(body)]
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            assert list(pool.map(two_requests, (b"x", b"y"))) == [[ANSWER] * 2] * 2
+        assert len(server.peers) == 7 and len(set(server.peers)) == 3
+        assert server.received == [BASIC] * 7
+        client.close()
+        assert client.predict(b"z") == ANSWER  # a closed client's thread opens a new session
+        assert len(set(server.peers)) == 4
 
 
 def test_basic_needs_a_user():
