@@ -20,12 +20,12 @@ from brst.handlers.errors import BrstError
 from brst.handlers.geometry import PatchGeometry
 from brst.train.checkpoint import load_checkpoint
 from brst.train.cli.main import cli
-from brst.train.data.readers.images import open_image
 from brst.train.slide import run as slide_run
 from brst.train.slide.predictors import LocalPredictor
 from brst.train.slide.reading import BatchReader
 from brst.train.slide.run import GENE_R, H5AD, HEATMAPS, MEASURED_SPOTS, TABLE, SlideJob, run_slide
 from brst.train.slide.tiles import read_patches
+from brst.train.sources.open import open_image
 
 HER2ST_UM_PER_PX = 0.69  # the dataset README's figure
 GENES_DRAWN = ("ERBB2", "GAPDH")
