@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from e2e_report import Report
 from kube import Kit, Kube, run
@@ -84,6 +85,31 @@ def cluster_up(report: Report, kit: Kit, kube: Kube) -> None:
 def cluster_down(report: Report, kit: Kit) -> None:
     with report.step("kit down.sh --purge: everything stopped by PID, host restored", required=False):
         kit.down()
+
+
+def run_on_cluster(target: str, results: str, steps: Callable[[Report, Kit, Kube], None],
+                   diagnose: Callable[[Report, Kube], None] | None = None) -> int:
+    """``make <target>``: check the prerequisites, run ``steps`` on a fresh node, always take it down.
+
+    The first failing step stops the run; the cluster's state (and ``diagnose``'s findings) go to the
+    report, written to ``WORK/<results>``. Returns the exit status (0: every required step passed).
+    """
+    problem = missing_prerequisite(target)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    WORK.mkdir(parents=True, exist_ok=True)
+    report = Report(target, WORK / results)
+    kit, kube = cluster()
+    try:
+        steps(report, kit, kube)
+    except Exception:  # noqa: BLE001 - reported in the summary
+        report.log("stopping at the first failure; cluster state:\n" + kube.describe()[-6000:])
+        if diagnose is not None:
+            diagnose(report, kube)
+    finally:
+        cluster_down(report, kit)
+    return report.write()
 
 
 def wheelhouse() -> Path:

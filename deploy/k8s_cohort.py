@@ -40,11 +40,9 @@ from e2e_cluster import (
     TRAIN_IMAGE,
     WORK,
     build_images,
-    cluster,
-    cluster_down,
     cluster_up,
     load_images,
-    missing_prerequisite,
+    run_on_cluster,
 )
 from e2e_report import Report
 from k8s_e2e import prepare_her2st, short_fit
@@ -435,23 +433,14 @@ def run_all(report: Report, kit: Kit, kube: Kube) -> None:
     rerun_does_nothing(report, kube, cohort, out_dir)
 
 
+def cohort_pods_logs(report: Report, kube: Kube) -> None:
+    """The cohort pods' last log lines, for a failed run's report."""
+    logs = kube.in_namespace("logs", "-l", COHORT_PODS, "--prefix", "--tail=30", check_rc=False)
+    report.log(f"cohort pods' logs:\n{logs[-6000:]}")
+
+
 def main() -> int:
-    problem = missing_prerequisite("k8s-cohort")
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    WORK.mkdir(parents=True, exist_ok=True)
-    report = Report("k8s-cohort", WORK / "results-cohort.md")
-    kit, kube = cluster()
-    try:
-        run_all(report, kit, kube)
-    except Exception:  # noqa: BLE001 - reported in the summary
-        report.log("stopping at the first failure; cluster state:\n" + kube.describe()[-6000:])
-        logs = kube.in_namespace("logs", "-l", COHORT_PODS, "--prefix", "--tail=30", check_rc=False)
-        report.log(f"cohort pods' logs:\n{logs[-6000:]}")
-    finally:
-        cluster_down(report, kit)
-    return report.write()
+    return run_on_cluster("k8s-cohort", "results-cohort.md", run_all, diagnose=cohort_pods_logs)
 
 
 if __name__ == "__main__":

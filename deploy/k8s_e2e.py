@@ -51,11 +51,9 @@ from e2e_cluster import (
     TRAIN_IMAGE,
     WORK,
     build_images,
-    cluster,
-    cluster_down,
     cluster_up,
     load_images,
-    missing_prerequisite,
+    run_on_cluster,
 )
 from e2e_report import Report
 from kube import Failed, Kit, Kube, check, run, wait_for
@@ -404,23 +402,8 @@ def images_only(report: Report, kit: Kit, kube: Kube) -> None:
 
 
 def main() -> int:
-    problem = missing_prerequisite("k8s-e2e")
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
-    WORK.mkdir(parents=True, exist_ok=True)
-    report = Report("k8s-e2e", WORK / "results.md")
-    kit, kube = cluster()
-    try:
-        if set(sys.argv[1:]) == {"images"}:
-            images_only(report, kit, kube)
-            return report.write()
-        run_all(report, kit, kube)
-    except Exception:  # noqa: BLE001 - reported in the summary
-        report.log("stopping at the first failure; cluster state:\n" + kube.describe()[-6000:])
-    finally:
-        cluster_down(report, kit)
-    return report.write()
+    steps = images_only if set(sys.argv[1:]) == {"images"} else run_all
+    return run_on_cluster("k8s-e2e", "results.md", steps)
 
 
 if __name__ == "__main__":
