@@ -119,7 +119,7 @@ class EndpointPredictor:
         self.slide_stain = _slide_estimator(self.stain_policy, endpoint)
         self.description = {"mode": "endpoint", "endpoint": endpoint, "model_name": model_name,
                             "model_version": str(probe.get("model_version", "")), "tile_um": tile_um,
-                            "tile_px": tile_px, "transfer": self.transfer}
+                            "sent_patch_px": tile_px, "transfer": self.transfer}
         log.info("served model %s (%s), %d genes in %s, patches sent as %s", model_name,
                  self.description["model_version"], len(self.genes), self.units, self.transfer)
 

@@ -121,8 +121,12 @@ def to_anndata(slide_map: SlideMap, var: pd.DataFrame | None = None):
                          "spot_diameter_fullres": slide_map.grid.step_px},
         "metadata": {"source_image_path": slide_map.slide},
     }}
-    adata.uns["brst"] = {**slide_map.provenance, "units": slide_map.units, "um_per_px": slide_map.um_per_px,
-                         "step_px": slide_map.grid.step_px, "tile_px": slide_map.grid.tile_px}
+    facts = {"units": slide_map.units, "um_per_px": slide_map.um_per_px, "step_px": slide_map.grid.step_px,
+             "tile_px": slide_map.grid.tile_px}
+    clash = sorted(set(slide_map.provenance) & set(facts))
+    if clash:
+        raise ValueError(f"provenance keys {clash} would overwrite the map's own facts in uns['brst']")
+    adata.uns["brst"] = {**slide_map.provenance, **facts}
     if slide_map.domain_threshold is not None:
         adata.uns["brst"]["domain_threshold"] = slide_map.domain_threshold
     return adata
