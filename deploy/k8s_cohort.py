@@ -106,11 +106,10 @@ def job_spec(kube: Kube) -> dict:
 
 def write_slides(her2st: Path, folder: Path) -> list[tuple[str, str, str]]:
     """The slide files under ``folder``; returns the manifest rows (slide_id, source, um_per_px)."""
-    sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "train" / "cohort")]
+    sys.path[:0] = [str(REPO / "tests")]  # the tests' slide builders, reused rather than copied
     from orthanc_fixtures import dicomize
     from PIL import Image
-    from slide_files import write_generic_pyramid
-    from test_cohort import half_resolution, section_jpeg
+    from slide_files import half_resolution, section_jpeg, write_generic_pyramid
 
     folder.mkdir(parents=True)
     half_um = 2 * HER2ST_UM_PER_PX

@@ -8,9 +8,11 @@ file that is not a whole-slide image.
   ``Aperio`` and carries ``MPP``); OpenSlide calls it ``aperio`` and reads every level, where
   tifffile sees only the first.
 - :func:`write_secondary_capture`: a valid DICOM image (Secondary Capture) that is no WSI.
+- :func:`section_jpeg`, :func:`half_resolution`: a HER2ST section's scan, and its pixels at half resolution.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,16 @@ def assert_clean_failure(result, out: Path, *words: str) -> None:
     for word in words:
         assert word in lines[0], lines[0]
     assert not out.exists()
+
+
+def section_jpeg(her2st_root: Path, section: str) -> Path:
+    return next((her2st_root / "ST-imgs" / "C" / section).glob("*.jpg"))
+
+
+def half_resolution(her2st_root: Path, section: str) -> np.ndarray:
+    """A section's scan at half resolution (JPEG DCT-domain halving), uint8 (h, w, 3)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ~92 Mpx scans
+        with Image.open(section_jpeg(her2st_root, section)) as full:
+            full.draft("RGB", (full.width // 2, full.height // 2))
+            return np.asarray(full.convert("RGB"))

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from fit_helpers import free_port
 from PIL import Image
-from slide_files import write_generic_pyramid
+from slide_files import half_resolution, write_generic_pyramid
 
 from brst.train.cli.main import cli
 from brst.train.cohort.manifest import CohortSlide
@@ -35,19 +34,6 @@ HER2ST_UM_PER_PX = 0.69
 STEP_UM = "400"
 READABLE = ("C2-jpeg", "C3-jpeg", "C4-tiff")
 UNREADABLE = ("not-an-image", "missing")
-
-
-def section_jpeg(her2st_root: Path, section: str) -> Path:
-    return next((her2st_root / "ST-imgs" / "C" / section).glob("*.jpg"))
-
-
-def half_resolution(her2st_root: Path, section: str) -> np.ndarray:
-    """A section's scan at half resolution (JPEG DCT-domain halving), uint8 (h, w, 3)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ~92 Mpx scans
-        with Image.open(section_jpeg(her2st_root, section)) as full:
-            full.draft("RGB", (full.width // 2, full.height // 2))
-            return np.asarray(full.convert("RGB"))
 
 
 @pytest.fixture(scope="module")
