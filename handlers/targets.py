@@ -25,8 +25,6 @@ COUNTS_PER_LIBRARY = 1e4
 MIN_STD = 1e-6
 
 
-
-
 @dataclass(frozen=True)
 class TargetKind:
     """One definition of expression: its units and ``(counts (B, G) float, library_size (B,)) -> (B, G)``."""
